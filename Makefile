@@ -1,0 +1,33 @@
+# One venv, built from pyproject.toml; every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PORT   ?= 8080
+
+.PHONY: setup run test lint check-policies bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine api tests bench
+	$(VENV)/bin/mypy
+
+check-policies: $(STAMP)
+	$(VENV)/bin/bindpolicy check policies
+
+test: lint check-policies
+	$(VENV)/bin/bindpolicy test policies
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_decide.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
