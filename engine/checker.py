@@ -1,0 +1,91 @@
+"""JSON Schema checks of policy files, suites and requests, as plain-worded problems with paths."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import jsonschema
+from jsonschema import Draft202012Validator, FormatChecker
+
+from engine.schemas import load_schema
+
+Path = tuple[str | int, ...]
+
+
+@cache
+def validator(schema_name: str, definition: str | None = None) -> Draft202012Validator:
+    """A validator for a bundled schema, or for one of its $defs."""
+    root = load_schema(schema_name)
+    schema = {**root, "$ref": f"#/$defs/{definition}"} if definition else root
+    Draft202012Validator.check_schema(root)
+    return Draft202012Validator(schema, format_checker=FormatChecker())
+
+
+def schema_problems(check: Draft202012Validator, instance: Any) -> list[tuple[Path, str]]:
+    """Every way `instance` breaks the schema, as (path to the offending value, plain message)."""
+    found: list[tuple[Path, str]] = []
+    for error in check.iter_errors(instance):
+        found.extend(_explain(error))
+    return sorted(set(found), key=lambda item: ([str(p) for p in item[0]], item[1]))
+
+
+def _explain(error: jsonschema.ValidationError) -> Iterator[tuple[Path, str]]:
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # Report the branch that came closest rather than "is not valid under any of".
+        best = jsonschema.exceptions.best_match(error.context)
+        yield from _explain(best)
+        return
+    path: Path = tuple(error.absolute_path)
+    kind, expected, value = error.validator, error.validator_value, error.instance
+    if kind == "required":
+        for name in expected:
+            if isinstance(value, dict) and name not in value:
+                yield (*path, name), f"'{name}' is required here but missing"
+    elif kind == "additionalProperties" and isinstance(value, dict):
+        allowed = list(error.schema.get("properties", {}))
+        for name in value:
+            if name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                yield (*path, name), f"'{name}' is not a known field{hint}"
+    elif kind == "enum":
+        options = ", ".join(repr(v) for v in expected)
+        yield path, f"{value!r} is not one of {options}"
+    elif kind == "const":
+        yield path, f"{value!r} must be {expected!r}"
+    elif kind == "type":
+        wanted = " or ".join(expected) if isinstance(expected, list) else expected
+        yield path, f"expected {_article(wanted)}, found {_json_type(value)}"
+    elif kind == "format":
+        yield path, f"{value!r} is not a valid {expected} (RFC 3339, e.g. 2025-06-01T12:00:00Z)"
+    elif kind == "pattern":
+        yield path, f"{value!r} does not match the pattern {expected}"
+    elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        yield path, f"{value!r} is out of range ({kind} {expected})"
+    elif kind == "maxItems":
+        yield path, f"has {len(value)} items, more than the {expected} allowed"
+    elif kind == "maxLength":
+        yield path, f"is {len(value)} characters long, more than the {expected} allowed"
+    else:
+        yield path, error.message
+
+
+def _article(name: str) -> str:
+    return ("an " if name[:1] in "aeiou" else "a ") + name
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__

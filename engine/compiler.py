@@ -1,0 +1,323 @@
+"""Compiles CEL expressions once, at load, and checks every field they read against the request schema."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import celpy
+from lark import Token, Tree
+
+from engine.errors import Location, Problem
+from engine.model import EACH, Expression, FieldPath
+from engine.schemas import Schema, SchemaWalker
+from engine.yamlpos import Key, YamlDocument
+
+# Comprehension macros: the first argument names a loop variable bound to each item.
+MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+# Identifiers that CEL itself defines (type names usable in expressions).
+BUILTIN_NAMES = frozenset({"int", "uint", "double", "bool", "string", "bytes", "list", "map",
+                           "null_type", "type", "dyn"})
+PARAMS = "params"
+# Facts known before evaluation: the request's action and role.
+Context = tuple[str, str | None]
+Facts = Mapping[str, str | None]
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One field chain an expression reads, with the token of each segment for positions."""
+
+    tokens: tuple[Token, ...]
+    tested_only: bool  # the last segment is only tested by has()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(str(t.value) for t in self.tokens)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    tree: Any
+    program: Any
+    reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
+
+
+class CelCompiler:
+    """Parses and programs CEL text (cached by text), and checks its field reads per version."""
+
+    def __init__(self, request_schema: Schema) -> None:
+        self.env = celpy.Environment(runner_class=celpy.InterpretedRunner)
+        self.walker = SchemaWalker(request_schema)
+        self.request_schema = request_schema
+        self.variables = frozenset(request_schema["properties"])
+        self._cache: dict[str, _Parsed | celpy.CELParseError | Exception] = {}
+
+    def _parse(self, text: str) -> _Parsed | celpy.CELParseError | Exception:
+        cached = self._cache.get(text)
+        if cached is None:
+            try:
+                tree = self.env.compile(text)
+                program = self.env.program(tree)
+                reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
+                _collect(tree, {}, reads, {})
+                cached = _Parsed(tree, program, tuple(reads))
+            except celpy.CELParseError as exc:
+                cached = exc
+            except Exception as exc:  # lark or celpy internals: still a problem of the text
+                cached = exc
+            self._cache[text] = cached
+        return cached
+
+    def compile(self, text: str, doc: YamlDocument, key: Key, parameters: Mapping[str, Any],
+                contexts: Iterable[Context] = ()) -> tuple[Expression | None, list[Problem]]:
+        """Compile one expression of a policy file; problems point into that file.
+
+        `contexts` are the (action, role) pairs the expression can be evaluated in: for each,
+        the fields it needs are worked out with `action` and `role` known, so that a branch
+        like `action == "login" || shop.id == ...` does not need `shop` for a login.
+        """
+        parsed = self._parse(text)
+        if isinstance(parsed, celpy.CELParseError):
+            line, column = parsed.line or 1, parsed.column or 1
+            where = doc.expression_location(key, line, column)
+            return None, [Problem(where, "cel_syntax", f"CEL syntax error: {_syntax_message(parsed)}")]
+        if isinstance(parsed, Exception):
+            return None, [Problem(doc.location(key), "cel_syntax", f"CEL cannot compile this: {parsed}")]
+        problems: list[Problem] = []
+        needs: list[FieldPath] = []
+        tests: list[FieldPath] = []
+        for read, scope in parsed.reads:
+            path = self._check(read, scope, parameters, doc, key, problems)
+            if path is None:
+                continue
+            if read.tested_only:
+                tests.append(path)
+                if len(path) > 1:
+                    needs.append(path[:-1])
+            else:
+                needs.append(path)
+        if problems:
+            return None, problems
+        by_context: dict[Context, tuple[FieldPath, ...]] = {}
+        for context in contexts:
+            reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
+            _collect(parsed.tree, {}, reads, {"action": context[0], "role": context[1]})
+            paths = [self._path(read, scope) for read, scope in reads]
+            by_context[context] = tuple(dict.fromkeys(
+                need for path, (read, _) in zip(paths, reads, strict=True) if path is not None
+                for need in ([path[:-1]] if read.tested_only else [path]) if need))
+        expr = Expression(text=text, program=parsed.program, location=doc.location(key),
+                          needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
+                          needs_by_context=MappingProxyType(by_context))
+        return expr, []
+
+    def _path(self, read: _Read, scope: Mapping[str, FieldPath | None]) -> FieldPath | None:
+        """The request path of a read already checked: None for params, loops over literals..."""
+        names = read.names
+        if names[0] in scope:
+            base = scope[names[0]]
+            return None if base is None else (*base, *names[1:])
+        return names if names[0] in self.variables else None
+
+    def _check(self, read: _Read, scope: Mapping[str, FieldPath | None], parameters: Mapping[str, Any],
+               doc: YamlDocument, key: Key, problems: list[Problem]) -> FieldPath | None:
+        """The full request path of a read, or None; a field the schema lacks is a problem."""
+        names = read.names
+        root = names[0]
+
+        def here(token: Token) -> Location:
+            return doc.expression_location(key, token.line or 1, token.column or 1)
+
+        if root in scope:
+            base = scope[root]
+            if base is None:
+                return None  # a loop over something that is not a request field
+            path: FieldPath = (*base, *names[1:])
+            start = len(base)
+        elif root == PARAMS:
+            if len(names) > 1 and names[1] not in parameters:
+                hint = _hint(names[1], list(parameters))
+                problems.append(Problem(here(read.tokens[1]), "unknown_parameter",
+                                        f"'{names[1]}' is not a parameter of this version{hint}"))
+            return None
+        elif root in self.variables:
+            path, start = names, 1
+        elif root in BUILTIN_NAMES:
+            return None
+        else:
+            hint = _hint(root, [*self.variables, PARAMS])
+            problems.append(Problem(here(read.tokens[0]), "unknown_name",
+                                    f"'{root}' is not a request field or 'params'{hint}"))
+            return None
+        schema: Schema | None = self.request_schema
+        for depth, segment in enumerate(path):
+            assert schema is not None
+            child = self.walker.child(schema, segment)
+            if child is None:
+                shown = ".".join(path[:depth]).replace(".[]", "[]") or "the request"
+                token = read.tokens[max(0, depth - start + 1)] if depth >= start else read.tokens[0]
+                fields = self.walker.fields(schema)
+                if fields:
+                    message = f"'{segment}' is not a field of {shown}{_hint(segment, fields)}"
+                else:
+                    kinds = "/".join(sorted(self.walker.types(schema))) or "a value"
+                    message = f"{shown} is {kinds} and has no field '{segment}'"
+                problems.append(Problem(here(token), "unknown_field", message))
+                return None
+            schema = child
+        return path
+
+
+_SYMBOLS = {"COLON": "':'", "RPAR": "')'", "RSQB": "']'", "RBRACE": "'}'", "COMMA": "','",
+            "IDENT": "a name", "__ANON_0": "'?'"}
+
+
+def _syntax_message(exc: celpy.CELParseError) -> str:
+    """Plain words for lark's parse failure behind a CELParseError."""
+    cause = exc.__context__
+    token = getattr(cause, "token", None)
+    if token is not None:
+        if not str(token):
+            return "the expression ends too early (an operand or a closing bracket is missing)"
+        expected = sorted(_SYMBOLS.get(e, "") for e in getattr(cause, "expected", ()) or ())
+        wanted = [e for e in expected if e]
+        tail = f"; expected {' or '.join(wanted)}" if wanted and len(wanted) <= 3 else ""
+        return f"unexpected '{token}'{tail}"
+    char = getattr(cause, "char", None)
+    if char is not None:
+        what = "an unterminated string" if char in "\"'" else f"the character '{char}'"
+        return f"cannot read {what} here"
+    return "the expression cannot be parsed"
+
+
+def _hint(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _unwrap(tree: Any) -> Any:
+    """Skip the grammar's one-child wrapper nodes (expr -> conditionalor -> ... -> member)."""
+    while isinstance(tree, Tree) and len(tree.children) == 1 and tree.data != "ident":
+        tree = tree.children[0]
+    return tree
+
+
+def _chain(tree: Any) -> list[Token] | None:
+    """The tokens of a plain field chain (a.b.c), or None if the tree is anything else."""
+    tree = _unwrap(tree)
+    if isinstance(tree, Tree) and tree.data == "ident":
+        return [tree.children[0]]
+    if isinstance(tree, Tree) and tree.data == "member_dot":
+        base = _chain(tree.children[0])
+        return None if base is None else [*base, tree.children[1]]
+    return None
+
+
+def _record(tokens: list[Token], tested: bool, scope: Mapping[str, FieldPath | None],
+            out: list[tuple[_Read, Mapping[str, FieldPath | None]]]) -> None:
+    out.append((_Read(tuple(tokens), tested), dict(scope)))
+
+
+def _scope_path(tree: Any, scope: Mapping[str, FieldPath | None]) -> FieldPath | None:
+    tokens = _chain(tree)
+    if tokens is None:
+        return None
+    names = tuple(str(t.value) for t in tokens)
+    if names[0] in scope:
+        base = scope[names[0]]
+        return None if base is None else (*base, *names[1:])
+    return names
+
+
+def _string_literal(tree: Any) -> str | None:
+    tree = _unwrap(tree)
+    if isinstance(tree, Tree) and tree.data == "literal":
+        tree = tree.children[0]
+    if isinstance(tree, Token) and tree.type == "STRING_LIT" and "\\" not in tree.value:
+        return str(tree.value)[1:-1]
+    return None
+
+
+def _known(tree: Any, facts: Facts) -> bool | None:
+    """The value of a condition on `action`/`role` alone (`action == "bind"`), else None."""
+    if not facts:
+        return None
+    tree = _unwrap(tree)
+    if not isinstance(tree, Tree):
+        return None
+    kids = tree.children
+    if tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
+        left, right = _known(kids[0], facts), _known(kids[1], facts)
+        decisive = tree.data == "conditionalor"  # true decides an or, false decides an and
+        if decisive in (left, right):
+            return decisive
+        return (not decisive) if left is not None and right is not None else None
+    if tree.data == "unary" and len(kids) == 2 and isinstance(kids[0], Tree) \
+            and kids[0].data == "unary_not":
+        inner = _known(kids[1], facts)
+        return None if inner is None else not inner
+    if tree.data == "relation" and len(kids) == 2 and isinstance(kids[0], Tree) \
+            and kids[0].data in ("relation_eq", "relation_ne"):
+        left, right = kids[0].children[0], kids[1]
+        for name_side, literal_side in ((left, right), (right, left)):
+            chain = _chain(name_side)
+            literal = _string_literal(literal_side)
+            if chain and len(chain) == 1 and str(chain[0].value) in facts and literal is not None:
+                if facts[str(chain[0].value)] is None:
+                    return None
+                equal = facts[str(chain[0].value)] == literal
+                return equal if kids[0].data == "relation_eq" else not equal
+    return None
+
+
+def _collect(tree: Any, scope: Mapping[str, FieldPath | None],
+             out: list[tuple[_Read, Mapping[str, FieldPath | None]]], facts: Facts) -> None:
+    """Every field chain the expression reads, with the loop variables in scope at that point.
+
+    With `facts`, operands and branches that the known action and role rule out are skipped.
+    """
+    if not isinstance(tree, Tree):
+        return
+    tokens = _chain(tree)
+    if tokens is not None:
+        _record(tokens, False, scope, out)
+        return
+    tree = _unwrap(tree)
+    if not isinstance(tree, Tree):
+        return
+    kids = tree.children
+    if facts and tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
+        decisive = tree.data == "conditionalor"
+        for kid in kids:
+            if _known(kid, facts) is decisive:  # this operand decides: the other is never needed
+                _collect(kid, scope, out, facts)
+                return
+    if facts and tree.data == "expr" and len(kids) == 3:
+        condition = _known(kids[0], facts)
+        if condition is not None:
+            _collect(kids[0], scope, out, facts)
+            _collect(kids[1] if condition else kids[2], scope, out, facts)
+            return
+    if tree.data == "ident_arg" and str(tree.children[0].value) == "has":
+        args = tree.children[1].children if len(tree.children) > 1 and tree.children[1] else []
+        inner = _chain(args[0]) if len(args) == 1 else None
+        if inner is not None and len(inner) > 1:
+            _record(inner, True, scope, out)
+            return
+    if tree.data == "member_dot_arg" and str(tree.children[1].value) in MACROS:
+        target = tree.children[0]
+        args = tree.children[2].children if len(tree.children) > 2 and tree.children[2] else []
+        variable = _chain(args[0]) if args else None
+        if variable is not None and len(variable) == 1:
+            _collect(target, scope, out, facts)
+            base = _scope_path(target, scope)
+            inner_scope = {**scope, str(variable[0].value): (*base, EACH) if base else None}
+            for arg in args[1:]:
+                _collect(arg, inner_scope, out, facts)
+            return
+    for child in kids:
+        _collect(child, scope, out, facts)

@@ -1,0 +1,163 @@
+"""Evaluation, and nothing else: a checked request and a compiled version in, a decision out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from celpy import celtypes
+
+from engine.errors import Detail, RequestError
+from engine.model import Decision, Expression, Finding, PolicyVersion, Rule, Trace
+from engine.request import absent_fields, value_at
+from engine.versions import format_timestamp
+
+PASSED, FIRED, NOT_APPLICABLE, ERROR = "passed", "fired", "not_applicable", "error"
+
+
+class EvaluationFailure(Exception):
+    """An expression that could not produce a boolean (or a value): its rule fails closed."""
+
+
+def run(expr: Expression, activation: Mapping[str, Any]) -> Any:
+    """Evaluate one compiled expression; any failure becomes EvaluationFailure."""
+    try:
+        return expr.program.evaluate(activation)
+    except Exception as exc:  # celpy raises CELEvalError, and at times plain Python errors
+        raise EvaluationFailure(_describe(exc)) from exc
+
+
+def run_condition(expr: Expression, activation: Mapping[str, Any]) -> bool:
+    result = run(expr, activation)
+    if not isinstance(result, celtypes.BoolType | bool):
+        raise EvaluationFailure(f"expected a boolean, the expression gave {type(result).__name__}")
+    return bool(result)
+
+
+class _Needs:
+    """Collects the fields that applicable rules need and the request lacks."""
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        self.request = dict(request)
+        self.action, self.role = request["action"], request.get("role")
+        self.missing: dict[str, list[str]] = {}
+
+    def lacking(self, expr: Expression | None, owner: str) -> bool:
+        """True if the request lacks a field `expr` needs (and note it against `owner`)."""
+        if expr is None:
+            return False
+        absent = [p for path in expr.needs_for(self.action, self.role)
+                  for p in absent_fields(self.request, path)]
+        for place in absent:
+            self.missing.setdefault(place, []).append(owner)
+        return bool(absent)
+
+    def raise_if_any(self) -> None:
+        if self.missing:
+            details = [Detail(place, f"required by {', '.join(dict.fromkeys(owners))} but missing")
+                       for place, owners in self.missing.items()]
+            raise RequestError("missing_field", f"the request lacks {len(details)} field"
+                               f"{'s' if len(details) != 1 else ''} that the rules need", details)
+
+
+def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Mapping[str, Any], *,
+             at: datetime, decision_id: str, explain: bool = False) -> Decision:
+    """Decide a request that already passed its checks; pure: no clock, no I/O.
+
+    A field that an applicable rule needs and the request lacks is a RequestError,
+    raised after every rule was looked at, so that all such fields are named at once.
+    """
+    action, role = request["action"], request.get("role")
+    violations: list[Finding] = []
+    warnings: list[Finding] = []
+    traces: list[Trace] = []
+    needs = _Needs(request)
+    for rule in version.rules_for(action, role):
+        outcome, error = PASSED, None
+        try:
+            if needs.lacking(rule.applies_when, rule.id):
+                continue
+            if rule.applies_when is not None and not run_condition(rule.applies_when, activation):
+                outcome = NOT_APPLICABLE
+            elif needs.lacking(rule.fires_when, rule.id):
+                continue
+            elif run_condition(rule.fires_when, activation):
+                outcome = FIRED
+        except EvaluationFailure as exc:
+            outcome, error = ERROR, str(exc)
+        if outcome == ERROR:
+            violations.append(_finding(rule, f"rule {rule.id} failed to evaluate, so it denies "
+                                             f"(fail closed): {error}"))
+        elif outcome == FIRED:
+            (violations if rule.effect == "deny" else warnings).append(_finding(rule, rule.message))
+        if explain:
+            traces.append(Trace(rule.id, rule.effect, outcome, _values(rule, request), rule.where, error))
+    outputs: dict[str, Any] = {}
+    for output in version.outputs_for(action, role):
+        owner = f"output {output.name}"
+        try:
+            if needs.lacking(output.applies_when, owner):
+                continue
+            if output.applies_when is not None and not run_condition(output.applies_when, activation):
+                continue
+            if needs.lacking(output.value, owner) or violations:
+                continue
+            outputs[output.name] = to_json(run(output.value, activation))
+        except EvaluationFailure as exc:
+            where = f"{output.location.file}:{output.location.line}"
+            violations.append(Finding(f"output.{output.name}", f"output {output.name} failed to "
+                                      f"evaluate, so the request is denied (fail closed): {exc}",
+                                      output.defined_in, where))
+    needs.raise_if_any()
+    if violations:
+        outputs = {}
+    return Decision(
+        decision_id=decision_id, decision="deny" if violations else "allow",
+        rule=violations[0] if violations else None, violations=tuple(violations),
+        warnings=tuple(warnings), outputs=outputs, policy_version=version.name,
+        policy_digest=version.digest, at=format_timestamp(at),
+        explain=tuple(traces) if explain else None)
+
+
+def _finding(rule: Rule, message: str) -> Finding:
+    return Finding(rule.id, message, rule.defined_in, rule.where)
+
+
+def _values(rule: Rule, request: Mapping[str, Any]) -> dict[str, Any]:
+    """The request values a rule's expressions read, by dotted path, for explain."""
+    out: dict[str, Any] = {}
+    for expr in (rule.applies_when, rule.fires_when):
+        if expr is None:
+            continue
+        for path in expr.reads():
+            present, value = value_at(dict(request), path)
+            out[".".join(path).replace(".[]", "[]")] = value if present else "<absent>"
+    return out
+
+
+def to_json(value: Any) -> Any:
+    """A CEL result as plain JSON: timestamps in RFC 3339, durations in seconds ('86400s')."""
+    if isinstance(value, celtypes.TimestampType | datetime):
+        return format_timestamp(value)
+    if isinstance(value, celtypes.DurationType | timedelta):
+        return f"{int(value.total_seconds())}s"
+    if isinstance(value, celtypes.BoolType | bool):
+        return bool(value)
+    if isinstance(value, celtypes.IntType | celtypes.UintType | int):
+        return int(value)
+    if isinstance(value, celtypes.DoubleType | float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    return value
+
+
+def _describe(exc: Exception) -> str:
+    args = getattr(exc, "args", ())
+    text = str(args[0]) if args else type(exc).__name__
+    return text.replace("\n", " ").strip()

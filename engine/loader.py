@@ -1,0 +1,254 @@
+"""Loading is a gate: finds the version folders, checks, resolves inheritance, compiles; all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import celpy
+
+from engine.checker import schema_problems, validator
+from engine.compiler import CelCompiler
+from engine.errors import Location, PolicyLoadError, Problem
+from engine.model import Expression, Output, PolicyVersion, Rule
+from engine.schemas import load_schema
+from engine.versions import PolicySet, parse_timestamp
+from engine.yamlpos import Key, YamlDocument, read_yaml
+
+VERSION_FILE = "version.yaml"
+
+
+@dataclass
+class _Entry:
+    """A rule or output as written, before compiling: its data and where it stands."""
+
+    data: dict[str, Any]
+    doc: YamlDocument
+    key: Key
+    version: str
+
+    @property
+    def location(self) -> Location:
+        return self.doc.location(self.key)
+
+
+@dataclass
+class _RawVersion:
+    name: str
+    folder: Path
+    meta: dict[str, Any]
+    meta_doc: YamlDocument
+    docs: list[YamlDocument] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def load_policies(root: Path | str) -> PolicySet:
+    """Load every version under `root`; raise PolicyLoadError listing every problem found."""
+    root = Path(root)
+    problems: list[Problem] = []
+    raws = _read_versions(root, problems)
+    if problems:
+        raise PolicyLoadError(problems)
+    order = _inheritance_order(raws, problems)
+    compiler = CelCompiler(load_schema("request"))
+    built: dict[str, PolicyVersion] = {}
+    entries: dict[str, tuple[list[_Entry], list[_Entry], dict[str, Any], dict[str, bytes]]] = {}
+    for name in order:
+        raw = raws[name]
+        parent = entries.get(raw.meta.get("extends", ""))
+        rules, outputs, params, files = _resolve(raw, parent, problems)
+        entries[name] = (rules, outputs, params, files)
+        version = _build(raw, rules, outputs, params, files, compiler, problems)
+        if version is not None:
+            built[name] = version
+    _check_dates(raws, problems)
+    if problems:
+        raise PolicyLoadError(problems)
+    return PolicySet(built)
+
+
+def _read_versions(root: Path, problems: list[Problem]) -> dict[str, _RawVersion]:
+    if not root.is_dir():
+        problems.append(Problem(Location(str(root)), "no_policies", "the policy folder does not exist"))
+        return {}
+    raws: dict[str, _RawVersion] = {}
+    folders = sorted(p.parent for p in root.glob(f"*/{VERSION_FILE}"))
+    if not folders:
+        problems.append(Problem(Location(str(root)), "no_policies",
+                                f"no version folder (a folder with a {VERSION_FILE}) was found"))
+    for folder in folders:
+        docs: list[YamlDocument] = []
+        files: dict[str, bytes] = {}
+        for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+            name = path.relative_to(root).as_posix()
+            try:
+                files[name] = path.read_bytes()
+            except OSError:
+                pass
+            doc, found = read_yaml(path, name)
+            problems.extend(found)
+            if doc is None:
+                continue
+            definition = "versionFile" if path.name == VERSION_FILE else "ruleFile"
+            if not isinstance(doc.data, dict):
+                problems.append(Problem(doc.location(), "schema",
+                                        "the file must be a mapping of keys to values"))
+                continue
+            for path_, message in schema_problems(validator("policy", definition), doc.data):
+                problems.append(Problem(doc.location(path_), "schema", message))
+            docs.append(doc)
+        meta_doc = next((d for d in docs if d.name.endswith("/" + VERSION_FILE)), None)
+        if meta_doc is None or not isinstance(meta_doc.data.get("version"), str):
+            continue
+        version = meta_doc.data["version"]
+        if version in raws:
+            problems.append(Problem(meta_doc.location(("version",)), "duplicate_version",
+                                    f"version '{version}' is also defined in {raws[version].meta_doc.name}"))
+            continue
+        raws[version] = _RawVersion(version, folder, meta_doc.data, meta_doc,
+                                    [d for d in docs if d is not meta_doc], files)
+    return raws
+
+
+def _inheritance_order(raws: dict[str, _RawVersion], problems: list[Problem]) -> list[str]:
+    """Versions with their parents first; unknown parents and cycles are problems."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> bool:
+        if state.get(name) == "done":
+            return True
+        raw = raws[name]
+        parent = raw.meta.get("extends")
+        if parent is not None:
+            where = raw.meta_doc.location(("extends",))
+            if parent not in raws:
+                problems.append(Problem(where, "unknown_parent", f"extends '{parent}', which does not exist"))
+                return False
+            if parent in chain:
+                cycle = " -> ".join((*chain, name, parent))
+                problems.append(Problem(where, "inheritance_cycle", f"versions extend each other: {cycle}"))
+                return False
+            if not visit(parent, (*chain, name)):
+                return False
+        state[name] = "done"
+        order.append(name)
+        return True
+
+    for name in sorted(raws):
+        visit(name, ())
+    return order
+
+
+def _resolve(raw: _RawVersion,
+             parent: tuple[list[_Entry], list[_Entry], dict[str, Any], dict[str, bytes]] | None,
+             problems: list[Problem]) -> tuple[list[_Entry], list[_Entry], dict[str, Any], dict[str, bytes]]:
+    """The version's own entries laid over its parent's: overrides keep the parent's place."""
+    rules = list(parent[0]) if parent else []
+    outputs = list(parent[1]) if parent else []
+    params = {**(parent[2] if parent else {}), **raw.meta.get("parameters", {})}
+    files = {**(parent[3] if parent else {}), **raw.files}
+    meta = raw.meta_doc
+    for kind, entries, key_name in (("rules", rules, "id"), ("outputs", outputs, "name")):
+        inherited = {e.data[key_name] for e in entries}
+        remove_key = f"remove_{kind}"
+        for index, name in enumerate(raw.meta.get(remove_key, [])):
+            if name not in inherited:
+                problems.append(Problem(meta.location((remove_key, index)), "unknown_rule",
+                                        f"cannot remove '{name}': the parent version has no such {kind[:-1]}"))
+        entries[:] = [e for e in entries if e.data[key_name] not in raw.meta.get(remove_key, [])]
+        own: dict[str, _Entry] = {}
+        for doc in raw.docs:
+            for index, data in enumerate(doc.data.get(kind, [])):
+                entry = _Entry(data, doc, (kind, index), raw.name)
+                name = data[key_name]
+                if name in own:
+                    problems.append(Problem(doc.location((kind, index, key_name)), "duplicate_id",
+                                            f"'{name}' is defined twice in this version "
+                                            f"(also at {own[name].location.file}:{own[name].location.line})"))
+                    continue
+                own[name] = entry
+                position = next((i for i, e in enumerate(entries) if e.data[key_name] == name), None)
+                overrides = bool(data.get("override"))
+                if position is not None and overrides:
+                    entries[position] = entry
+                elif position is not None:
+                    problems.append(Problem(doc.location((kind, index, key_name)), "duplicate_id",
+                                            f"'{name}' is inherited from '{raw.meta.get('extends')}'; "
+                                            "say 'override: true' to replace it"))
+                elif overrides:
+                    problems.append(Problem(doc.location((kind, index, "override")), "nothing_to_override",
+                                            f"'{name}' overrides nothing: the parent has no {kind[:-1]} '{name}'"))
+                else:
+                    entries.append(entry)
+    return rules, outputs, params, files
+
+
+def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params: dict[str, Any],
+           files: dict[str, bytes], compiler: CelCompiler, problems: list[Problem]) -> PolicyVersion | None:
+    """Compile a resolved version; None if any expression failed (the problems say why)."""
+    before = len(problems)
+
+    def expression(entry: _Entry, field_name: str) -> Expression | None:
+        text = entry.data.get(field_name)
+        if text is None:
+            return None
+        roles = entry.data.get("roles", [None, "official", "channel"])
+        contexts = [(action, role) for action in entry.data["actions"] for role in roles]
+        expr, found = compiler.compile(text, entry.doc, (*entry.key, field_name), params, contexts)
+        problems.extend(p for p in found if p not in problems)  # inherited ones: reported once
+        return expr
+
+    built_rules: list[Rule] = []
+    for entry in rules:
+        d = entry.data
+        applies, fires = expression(entry, "applies_when"), expression(entry, "fires_when")
+        if fires is None:
+            continue
+        built_rules.append(Rule(
+            id=d["id"], actions=tuple(d["actions"]), roles=tuple(d["roles"]) if "roles" in d else None,
+            effect=d["effect"], applies_when=applies, fires_when=fires, message=d["message"],
+            source=d["source"], location=entry.location, defined_in=entry.version))
+    built_outputs: list[Output] = []
+    for entry in outputs:
+        d = entry.data
+        applies, value = expression(entry, "applies_when"), expression(entry, "value")
+        if value is None:
+            continue
+        built_outputs.append(Output(
+            name=d["name"], actions=tuple(d["actions"]), roles=tuple(d["roles"]) if "roles" in d else None,
+            applies_when=applies, value=value, source=d["source"], location=entry.location,
+            defined_in=entry.version))
+    if len(problems) > before or len(built_rules) < len(rules) or len(built_outputs) < len(outputs):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name] + b"\0")
+    by_action: dict[str, tuple[Rule, ...]] = {}
+    out_by_action: dict[str, tuple[Output, ...]] = {}
+    for action in {a for r in built_rules for a in r.actions} | {a for o in built_outputs for a in o.actions}:
+        by_action[action] = tuple(r for r in built_rules if action in r.actions)
+        out_by_action[action] = tuple(o for o in built_outputs if action in o.actions)
+    return PolicyVersion(
+        name=raw.name, effective_from=parse_timestamp(raw.meta["effective_from"]),
+        description=raw.meta["description"], extends=raw.meta.get("extends"),
+        parameters=MappingProxyType(dict(params)), rules=tuple(built_rules),
+        outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=f"sha256:{digest.hexdigest()}",
+        cel_parameters=celpy.json_to_cel(params),
+        _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action))
+
+
+def _check_dates(raws: Mapping[str, _RawVersion], problems: list[Problem]) -> None:
+    seen: dict[datetime, str] = {}
+    for name in sorted(raws):
+        raw = raws[name]
+        when = parse_timestamp(raw.meta["effective_from"])
+        if when in seen:
+            problems.append(Problem(raw.meta_doc.location(("effective_from",)), "duplicate_date",
+                                    f"'{name}' takes effect at the same moment as '{seen[when]}'"))
+        seen[when] = name

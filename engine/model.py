@@ -1,0 +1,173 @@
+"""The policy model: frozen records for expressions, rules, outputs, versions and decisions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from engine.errors import Location
+
+# A field path as an expression reads it: ("account", "kyc", "verified");
+# "[]" stands for "every item of this list" (a comprehension's loop variable).
+FieldPath = tuple[str, ...]
+
+EACH = "[]"
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A CEL expression compiled once at load, with the request fields it reads."""
+
+    text: str
+    program: Any  # a celpy Runner
+    location: Location
+    needs: tuple[FieldPath, ...]  # read outside has(): the request must carry them
+    tests: tuple[FieldPath, ...]  # only tested with has(): may be absent
+    # The needs once the action and role are known (branches they rule out dropped).
+    needs_by_context: Mapping[tuple[str, str | None], tuple[FieldPath, ...]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def reads(self) -> tuple[FieldPath, ...]:
+        return self.needs + self.tests
+
+    def needs_for(self, action: str, role: str | None) -> tuple[FieldPath, ...]:
+        return self.needs_by_context.get((action, role), self.needs)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of the catalogue: where it applies, when it fires, and what it says."""
+
+    id: str
+    actions: tuple[str, ...]
+    roles: tuple[str, ...] | None
+    effect: str  # "deny" or "warn"
+    applies_when: Expression | None
+    fires_when: Expression
+    message: str
+    source: str  # the section of the source document
+    location: Location  # where the rule is written
+    defined_in: str  # the version whose files hold it
+
+    @property
+    def where(self) -> str:
+        return f"{self.location.file}:{self.location.line}"
+
+    def applies_to(self, action: str, role: str | None) -> bool:
+        return action in self.actions and (self.roles is None or role in self.roles)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A value an allowed decision tells the caller (promotion scope, unbind_not_before...)."""
+
+    name: str
+    actions: tuple[str, ...]
+    roles: tuple[str, ...] | None
+    applies_when: Expression | None
+    value: Expression
+    source: str
+    location: Location
+    defined_in: str
+
+    def applies_to(self, action: str, role: str | None) -> bool:
+        return action in self.actions and (self.roles is None or role in self.roles)
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """A complete, checked and compiled policy version, inheritance already resolved."""
+
+    name: str
+    effective_from: datetime
+    description: str
+    extends: str | None
+    parameters: Mapping[str, Any]
+    rules: tuple[Rule, ...]
+    outputs: tuple[Output, ...]
+    files: tuple[str, ...]  # every file that contributes, its own and its ancestors'
+    digest: str  # sha256 over those files' names and bytes
+    cel_parameters: Any = field(repr=False, compare=False, default=None)
+    _rules_by_action: Mapping[str, tuple[Rule, ...]] = field(repr=False, compare=False,
+                                                             default_factory=dict)
+    _outputs_by_action: Mapping[str, tuple[Output, ...]] = field(repr=False, compare=False,
+                                                                 default_factory=dict)
+
+    def rules_for(self, action: str, role: str | None) -> tuple[Rule, ...]:
+        """The rules that apply to an action and role, in policy order."""
+        return tuple(r for r in self._rules_by_action.get(action, ()) if r.applies_to(action, role))
+
+    def outputs_for(self, action: str, role: str | None) -> tuple[Output, ...]:
+        return tuple(o for o in self._outputs_by_action.get(action, ()) if o.applies_to(action, role))
+
+    def rule(self, rule_id: str) -> Rule | None:
+        return next((r for r in self.rules if r.id == rule_id), None)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule that fired, as the response shows it."""
+
+    id: str
+    message: str
+    policy: str
+    source: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "message": self.message, "policy": self.policy, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One rule's evaluation, for explain: outcome and the values it read."""
+
+    id: str
+    effect: str
+    outcome: str  # not_applicable | passed | fired | error
+    values: Mapping[str, Any]
+    source: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "effect": self.effect, "outcome": self.outcome,
+                               "values": dict(self.values), "source": self.source}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one request, shaped as CONTRACT.md's response."""
+
+    decision_id: str
+    decision: str
+    rule: Finding | None
+    violations: tuple[Finding, ...]
+    warnings: tuple[Finding, ...]
+    outputs: Mapping[str, Any]
+    policy_version: str
+    policy_digest: str
+    at: str
+    explain: tuple[Trace, ...] | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision == "allow"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "decision": self.decision,
+            "rule": self.rule.to_dict() if self.rule else None,
+            "violations": [v.to_dict() for v in self.violations],
+            "warnings": [w.to_dict() for w in self.warnings],
+            "outputs": dict(self.outputs),
+            "policy": {"version": self.policy_version, "digest": self.policy_digest},
+            "at": self.at,
+        }
+        if self.explain is not None:
+            out["explain"] = [t.to_dict() for t in self.explain]
+        return out

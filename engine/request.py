@@ -1,0 +1,111 @@
+"""Requests: checked against the contract's schema, then turned into CEL values once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celpy import celtypes, json_to_cel
+
+from engine.checker import schema_problems, validator
+from engine.errors import Detail, RequestError
+from engine.model import EACH, FieldPath
+from engine.schemas import Schema, SchemaWalker, load_schema
+from engine.versions import parse_timestamp
+
+Convert = Callable[[Any], Any]
+
+
+def pointer(path: Iterable[str | int]) -> str:
+    """A JSON pointer (RFC 6901) for a path of keys and indexes."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def check_request(raw: Any) -> dict[str, Any]:
+    """The request itself if it keeps the contract; else RequestError with every problem."""
+    if not isinstance(raw, dict):
+        raise RequestError("invalid_request", "the request must be a JSON object",
+                           [Detail("", "expected an object")])
+    problems = schema_problems(validator("request"), raw)
+    if problems:
+        raise RequestError("invalid_request", f"the request breaks the contract in {len(problems)} "
+                           f"place{'s' if len(problems) != 1 else ''}",
+                           [Detail(pointer(path), message) for path, message in problems])
+    return raw
+
+
+def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:
+    """JSON pointers of the places where `path` is missing from the request."""
+    found: list[str] = []
+
+    def walk(value: Any, rest: FieldPath, at: tuple[str | int, ...]) -> None:
+        if not rest or value is None:  # null on the way is present: the rule must guard it
+            return
+        head = rest[0]
+        if head == EACH:
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    walk(item, rest[1:], (*at, index))
+            return
+        if not isinstance(value, dict) or head not in value:
+            found.append(pointer((*at, head)))
+            return
+        walk(value[head], rest[1:], (*at, head))
+
+    walk(request, path, ())
+    return found
+
+
+def value_at(request: dict[str, Any], path: FieldPath) -> tuple[bool, Any]:
+    """(present, value) of a field path; an EACH step gives the list of item values."""
+    value: Any = request
+    for depth, head in enumerate(path):
+        if head == EACH:
+            if not isinstance(value, list):
+                return False, None
+            items = [value_at(item, path[depth + 1:]) for item in value]
+            return True, [v for ok, v in items if ok]
+        if not isinstance(value, dict) or head not in value:
+            return False, None
+        value = value[head]
+    return True, value
+
+
+class CelConverter:
+    """Builds, from the request schema, one function that turns a request into CEL values."""
+
+    def __init__(self, schema: Schema | None = None) -> None:
+        schema = schema or load_schema("request")
+        self.walker = SchemaWalker(schema)
+        self._convert = self._build(schema, top=True)
+
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        converted: dict[str, Any] = self._convert(request)
+        return converted
+
+    def _build(self, schema: Schema, top: bool = False) -> Convert:
+        kinds = self.walker.types(schema)
+        if "timestamp" in kinds:
+            return lambda v: None if v is None else celtypes.TimestampType(parse_timestamp(v))
+        if "object" in kinds:
+            fields = {name: self._build(self.walker.resolve(sub))
+                      for alt in self.walker.alternatives(schema)
+                      for name, sub in alt.get("properties", {}).items()}
+            if top:  # the activation: one CEL variable per top-level field
+                return lambda v: {name: fields[name](item) for name, item in v.items()}
+            return lambda v: None if v is None else celtypes.MapType(
+                {celtypes.StringType(name): fields[name](item) for name, item in v.items()})
+        if "array" in kinds:
+            items = next((self.walker.resolve(a["items"]) for a in self.walker.alternatives(schema)
+                          if "items" in a), {})
+            each = self._build(items)
+            return lambda v: None if v is None else celtypes.ListType([each(i) for i in v])
+        if "number" in kinds:
+            return lambda v: None if v is None else celtypes.DoubleType(float(v))
+        if "integer" in kinds:
+            return lambda v: None if v is None else celtypes.IntType(int(v))
+        if "boolean" in kinds:
+            return lambda v: None if v is None else celtypes.BoolType(v)
+        if "string" in kinds:
+            return lambda v: None if v is None else celtypes.StringType(v)
+        return json_to_cel

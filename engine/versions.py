@@ -1,0 +1,66 @@
+"""Policy versions: which one is in force at a moment, or which one a request pins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+
+from engine.errors import Detail, RequestError
+from engine.model import PolicyVersion
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware datetime (a trailing Z is UTC)."""
+    when = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def format_timestamp(when: datetime) -> str:
+    """RFC 3339 in UTC with a Z, microseconds only where there are some."""
+    when = when.astimezone(UTC)
+    spec = "microseconds" if when.microsecond else "seconds"
+    return when.isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+class PolicySet:
+    """Every loaded version, by name, ordered by the date it takes effect."""
+
+    def __init__(self, versions: Mapping[str, PolicyVersion]) -> None:
+        self._versions = dict(sorted(versions.items(), key=lambda kv: kv[1].effective_from))
+
+    def __iter__(self) -> Iterator[PolicyVersion]:
+        return iter(self._versions.values())
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def names(self) -> list[str]:
+        return list(self._versions)
+
+    def get(self, name: str) -> PolicyVersion | None:
+        return self._versions.get(name)
+
+    def in_force(self, at: datetime) -> PolicyVersion | None:
+        """The version with the latest effective date not after `at`."""
+        found = None
+        for version in self._versions.values():
+            if version.effective_from <= at:
+                found = version
+        return found
+
+    def select(self, at: datetime, pinned: str | None) -> PolicyVersion:
+        """The version that judges a request: the pinned one, else the one in force at `at`."""
+        if pinned is not None:
+            version = self.get(pinned)
+            if version is None:
+                known = ", ".join(self._versions)
+                raise RequestError("unknown_version", f"no policy version '{pinned}'",
+                                   [Detail("/policy_version", f"'{pinned}' is not a version; known: {known}")])
+            return version
+        version = self.in_force(at)
+        if version is None:
+            first = next(iter(self._versions.values()))
+            raise RequestError("no_version_in_force", "no policy version is in force at that time",
+                               [Detail("/at", f"{format_timestamp(at)} is before the first version "
+                                              f"('{first.name}', from {format_timestamp(first.effective_from)})")])
+        return version

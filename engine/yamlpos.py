@@ -1,0 +1,113 @@
+"""YAML documents that remember where every value stands (file, line, column)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import Location, Problem
+
+Key = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Start of a YAML node: 1-based line and column, and the scalar style ('' plain)."""
+
+    line: int
+    column: int
+    style: str = ""
+
+
+@dataclass
+class YamlDocument:
+    """One parsed YAML file: its data, and the position of every node by its key path."""
+
+    name: str  # path relative to the policy root, as shown to authors
+    text: str
+    data: Any
+    marks: dict[Key, Mark] = field(default_factory=dict)
+
+    def location(self, key: Key = (), pointer: str = "") -> Location:
+        """The position of the node at `key`, or of its nearest ancestor that exists."""
+        for end in range(len(key), -1, -1):
+            mark = self.marks.get(key[:end])
+            if mark is not None:
+                return Location(self.name, mark.line, mark.column, pointer)
+        return Location(self.name, 1, 1, pointer)
+
+    def expression_location(self, key: Key, line: int, column: int) -> Location:
+        """Map a (line, column) inside the scalar at `key` to a position in the file."""
+        mark = self.marks.get(key)
+        if mark is None:
+            return self.location(key)
+        if mark.style in ("|", ">"):
+            lines = self.text.splitlines()
+            indent = 0
+            for raw in lines[mark.line : mark.line + line]:
+                if raw.strip():
+                    indent = len(raw) - len(raw.lstrip(" "))
+                    break
+            return Location(self.name, mark.line + line, indent + column)
+        if line <= 1:
+            quote = 1 if mark.style in ("'", '"') else 0
+            return Location(self.name, mark.line, mark.column + quote + column - 1)
+        return Location(self.name, mark.line + line - 1, column)
+
+
+def _walk(node: yaml.Node, key: Key, marks: dict[Key, Mark], problems: list[Problem], name: str,
+          constructor: yaml.constructor.SafeConstructor) -> Any:
+    start = node.start_mark
+    marks[key] = Mark(start.line + 1, start.column + 1, getattr(node, "style", None) or "")
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            k = constructor.construct_object(key_node, deep=True)
+            if not isinstance(k, str | int | bool | float) or isinstance(k, bool):
+                k = str(k)
+            if k in out:
+                km = key_node.start_mark
+                problems.append(Problem(Location(name, km.line + 1, km.column + 1),
+                                        "yaml_duplicate_key", f"the key '{k}' appears twice in one mapping"))
+            out[k] = _walk(value_node, (*key, k), marks, problems, name, constructor)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_walk(item, (*key, i), marks, problems, name, constructor)
+                for i, item in enumerate(node.value)]
+    if node.tag == "tag:yaml.org,2002:timestamp":
+        return node.value  # keep dates as written: the schemas check them as RFC 3339 strings
+    return constructor.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]]:
+    """Parse one YAML document; syntax errors come back as problems with their position."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, [Problem(Location(name, 1, 1), "yaml_empty", "the file is empty")]
+        problems: list[Problem] = []
+        marks: dict[Key, Mark] = {}
+        data = _walk(node, (), marks, problems, name, loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        return None, [Problem(Location(name, line, column), "yaml_syntax", f"YAML syntax error: {what}")]
+    except yaml.YAMLError as exc:
+        return None, [Problem(Location(name, 1, 1), "yaml_syntax", f"YAML error: {exc}")]
+    finally:
+        loader.dispose()
+    return YamlDocument(name, text, data, marks), problems
+
+
+def read_yaml(path: Path, name: str) -> tuple[YamlDocument | None, list[Problem]]:
+    """Read and parse a YAML file; an unreadable file is a problem, not an exception."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(Location(name), "file_unreadable", f"cannot read the file: {exc}")]
+    return parse_yaml(text, name)
