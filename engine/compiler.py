@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
 import celpy
+from celpy.celparser import CELParseError
 from lark import Token, Tree
 
 from engine.errors import Location, Problem
-from engine.model import EACH, Expression, FieldPath
+from engine.model import EACH, OPTIONAL, Expression, FieldPath
 from engine.schemas import Schema, SchemaWalker
 from engine.yamlpos import Key, YamlDocument
 
@@ -33,6 +34,7 @@ class _Read:
 
     tokens: tuple[Token, ...]
     tested_only: bool  # the last segment is only tested by has()
+    guarded: int = 0  # inside `has(a.b) && ...`: the first `guarded` names may be absent
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -54,9 +56,9 @@ class CelCompiler:
         self.walker = SchemaWalker(request_schema)
         self.request_schema = request_schema
         self.variables = frozenset(request_schema["properties"])
-        self._cache: dict[str, _Parsed | celpy.CELParseError | Exception] = {}
+        self._cache: dict[str, _Parsed | CELParseError | Exception] = {}
 
-    def _parse(self, text: str) -> _Parsed | celpy.CELParseError | Exception:
+    def _parse(self, text: str) -> _Parsed | CELParseError | Exception:
         cached = self._cache.get(text)
         if cached is None:
             try:
@@ -65,7 +67,7 @@ class CelCompiler:
                 reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
                 _collect(tree, {}, reads, {})
                 cached = _Parsed(tree, program, tuple(reads))
-            except celpy.CELParseError as exc:
+            except CELParseError as exc:
                 cached = exc
             except Exception as exc:  # lark or celpy internals: still a problem of the text
                 cached = exc
@@ -81,7 +83,7 @@ class CelCompiler:
         like `action == "login" || shop.id == ...` does not need `shop` for a login.
         """
         parsed = self._parse(text)
-        if isinstance(parsed, celpy.CELParseError):
+        if isinstance(parsed, CELParseError):
             line, column = parsed.line or 1, parsed.column or 1
             where = doc.expression_location(key, line, column)
             return None, [Problem(where, "cel_syntax", f"CEL syntax error: {_syntax_message(parsed)}")]
@@ -106,7 +108,7 @@ class CelCompiler:
         for context in contexts:
             reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
             _collect(parsed.tree, {}, reads, {"action": context[0], "role": context[1]})
-            paths = [self._path(read, scope) for read, scope in reads]
+            paths = [self._path(read, scope, marked=True) for read, scope in reads]
             by_context[context] = tuple(dict.fromkeys(
                 need for path, (read, _) in zip(paths, reads, strict=True) if path is not None
                 for need in ([path[:-1]] if read.tested_only else [path]) if need))
@@ -115,9 +117,15 @@ class CelCompiler:
                           needs_by_context=MappingProxyType(by_context))
         return expr, []
 
-    def _path(self, read: _Read, scope: Mapping[str, FieldPath | None]) -> FieldPath | None:
-        """The request path of a read already checked: None for params, loops over literals..."""
-        names = read.names
+    def _path(self, read: _Read, scope: Mapping[str, FieldPath | None],
+              marked: bool = False) -> FieldPath | None:
+        """The request path of a checked read (None for params, loops over literals...).
+
+        `marked` puts OPTIONAL after a has()-guarded prefix: absent there, nothing is needed.
+        """
+        names: tuple[str, ...] = read.names
+        if marked and read.guarded:
+            names = (*names[:read.guarded], OPTIONAL, *names[read.guarded:])
         if names[0] in scope:
             base = scope[names[0]]
             return None if base is None else (*base, *names[1:])
@@ -176,7 +184,7 @@ _SYMBOLS = {"COLON": "':'", "RPAR": "')'", "RSQB": "']'", "RBRACE": "'}'", "COMM
             "IDENT": "a name", "__ANON_0": "'?'"}
 
 
-def _syntax_message(exc: celpy.CELParseError) -> str:
+def _syntax_message(exc: CELParseError) -> str:
     """Plain words for lark's parse failure behind a CELParseError."""
     cause = exc.__context__
     token = getattr(cause, "token", None)
@@ -199,6 +207,20 @@ def _hint(name: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _token(node: Any) -> Token:
+    assert isinstance(node, Token)
+    return node
+
+
+def _tree(node: Any) -> Tree[Any]:
+    assert isinstance(node, Tree)
+    return node
+
+
+def _name(node: Any) -> str:
+    return str(node.value) if isinstance(node, Token) else ""
+
+
 def _unwrap(tree: Any) -> Any:
     """Skip the grammar's one-child wrapper nodes (expr -> conditionalor -> ... -> member)."""
     while isinstance(tree, Tree) and len(tree.children) == 1 and tree.data != "ident":
@@ -210,10 +232,10 @@ def _chain(tree: Any) -> list[Token] | None:
     """The tokens of a plain field chain (a.b.c), or None if the tree is anything else."""
     tree = _unwrap(tree)
     if isinstance(tree, Tree) and tree.data == "ident":
-        return [tree.children[0]]
+        return [_token(tree.children[0])]
     if isinstance(tree, Tree) and tree.data == "member_dot":
         base = _chain(tree.children[0])
-        return None if base is None else [*base, tree.children[1]]
+        return None if base is None else [*base, _token(tree.children[1])]
     return None
 
 
@@ -242,6 +264,21 @@ def _string_literal(tree: Any) -> str | None:
     return None
 
 
+def _has_guard(tree: Any, negated: bool) -> list[Token] | None:
+    """The chain tested by `has(chain)` (or by `!has(chain)` when `negated`), else None."""
+    tree = _unwrap(tree)
+    if negated:
+        if not (isinstance(tree, Tree) and tree.data == "unary" and len(tree.children) == 2
+                and isinstance(tree.children[0], Tree) and tree.children[0].data == "unary_not"):
+            return None
+        tree = _unwrap(tree.children[1])
+    if isinstance(tree, Tree) and tree.data == "ident_arg" and _name(tree.children[0]) == "has":
+        args = tree.children[1].children if len(tree.children) > 1 and tree.children[1] else []
+        chain = _chain(args[0]) if len(args) == 1 else None
+        return chain if chain is not None and len(chain) > 1 else None
+    return None
+
+
 def _known(tree: Any, facts: Facts) -> bool | None:
     """The value of a condition on `action`/`role` alone (`action == "bind"`), else None."""
     if not facts:
@@ -262,8 +299,8 @@ def _known(tree: Any, facts: Facts) -> bool | None:
         return None if inner is None else not inner
     if tree.data == "relation" and len(kids) == 2 and isinstance(kids[0], Tree) \
             and kids[0].data in ("relation_eq", "relation_ne"):
-        left, right = kids[0].children[0], kids[1]
-        for name_side, literal_side in ((left, right), (right, left)):
+        lhs, rhs = _tree(kids[0]).children[0], kids[1]
+        for name_side, literal_side in ((lhs, rhs), (rhs, lhs)):
             chain = _chain(name_side)
             literal = _string_literal(literal_side)
             if chain and len(chain) == 1 and str(chain[0].value) in facts and literal is not None:
@@ -272,6 +309,39 @@ def _known(tree: Any, facts: Facts) -> bool | None:
                 equal = facts[str(chain[0].value)] == literal
                 return equal if kids[0].data == "relation_eq" else not equal
     return None
+
+
+def _operands(tree: Any, kind: str) -> list[Any]:
+    """The operands of a chain of one logical operator: a && b && c -> [a, b, c]."""
+    tree = _unwrap(tree)
+    if isinstance(tree, Tree) and tree.data == kind and len(tree.children) == 2:
+        return [*_operands(tree.children[0], kind), tree.children[1]]
+    return [tree]
+
+
+def _collect_logical(tree: Any, scope: Mapping[str, FieldPath | None],
+                     out: list[tuple[_Read, Mapping[str, FieldPath | None]]], facts: Facts) -> None:
+    """Reads of an && or || chain: an operand the facts make decisive is the only one needed,
+    and a `has(a.b) &&` (or `!has(a.b) ||`) guard makes a.b optional for the operands after it."""
+    is_or = tree.data == "conditionalor"
+    operands = _operands(tree, tree.data)
+    for operand in operands:
+        if _known(operand, facts) is is_or:  # true decides an or, false decides an and
+            _collect(operand, scope, out, facts)
+            return
+    guards: list[tuple[str, ...]] = []
+    for operand in operands:
+        inner: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
+        _collect(operand, scope, inner, facts)
+        for read, inner_scope in inner:
+            for names in guards:
+                same_root = inner_scope.get(names[0]) == scope.get(names[0])
+                if same_root and read.names[:len(names)] == names and not read.tested_only:
+                    read = replace(read, guarded=max(read.guarded, len(names)))
+            out.append((read, inner_scope))
+        guard = _has_guard(operand, negated=is_or)
+        if guard is not None:
+            guards.append(tuple(str(t.value) for t in guard))
 
 
 def _collect(tree: Any, scope: Mapping[str, FieldPath | None],
@@ -290,25 +360,22 @@ def _collect(tree: Any, scope: Mapping[str, FieldPath | None],
     if not isinstance(tree, Tree):
         return
     kids = tree.children
-    if facts and tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
-        decisive = tree.data == "conditionalor"
-        for kid in kids:
-            if _known(kid, facts) is decisive:  # this operand decides: the other is never needed
-                _collect(kid, scope, out, facts)
-                return
+    if tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
+        _collect_logical(tree, scope, out, facts)
+        return
     if facts and tree.data == "expr" and len(kids) == 3:
         condition = _known(kids[0], facts)
         if condition is not None:
             _collect(kids[0], scope, out, facts)
             _collect(kids[1] if condition else kids[2], scope, out, facts)
             return
-    if tree.data == "ident_arg" and str(tree.children[0].value) == "has":
+    if tree.data == "ident_arg" and _name(tree.children[0]) == "has":
         args = tree.children[1].children if len(tree.children) > 1 and tree.children[1] else []
         inner = _chain(args[0]) if len(args) == 1 else None
         if inner is not None and len(inner) > 1:
             _record(inner, True, scope, out)
             return
-    if tree.data == "member_dot_arg" and str(tree.children[1].value) in MACROS:
+    if tree.data == "member_dot_arg" and _name(tree.children[1]) in MACROS:
         target = tree.children[0]
         args = tree.children[2].children if len(tree.children) > 2 and tree.children[2] else []
         variable = _chain(args[0]) if args else None

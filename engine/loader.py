@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import celpy
+from celpy.adapter import json_to_cel
 
 from engine.checker import schema_problems, validator
 from engine.compiler import CelCompiler
@@ -86,10 +87,8 @@ def _read_versions(root: Path, problems: list[Problem]) -> dict[str, _RawVersion
         files: dict[str, bytes] = {}
         for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
             name = path.relative_to(root).as_posix()
-            try:
+            with contextlib.suppress(OSError):  # read_yaml reports an unreadable file
                 files[name] = path.read_bytes()
-            except OSError:
-                pass
             doc, found = read_yaml(path, name)
             problems.extend(found)
             if doc is None:
@@ -239,7 +238,7 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         description=raw.meta["description"], extends=raw.meta.get("extends"),
         parameters=MappingProxyType(dict(params)), rules=tuple(built_rules),
         outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=f"sha256:{digest.hexdigest()}",
-        cel_parameters=celpy.json_to_cel(params),
+        cel_parameters=json_to_cel(params),
         _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action))
 
 

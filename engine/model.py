@@ -14,6 +14,8 @@ from engine.errors import Location
 FieldPath = tuple[str, ...]
 
 EACH = "[]"
+# Marks the end of a has()-guarded prefix in a needed path: absent up to there is fine.
+OPTIONAL = "?"
 
 
 @dataclass(frozen=True)

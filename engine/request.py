@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from celpy import celtypes, json_to_cel
+from celpy import celtypes
+from celpy.adapter import json_to_cel
 
 from engine.checker import schema_problems, validator
 from engine.errors import Detail, RequestError
-from engine.model import EACH, FieldPath
+from engine.model import EACH, OPTIONAL, FieldPath
 from engine.schemas import Schema, SchemaWalker, load_schema
 from engine.versions import parse_timestamp
 
@@ -38,27 +39,30 @@ def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:
     """JSON pointers of the places where `path` is missing from the request."""
     found: list[str] = []
 
-    def walk(value: Any, rest: FieldPath, at: tuple[str | int, ...]) -> None:
+    def walk(value: Any, rest: FieldPath, at: tuple[str | int, ...], optional: bool) -> None:
         if not rest or value is None:  # null on the way is present: the rule must guard it
             return
         head = rest[0]
-        if head == EACH:
+        if head == OPTIONAL:
+            walk(value, rest[1:], at, False)
+        elif head == EACH:
             if isinstance(value, list):
                 for index, item in enumerate(value):
-                    walk(item, rest[1:], (*at, index))
-            return
-        if not isinstance(value, dict) or head not in value:
-            found.append(pointer((*at, head)))
-            return
-        walk(value[head], rest[1:], (*at, head))
+                    walk(item, rest[1:], (*at, index), optional)
+        elif not isinstance(value, dict) or head not in value:
+            if not optional:
+                found.append(pointer((*at, head)))
+        else:
+            walk(value[head], rest[1:], (*at, head), optional)
 
-    walk(request, path, ())
+    walk(request, path, (), OPTIONAL in path)
     return found
 
 
 def value_at(request: dict[str, Any], path: FieldPath) -> tuple[bool, Any]:
     """(present, value) of a field path; an EACH step gives the list of item values."""
     value: Any = request
+    path = tuple(p for p in path if p != OPTIONAL)
     for depth, head in enumerate(path):
         if head == EACH:
             if not isinstance(value, list):

@@ -1,0 +1,1 @@
+"""The HTTP API: a thin Flask layer over the engine."""
