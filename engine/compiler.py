@@ -85,6 +85,9 @@ class CelCompiler:
         parsed = self._parse(text)
         if isinstance(parsed, CELParseError):
             line, column = parsed.line or 1, parsed.column or 1
+            if not str(getattr(parsed.__context__, "token", "x")):  # at the end: point past the text
+                lines = text.rstrip().splitlines() or [""]
+                line, column = len(lines), len(lines[-1]) + 1
             where = doc.expression_location(key, line, column)
             return None, [Problem(where, "cel_syntax", f"CEL syntax error: {_syntax_message(parsed)}")]
         if isinstance(parsed, Exception):

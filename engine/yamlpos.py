@@ -45,17 +45,28 @@ class YamlDocument:
         if mark is None:
             return self.location(key)
         if mark.style in ("|", ">"):
-            lines = self.text.splitlines()
-            indent = 0
-            for raw in lines[mark.line : mark.line + line]:
-                if raw.strip():
-                    indent = len(raw) - len(raw.lstrip(" "))
-                    break
-            return Location(self.name, mark.line + line, indent + column)
+            return self._block_location(key, mark, line, column)
         if line <= 1:
             quote = 1 if mark.style in ("'", '"') else 0
             return Location(self.name, mark.line, mark.column + quote + column - 1)
         return Location(self.name, mark.line + line - 1, column)
+
+
+    def _block_location(self, key: Key, mark: Mark, line: int, column: int) -> Location:
+        """Inside a literal or folded block: count characters, since folding keeps lengths."""
+        value: Any = self.data
+        for part in key:
+            value = value[part]
+        text_lines = str(value).split("\n")
+        offset = sum(len(t) + 1 for t in text_lines[: line - 1]) + column - 1
+        file_lines = self.text.splitlines()[mark.line :]
+        indent = next((len(r) - len(r.lstrip(" ")) for r in file_lines if r.strip()), 0)
+        for number, raw in enumerate(file_lines, start=mark.line + 1):
+            content = raw[indent:] if raw.strip() else ""
+            if offset <= len(content):
+                return Location(self.name, number, indent + offset + 1)
+            offset -= len(content) + 1
+        return Location(self.name, mark.line, mark.column)
 
 
 def _walk(node: yaml.Node, key: Key, marks: dict[Key, Mark], problems: list[Problem], name: str,
