@@ -23,6 +23,8 @@ MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 BUILTIN_NAMES = frozenset({"int", "uint", "double", "bool", "string", "bytes", "list", "map",
                            "null_type", "type", "dyn"})
 PARAMS = "params"
+# Variables the engine always binds (a request without `at` is judged at the caller's now).
+ALWAYS_BOUND = frozenset({"at"})
 # Facts known before evaluation: the request's action and role.
 Context = tuple[str, str | None]
 Facts = Mapping[str, str | None]
@@ -103,7 +105,7 @@ class CelCompiler:
                 tests.append(path)
                 if len(path) > 1:
                     needs.append(path[:-1])
-            else:
+            elif path[0] not in ALWAYS_BOUND:
                 needs.append(path)
         if problems:
             return None, problems
@@ -114,7 +116,8 @@ class CelCompiler:
             paths = [self._path(read, scope, marked=True) for read, scope in reads]
             by_context[context] = tuple(dict.fromkeys(
                 need for path, (read, _) in zip(paths, reads, strict=True) if path is not None
-                for need in ([path[:-1]] if read.tested_only else [path]) if need))
+                for need in ([path[:-1]] if read.tested_only else [path])
+                if need and need[0] not in ALWAYS_BOUND))
         expr = Expression(text=text, program=parsed.program, location=doc.location(key),
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
                           needs_by_context=MappingProxyType(by_context))

@@ -1,0 +1,84 @@
+"""The policy test runner: the bundled suites pass and cover every rule; failures are reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.decider import Engine
+from engine.loader import load_policies
+from engine.tester import describe, run_suites
+
+from .conftest import POLICIES, VERSION_V1, WriteFiles
+
+RULES = """\
+    rules:
+      - id: adult
+        actions: [bind]
+        effect: deny
+        fires_when: account.age < params.min_age
+        message: too young
+        source: test
+      - id: never-tested
+        actions: [unbind]
+        effect: deny
+        fires_when: "false"
+        message: m
+        source: test
+    """
+
+SUITE = """\
+    suite: small
+    bases:
+      bind:
+        request:
+          action: bind
+          role: official
+          at: "2025-01-01T00:00:00Z"
+          shop: {id: s}
+          account: {id: a, age: 30}
+    cases:
+      - name: adult passes
+        from: bind
+        expect: {decision: allow}
+      - name: a wrong expectation is reported
+        from: bind
+        set: {account.age: 17}
+        expect: {decision: allow, rule: null}
+      - name: an unknown base is a problem of the suite
+        from: nope
+        expect: {decision: allow}
+    """
+
+
+def test_the_bundled_suites_pass_and_cover_every_rule_both_ways(engine: Engine) -> None:
+    report = run_suites(engine, POLICIES)
+    assert not report.problems, report.problems
+    failed = [(r.where, r.failures) for r in report.results if not r.passed]
+    assert failed == []
+    assert report.coverage.never_fired() == [] and report.coverage.never_passed() == []
+    assert len(report.coverage.rules) == 42  # 40 of v1, and v2's two overrides
+    assert report.ok
+
+
+def test_failures_gaps_and_suite_problems_are_reported(write_policies: WriteFiles) -> None:
+    root = write_policies({"v1/version.yaml": VERSION_V1, "v1/rules.yaml": RULES, "tests/small.yaml": SUITE})
+    report = run_suites(Engine(load_policies(root)), root)
+    assert not report.ok
+    assert [r.passed for r in report.results] == [True, False]
+    assert report.results[1].failures == ["decision: expected allow, got deny (by adult)",
+                                          "rule: expected None, got adult"]
+    assert [str(p) for p in report.problems] == [
+        "tests/small.yaml:19:11: no base named 'nope' in this suite [unknown_base]"]
+    assert [report.coverage.rules[w][0] for w in report.coverage.never_fired()] == ["never-tested"]
+    text = describe(report)
+    assert "FAIL tests/small.yaml:14" in text
+    assert "no case fires  never-tested (v1/rules.yaml:8)" in text
+    assert text.splitlines()[-1] == "1 passed, 1 failed"
+
+
+def test_a_rule_without_a_denying_case_fails_the_run(write_policies: WriteFiles, tmp_path: Path) -> None:
+    suite = SUITE.split("      - name: a wrong")[0]
+    root = write_policies({"v1/version.yaml": VERSION_V1, "v1/rules.yaml": RULES, "tests/small.yaml": suite})
+    report = run_suites(Engine(load_policies(root)), root)
+    assert all(r.passed for r in report.results) and not report.problems
+    assert not report.ok  # every case passed, yet 'adult' and 'never-tested' never fire
