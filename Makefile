@@ -26,6 +26,10 @@ test: lint check-policies
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
 
+run: $(STAMP)
+	BINDPOLICY_POLICIES=policies $(VENV)/bin/gunicorn --workers 2 --bind 127.0.0.1:$(PORT) \
+		--access-logfile - api.wsgi:app
+
 bench: $(STAMP)
 	$(PY) bench/bench_decide.py
 

@@ -342,7 +342,7 @@ def _collect_logical(tree: Any, scope: Mapping[str, FieldPath | None],
         for read, inner_scope in inner:
             for names in guards:
                 same_root = inner_scope.get(names[0]) == scope.get(names[0])
-                if same_root and read.names[:len(names)] == names and not read.tested_only:
+                if same_root and read.names[:len(names)] == names:
                     read = replace(read, guarded=max(read.guarded, len(names)))
             out.append((read, inner_scope))
         guard = _has_guard(operand, negated=is_or)

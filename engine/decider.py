@@ -11,7 +11,7 @@ from celpy import celtypes
 
 from engine.evaluator import evaluate
 from engine.loader import load_policies
-from engine.model import Decision
+from engine.model import Decision, PolicyVersion
 from engine.request import CelConverter, check_request
 from engine.versions import PolicySet, parse_timestamp
 
@@ -40,8 +40,12 @@ class Engine:
         request = check_request(raw)
         at = parse_timestamp(request["at"]) if "at" in request else now
         version = self.policies.select(at, request.get("policy_version"))
+        return evaluate(version, request, self.activation(request, version, at), at=at,
+                        decision_id=decision_id or new_decision_id(), explain=explain)
+
+    def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> dict[str, Any]:
+        """The CEL variables for one request: its fields, `at` and the version's `params`."""
         activation = self._convert(request)
         activation["at"] = celtypes.TimestampType(at)
         activation["params"] = version.cel_parameters
-        return evaluate(version, request, activation, at=at,
-                        decision_id=decision_id or new_decision_id(), explain=explain)
+        return activation
