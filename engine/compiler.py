@@ -95,6 +95,15 @@ class CelCompiler:
         if isinstance(parsed, Exception):
             return None, [Problem(doc.location(key), "cel_syntax", f"CEL cannot compile this: {parsed}")]
         problems: list[Problem] = []
+        for token, read in _null_inequalities(parsed.tree):
+            path = self._path(read, {})
+            schema = self._schema_of(path) if path else None
+            if schema is not None and self.walker.types(schema) & {"object", "array"}:
+                where = doc.expression_location(key, token.line or 1, token.column or 1)
+                problems.append(Problem(where, "cel_python_bug", (
+                    f"cel-python 0.5 raises on `{'.'.join(read.names)} != null` when it holds an "
+                    f"{'object' if 'object' in self.walker.types(schema) else 'array'}; "
+                    "write `!(... == null)`, the same test")))
         needs: list[FieldPath] = []
         tests: list[FieldPath] = []
         for read, scope in parsed.reads:
@@ -122,6 +131,12 @@ class CelCompiler:
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
                           needs_by_context=MappingProxyType(by_context))
         return expr, []
+
+    def _schema_of(self, path: FieldPath) -> Schema | None:
+        schema: Schema | None = self.request_schema
+        for segment in path:
+            schema = self.walker.child(schema, segment) if schema is not None else None
+        return schema
 
     def _path(self, read: _Read, scope: Mapping[str, FieldPath | None],
               marked: bool = False) -> FieldPath | None:
@@ -315,6 +330,22 @@ def _known(tree: Any, facts: Facts) -> bool | None:
                 equal = facts[str(chain[0].value)] == literal
                 return equal if kids[0].data == "relation_eq" else not equal
     return None
+
+
+def _null_inequalities(tree: Any) -> list[tuple[Token, _Read]]:
+    """Every `chain != null` (or `null != chain`) in the expression, with its first token."""
+    found: list[tuple[Token, _Read]] = []
+    for node in tree.iter_subtrees() if isinstance(tree, Tree) else ():
+        kids = node.children
+        if node.data == "relation" and len(kids) == 2 and isinstance(kids[0], Tree) \
+                and kids[0].data == "relation_ne":
+            lhs, rhs = _tree(kids[0]).children[0], kids[1]
+            for chain_side, null_side in ((lhs, rhs), (rhs, lhs)):
+                null = _unwrap(null_side)
+                tokens = _chain(chain_side)
+                if tokens and isinstance(null, Token) and null.type == "NULL_LIT":
+                    found.append((tokens[0], _Read(tuple(tokens), False)))
+    return found
 
 
 def _operands(tree: Any, kind: str) -> list[Any]:

@@ -170,7 +170,11 @@ def _judge(engine: Engine, request: dict[str, Any], expect: dict[str, Any], cove
         return [f"expected the request to be rejected ({expect['error']}), "
                 f"but it was decided: {decision.decision}"]
     _record(decision, engine, coverage, label)
-    failures: list[str] = []
+    assert decision.explain is not None
+    # A rule that fails at run time denies (fail closed); in a suite that is always a bug,
+    # even where the case expected that rule to deny.
+    failures: list[str] = [f"{t.id} failed to evaluate ({t.source}): {t.error}"
+                           for t in decision.explain if t.outcome == ERROR]
     got = decision.to_dict()
     if "decision" in expect and got["decision"] != expect["decision"]:
         rule = got["rule"]["id"] if got["rule"] else None

@@ -84,3 +84,13 @@ def test_a_rule_without_a_denying_case_fails_the_run(write_policies: WriteFiles,
     report = run_suites(Engine(load_policies(root)), root)
     assert all(r.passed for r in report.results) and not report.problems
     assert not report.ok  # every case passed, yet 'adult' and 'never-tested' never fire
+
+
+def test_a_rule_that_fails_at_run_time_fails_its_case_even_when_it_denies(write_policies: WriteFiles) -> None:
+    rules = RULES.replace("fires_when: account.age < params.min_age", "fires_when: account.age / 0 < 1")
+    suite = SUITE.split("      - name: a wrong")[0].replace("expect: {decision: allow}",
+                                                            "expect: {decision: deny, rule: adult}")
+    root = write_policies({"v1/version.yaml": VERSION_V1, "v1/rules.yaml": rules, "tests/small.yaml": suite})
+    report = run_suites(Engine(load_policies(root)), root)
+    assert [r.failures for r in report.results] == [
+        ["adult failed to evaluate (v1/rules.yaml:2): modulus or divide by zero"]]
