@@ -14,6 +14,7 @@ from lark import Token, Tree
 
 from engine.errors import Location, Problem
 from engine.model import EACH, OPTIONAL, Expression, FieldPath
+from engine.native import Unsupported, compile_native
 from engine.schemas import Schema, SchemaWalker
 from engine.yamlpos import Key, YamlDocument
 
@@ -47,6 +48,7 @@ class _Read:
 class _Parsed:
     tree: Any
     program: Any
+    native: Any
     reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
 
 
@@ -68,7 +70,11 @@ class CelCompiler:
                 program = self.env.program(tree)
                 reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
                 _collect(tree, {}, reads, {})
-                cached = _Parsed(tree, program, tuple(reads))
+                try:
+                    native = compile_native(tree)
+                except Unsupported:
+                    native = None
+                cached = _Parsed(tree, program, native, tuple(reads))
             except CELParseError as exc:
                 cached = exc
             except Exception as exc:  # lark or celpy internals: still a problem of the text
@@ -129,7 +135,7 @@ class CelCompiler:
                 if need and need[0] not in ALWAYS_BOUND))
         expr = Expression(text=text, program=parsed.program, location=doc.location(key),
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
-                          needs_by_context=MappingProxyType(by_context))
+                          needs_by_context=MappingProxyType(by_context), native=parsed.native)
         return expr, []
 
     def _schema_of(self, path: FieldPath) -> Schema | None:

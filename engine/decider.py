@@ -9,10 +9,10 @@ from typing import Any
 
 from celpy import celtypes
 
-from engine.evaluator import evaluate
+from engine.evaluator import NATIVE, RUNTIMES, Activation, evaluate
 from engine.loader import load_policies
 from engine.model import Decision, PolicyVersion
-from engine.request import CelConverter, check_request
+from engine.request import CelConverter, NativeConverter, check_request
 from engine.versions import PolicySet, parse_timestamp
 
 
@@ -23,9 +23,13 @@ def new_decision_id() -> str:
 class Engine:
     """Decides requests against one loaded, immutable policy set."""
 
-    def __init__(self, policies: PolicySet) -> None:
+    def __init__(self, policies: PolicySet, runtime: str = NATIVE) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}")
         self.policies = policies
-        self._convert = CelConverter()
+        self.runtime = runtime
+        self._to_cel = CelConverter()
+        self._to_native = NativeConverter()
 
     @classmethod
     def from_folder(cls, folder: Path | str) -> Engine:
@@ -43,9 +47,16 @@ class Engine:
         return evaluate(version, request, self.activation(request, version, at), at=at,
                         decision_id=decision_id or new_decision_id(), explain=explain)
 
-    def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> dict[str, Any]:
-        """The CEL variables for one request: its fields, `at` and the version's `params`."""
-        activation = self._convert(request)
-        activation["at"] = celtypes.TimestampType(at)
-        activation["params"] = version.cel_parameters
-        return activation
+    def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> Activation:
+        """The variables for one request: its fields, `at` and the version's `params`."""
+        native = self._to_native(request)
+        native["at"] = at
+        native["params"] = version.native_parameters
+
+        def cel() -> dict[str, Any]:
+            values = self._to_cel(request)
+            values["at"] = celtypes.TimestampType(at)
+            values["params"] = version.cel_parameters
+            return values
+
+        return Activation(native, cel, self.runtime)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,25 +10,60 @@ from celpy import celtypes
 
 from engine.errors import Detail, RequestError
 from engine.model import Decision, Expression, Finding, PolicyVersion, Rule, Trace
+from engine.native import CelError
 from engine.request import absent_fields, value_at
 from engine.versions import format_timestamp
 
 PASSED, FIRED, NOT_APPLICABLE, ERROR = "passed", "fired", "not_applicable", "error"
 
 
+NATIVE, CEL_PYTHON = "native", "cel-python"
+RUNTIMES = (NATIVE, CEL_PYTHON)
+
+
 class EvaluationFailure(Exception):
     """An expression that could not produce a boolean (or a value): its rule fails closed."""
 
 
-def run(expr: Expression, activation: Mapping[str, Any]) -> Any:
-    """Evaluate one compiled expression; any failure becomes EvaluationFailure."""
+class Activation:
+    """A request's variables as plain Python values; the CEL form is built only if needed."""
+
+    __slots__ = ("_build_cel", "_cel", "native", "runtime")
+
+    def __init__(self, native: dict[str, Any], build_cel: Callable[[], dict[str, Any]],
+                 runtime: str = NATIVE) -> None:
+        self.native = native
+        self.runtime = runtime
+        self._build_cel = build_cel
+        self._cel: dict[str, Any] | None = None
+
+    @property
+    def cel(self) -> dict[str, Any]:
+        if self._cel is None:
+            self._cel = self._build_cel()
+        return self._cel
+
+
+def run(expr: Expression, activation: Activation) -> Any:
+    """Evaluate one compiled expression; any failure becomes EvaluationFailure.
+
+    The native closures answer where they can; where they defer (or the expression is
+    outside their subset), cel-python, the reference, evaluates it.
+    """
+    if expr.native is not None and activation.runtime == NATIVE:
+        try:
+            return expr.native(activation.native)
+        except CelError as exc:
+            raise EvaluationFailure(str(exc)) from exc
+        except Exception:  # Defer, or anything unforeseen: the reference decides
+            pass
     try:
-        return expr.program.evaluate(activation)
+        return expr.program.evaluate(activation.cel)
     except Exception as exc:  # celpy raises CELEvalError, and at times plain Python errors
         raise EvaluationFailure(_describe(exc)) from exc
 
 
-def run_condition(expr: Expression, activation: Mapping[str, Any]) -> bool:
+def run_condition(expr: Expression, activation: Activation) -> bool:
     result = run(expr, activation)
     if not isinstance(result, celtypes.BoolType | bool):
         raise EvaluationFailure(f"expected a boolean, the expression gave {type(result).__name__}")
@@ -38,20 +73,26 @@ def run_condition(expr: Expression, activation: Mapping[str, Any]) -> bool:
 class _Needs:
     """Collects the fields that applicable rules need and the request lacks."""
 
-    def __init__(self, request: Mapping[str, Any]) -> None:
+    def __init__(self, request: Mapping[str, Any], complete: bool) -> None:
+        self.complete = complete  # every field any rule could need is there: nothing to look up
         self.request = dict(request)
-        self.action, self.role = request["action"], request.get("role")
+        self.context = (request["action"], request.get("role"))
         self.missing: dict[str, list[str]] = {}
+        self._absent: dict[tuple[str, ...], list[str]] = {}  # rules share paths: look once
 
     def lacking(self, expr: Expression | None, owner: str) -> bool:
         """True if the request lacks a field `expr` needs (and note it against `owner`)."""
-        if expr is None:
+        if expr is None or self.complete:
             return False
-        absent = [p for path in expr.needs_for(self.action, self.role)
-                  for p in absent_fields(self.request, path)]
-        for place in absent:
-            self.missing.setdefault(place, []).append(owner)
-        return bool(absent)
+        found = False
+        for path in expr.needs_by_context.get(self.context, expr.needs):
+            absent = self._absent.get(path)
+            if absent is None:
+                absent = self._absent[path] = absent_fields(self.request, path)
+            for place in absent:
+                self.missing.setdefault(place, []).append(owner)
+                found = True
+        return found
 
     def raise_if_any(self) -> None:
         if self.missing:
@@ -61,7 +102,7 @@ class _Needs:
                                f"{'s' if len(details) != 1 else ''} that the rules need", details)
 
 
-def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Mapping[str, Any], *,
+def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Activation, *,
              at: datetime, decision_id: str, explain: bool = False) -> Decision:
     """Decide a request that already passed its checks; pure: no clock, no I/O.
 
@@ -72,7 +113,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Map
     violations: list[Finding] = []
     warnings: list[Finding] = []
     traces: list[Trace] = []
-    needs = _Needs(request)
+    needs = _Needs(request, version.complete(action, role, request))
     for rule in version.rules_for(action, role):
         outcome, error = PASSED, None
         try:
@@ -116,7 +157,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Map
         decision_id=decision_id, decision="deny" if violations else "allow",
         rule=violations[0] if violations else None, violations=tuple(violations),
         warnings=tuple(warnings), outputs=outputs, policy_version=version.name,
-        policy_digest=version.digest, at=format_timestamp(at),
+        policy_digest=version.digest, runtime=activation.runtime, at=format_timestamp(at),
         explain=tuple(traces) if explain else None)
 
 

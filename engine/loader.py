@@ -17,6 +17,7 @@ from engine.checker import schema_problems, validator
 from engine.compiler import CelCompiler
 from engine.errors import Location, PolicyLoadError, Problem
 from engine.model import Expression, Output, PolicyVersion, Rule
+from engine.request import presence_check
 from engine.schemas import load_schema
 from engine.versions import PolicySet, parse_timestamp
 from engine.yamlpos import Key, YamlDocument, read_yaml
@@ -228,18 +229,26 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + files[name] + b"\0")
-    by_action: dict[str, tuple[Rule, ...]] = {}
-    out_by_action: dict[str, tuple[Output, ...]] = {}
+    by_action: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
+    out_by_action: dict[tuple[str, str | None], tuple[Output, ...]] = {}
+    presence: dict[tuple[str, str | None], Any] = {}
     for action in {a for r in built_rules for a in r.actions} | {a for o in built_outputs for a in o.actions}:
-        by_action[action] = tuple(r for r in built_rules if action in r.actions)
-        out_by_action[action] = tuple(o for o in built_outputs if action in o.actions)
+        for role in (None, "official", "channel"):
+            context = (action, role)
+            by_action[context] = tuple(r for r in built_rules if r.applies_to(action, role))
+            out_by_action[context] = tuple(o for o in built_outputs if o.applies_to(action, role))
+            exprs = [e for r in by_action[context] for e in (r.applies_when, r.fires_when)] + \
+                [e for o in out_by_action[context] for e in (o.applies_when, o.value)]
+            presence[context] = presence_check(
+                path for e in exprs if e is not None for path in e.needs_by_context.get(context, e.needs))
     return PolicyVersion(
         name=raw.name, effective_from=parse_timestamp(raw.meta["effective_from"]),
         description=raw.meta["description"], extends=raw.meta.get("extends"),
         parameters=MappingProxyType(dict(params)), rules=tuple(built_rules),
         outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=f"sha256:{digest.hexdigest()}",
-        cel_parameters=json_to_cel(params),
-        _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action))
+        cel_parameters=json_to_cel(params), native_parameters=dict(params),
+        _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action),
+        _presence=MappingProxyType(presence))
 
 
 def _check_dates(raws: Mapping[str, _RawVersion], problems: list[Problem]) -> None:

@@ -23,13 +23,16 @@ class Expression:
     """A CEL expression compiled once at load, with the request fields it reads."""
 
     text: str
-    program: Any  # a celpy Runner
+    program: Any  # a celpy Runner: the reference semantics
     location: Location
     needs: tuple[FieldPath, ...]  # read outside has(): the request must carry them
     tests: tuple[FieldPath, ...]  # only tested with has(): may be absent
     # The needs once the action and role are known (branches they rule out dropped).
     needs_by_context: Mapping[tuple[str, str | None], tuple[FieldPath, ...]] = field(
         default_factory=dict, compare=False, repr=False)
+    # The same expression as native Python closures (engine/native.py); None where the
+    # expression uses CEL outside the native subset.
+    native: Any = field(default=None, compare=False, repr=False)
 
     def reads(self) -> tuple[FieldPath, ...]:
         return self.needs + self.tests
@@ -92,17 +95,32 @@ class PolicyVersion:
     files: tuple[str, ...]  # every file that contributes, its own and its ancestors'
     digest: str  # sha256 over those files' names and bytes
     cel_parameters: Any = field(repr=False, compare=False, default=None)
-    _rules_by_action: Mapping[str, tuple[Rule, ...]] = field(repr=False, compare=False,
-                                                             default_factory=dict)
-    _outputs_by_action: Mapping[str, tuple[Output, ...]] = field(repr=False, compare=False,
-                                                                 default_factory=dict)
+    native_parameters: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # Rules and outputs by (action, role), so that a decision only looks at what applies.
+    _rules_by_action: Mapping[tuple[str, str | None], tuple[Rule, ...]] = field(
+        repr=False, compare=False, default_factory=dict)
+    _outputs_by_action: Mapping[tuple[str, str | None], tuple[Output, ...]] = field(
+        repr=False, compare=False, default_factory=dict)
+    _presence: Mapping[tuple[str, str | None], Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def complete(self, action: str, role: str | None, request: Mapping[str, Any]) -> bool:
+        """True if the request carries every field that any rule or output of its action and
+        role could need; False means some may be missing (the evaluator then finds out)."""
+        check = self._presence.get((action, role))
+        return check is not None and bool(check(request))
 
     def rules_for(self, action: str, role: str | None) -> tuple[Rule, ...]:
-        """The rules that apply to an action and role, in policy order."""
-        return tuple(r for r in self._rules_by_action.get(action, ()) if r.applies_to(action, role))
+        """The rules that apply to an action and role, in policy order (indexed at load)."""
+        found = self._rules_by_action.get((action, role))
+        if found is None:
+            return tuple(r for r in self.rules if r.applies_to(action, role))
+        return found
 
     def outputs_for(self, action: str, role: str | None) -> tuple[Output, ...]:
-        return tuple(o for o in self._outputs_by_action.get(action, ()) if o.applies_to(action, role))
+        found = self._outputs_by_action.get((action, role))
+        if found is None:
+            return tuple(o for o in self.outputs if o.applies_to(action, role))
+        return found
 
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
@@ -152,6 +170,7 @@ class Decision:
     outputs: Mapping[str, Any]
     policy_version: str
     policy_digest: str
+    runtime: str  # which evaluator decided: part of the policy identity
     at: str
     explain: tuple[Trace, ...] | None = None
 
@@ -167,7 +186,7 @@ class Decision:
             "violations": [v.to_dict() for v in self.violations],
             "warnings": [w.to_dict() for w in self.warnings],
             "outputs": dict(self.outputs),
-            "policy": {"version": self.policy_version, "digest": self.policy_digest},
+            "policy": {"version": self.policy_version, "digest": self.policy_digest, "runtime": self.runtime},
             "at": self.at,
         }
         if self.explain is not None:

@@ -88,7 +88,7 @@ class TestDecisions:
         assert got == {
             "decision_id": "d-1", "decision": "allow", "rule": None, "violations": [], "warnings": [],
             "outputs": {"promotion_scope": "bound_shop_only", "unbind_not_before": "2025-07-02T00:00:00Z"},
-            "policy": {"version": "v2", "digest": got["policy"]["digest"]},
+            "policy": {"version": "v2", "digest": got["policy"]["digest"], "runtime": "native"},
             "at": "2025-07-01T00:00:00Z",
         }
 
