@@ -27,8 +27,7 @@ test: lint check-policies
 	$(PY) -m pytest
 
 run: $(STAMP)
-	BINDPOLICY_POLICIES=policies $(VENV)/bin/gunicorn --workers 2 --bind 127.0.0.1:$(PORT) \
-		--access-logfile - api.wsgi:app
+	$(VENV)/bin/bindpolicy serve --policies policies --data data --port $(PORT)
 
 bench: $(STAMP)
 	$(PY) bench/bench_decide.py

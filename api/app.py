@@ -1,42 +1,86 @@
-"""The Flask app factory: configuration, the engine, routes and error handlers."""
+"""The Flask app factory: configuration, the policy holder, the decision log, routes and errors."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
+from api.decisionlog import Store, open_store
 from api.errors import register_error_handlers
+from api.holder import PolicyHolder, ReloadFailure
+from api.metrics import Metrics
 from api.routes import routes
 from engine.decider import Engine
-from engine.loader import load_policies
+from engine.evaluator import NATIVE
 
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": "policies",
+    "DATA_DIR": "data",
+    "DATABASE_URL": "",  # empty: sqlite:///<DATA_DIR>/decisions.db
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of one request body
     "MAX_BATCH": 1000,  # requests in one batch
+    "RELOAD_INTERVAL": 1.0,  # seconds between checks of the policy files; 0: no hot reload
+    "RUNTIME": NATIVE,
+    "LOG_TOKENS": "",  # comma-separated bearer tokens that may read the decision log
+    "DECISION_TOKENS": "",  # if set, deciding needs one of these bearer tokens too
 }
 
 ENVIRONMENT = {  # configuration key -> environment variable
     "POLICY_DIR": "BINDPOLICY_POLICIES",
+    "DATA_DIR": "BINDPOLICY_DATA",
+    "DATABASE_URL": "BINDPOLICY_DATABASE_URL",
     "MAX_CONTENT_LENGTH": "BINDPOLICY_MAX_BODY_BYTES",
     "MAX_BATCH": "BINDPOLICY_MAX_BATCH",
+    "RELOAD_INTERVAL": "BINDPOLICY_RELOAD_INTERVAL",
+    "RUNTIME": "BINDPOLICY_RUNTIME",
+    "LOG_TOKENS": "BINDPOLICY_LOG_TOKENS",
+    "DECISION_TOKENS": "BINDPOLICY_DECISION_TOKENS",
 }
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the service: explicit `config` wins over the environment, which wins over DEFAULTS."""
+    """Build the service: explicit `config` wins over the environment, which wins over DEFAULTS.
+
+    The policies are loaded and checked here: a policy set with any error never serves.
+    """
     app = Flask(__name__)
     app.config.update(DEFAULTS)
     for key, variable in ENVIRONMENT.items():
         if variable in os.environ:
-            value: Any = os.environ[variable]
-            app.config[key] = int(value) if isinstance(DEFAULTS[key], int) else value
+            default = DEFAULTS[key]
+            raw = os.environ[variable]
+            app.config[key] = type(default)(raw) if isinstance(default, int | float) else raw
     app.config.update(config or {})
-    app.extensions["bindpolicy.engine"] = Engine(load_policies(app.config["POLICY_DIR"]))
+    metrics = Metrics()
+    store = open_store(app.config["DATABASE_URL"] or str(Path(app.config["DATA_DIR"]) / "decisions.db"))
+
+    def loaded(engine: Engine) -> None:
+        in_force = engine.policies.in_force(datetime.now(UTC))
+        metrics.policies_loaded(engine, in_force.name if in_force else None)
+        for version in engine.policies:  # keep every content ever served, for exact replay
+            store.save_policy(version.digest, version.name, dict(version.sources))
+
+    def failed(_: ReloadFailure) -> None:
+        metrics.reload_failures.inc()
+
+    holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
+                          interval=float(app.config["RELOAD_INTERVAL"]), on_load=loaded, on_failure=failed)
+    app.extensions["bindpolicy"] = Service(holder, store, metrics)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(routes)
     register_error_handlers(app)
     return app
+
+
+class Service:
+    """What the routes need: the policies in service, the decision log, the metrics."""
+
+    def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics) -> None:
+        self.holder = holder
+        self.store = store
+        self.metrics = metrics

@@ -1,77 +1,238 @@
-"""HTTP routes: they carry requests to the engine and its answers back, nothing more."""
+"""HTTP routes: they carry requests to the engine and its answers back, and log every one."""
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from api.decisionlog import FILTERS, LogError, new_record
 from api.errors import error_response
-from engine.decider import Engine
+from api.openapi import build_openapi
+from engine.decider import new_decision_id
 from engine.errors import Detail, RequestError
 from engine.model import PolicyVersion
-from engine.versions import format_timestamp
+from engine.versions import format_timestamp, parse_timestamp
 
 routes = Blueprint("bindpolicy", __name__)
+access_log = logging.getLogger("bindpolicy.access")
 
 
-def _engine() -> Engine:
-    engine: Engine = current_app.extensions["bindpolicy.engine"]
-    return engine
+def _service() -> Any:
+    return current_app.extensions["bindpolicy"]
 
 
-def _json_body() -> Any:
-    """The request body as JSON; 415 for another media type, 400 for broken JSON."""
-    if request.mimetype != "application/json":
-        raise _UnsupportedMedia()
-    try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, UnicodeDecodeError) as exc:
-        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) \
-            else "the body is not UTF-8"
-        raise RequestError("invalid_json", "the request body is not valid JSON", [Detail("", where)]) from exc
+@routes.before_app_request
+def _start() -> None:
+    g.started = time.perf_counter()
+    g.decision_ids = []
+    _service().holder.ensure_watching()
 
 
-class _UnsupportedMedia(Exception):
-    pass
+@routes.after_app_request
+def _access_log(response: Response) -> Response:
+    elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+    access_log.info("request", extra={
+        "event": "request", "method": request.method, "path": request.path, "status": response.status_code,
+        "duration_ms": round(elapsed * 1000, 3), "decision_id": ",".join(g.get("decision_ids", [])) or None,
+        "remote": request.remote_addr})
+    return response
 
 
-@routes.app_errorhandler(_UnsupportedMedia)
-def _unsupported(_: _UnsupportedMedia) -> Response:
-    return error_response(415, "unsupported_media_type", "send the request as application/json")
+def _tokens(key: str) -> list[str]:
+    return [t.strip() for t in str(current_app.config[key]).split(",") if t.strip()]
+
+
+def _authorized(key: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    return any(hmac.compare_digest(given.encode(), t.encode()) for t in _tokens(key))
+
+
+def _unauthorized() -> Response:
+    response = error_response(401, "unauthorized", "a valid bearer token is required")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def _explain() -> bool:
     return request.args.get("explain", "false").lower() in ("1", "true", "yes")
 
 
+class _Rejected(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[Detail] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details or []
+
+
+def _body() -> tuple[Any, Any]:
+    """(parsed JSON, what to log as the request); _Rejected for a body we cannot read."""
+    if request.mimetype != "application/json":
+        raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
+    try:
+        return json.loads(raw), None
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = (f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                 else "the body is not UTF-8")
+        text = raw.decode("utf-8", "replace")
+        raise _Rejected(400, "invalid_json", "the request body is not valid JSON", [Detail("", where)]) \
+            from _Logged(text)
+
+
+class _Logged(Exception):
+    """Carries the raw text of a body that was not JSON, to be logged as received."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("raw body")
+        self.text = text
+
+
+def _decide_one(raw: Any, now: datetime, explain: bool) -> tuple[int, dict[str, Any], str]:
+    service = _service()
+    engine = service.holder.engine  # taken once: this request sees one whole policy set
+    decision_id = new_decision_id()
+    try:
+        decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain)
+    except RequestError as exc:
+        service.metrics.rejections.labels(exc.code).inc()
+        return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
+    body = decision.to_dict()
+    service.metrics.decisions.labels(raw.get("action"), decision.decision,
+                                     decision.rule.id if decision.rule else "").inc()
+    return 200, body, "decided"
+
+
+def _commit(records: list[Any]) -> Response | None:
+    """Commit the records; a 503 to answer instead if the log cannot take them."""
+    service = _service()
+    try:
+        service.store.write_many(records)
+    except LogError as exc:
+        service.metrics.log_failures.inc(len(records))
+        logging.getLogger("bindpolicy.log").error("decision log write failed", extra={
+            "event": "log_write_failed", "error": str(exc), "decision_id": [r.decision_id for r in records]})
+        return error_response(503, "log_unavailable",
+                              "the decision log cannot commit, so nothing is answered; retry later")
+    g.decision_ids.extend(r.decision_id for r in records)
+    return None
+
+
+def _reject_and_log(exc: _Rejected) -> Response:
+    decision_id = new_decision_id()
+    logged = exc.__cause__.text if isinstance(exc.__cause__, _Logged) else None
+    body = {"error": {"code": exc.code, "message": exc.message, "details": [d.to_dict() for d in exc.details]},
+            "decision_id": decision_id}
+    _service().metrics.rejections.labels(exc.code).inc()
+    record = new_record(decision_id=decision_id, outcome="rejected", status=exc.status, request=logged,
+                        response=body, duration_us=_elapsed_us())
+    failure = _commit([record])
+    if failure is not None:
+        return failure
+    response = jsonify(body)
+    response.status_code = exc.status
+    return response
+
+
+def _elapsed_us() -> int:
+    return int((time.perf_counter() - g.started) * 1_000_000)
+
+
 @routes.post("/v1/decisions")
 def decide() -> Response:
-    body = _json_body()
-    decision = _engine().decide(body, now=datetime.now(UTC), explain=_explain())
-    return jsonify(decision.to_dict())
+    if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
+        return _unauthorized()
+    try:
+        raw, _ = _body()
+    except _Rejected as exc:
+        return _reject_and_log(exc)
+    status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain())
+    record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=raw,
+                        response=body, duration_us=_elapsed_us())
+    failure = _commit([record])
+    if failure is not None:
+        return failure
+    _service().metrics.latency.labels("decide").observe(time.perf_counter() - g.started)
+    response = jsonify(body)
+    response.status_code = status
+    return response
 
 
 @routes.post("/v1/decisions/batch")
 def decide_batch() -> Response:
-    body = _json_body()
-    limit = current_app.config["MAX_BATCH"]
-    if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
-        raise RequestError("invalid_request", "a batch is {\"requests\": [...]}",
-                           [Detail("/requests", "expected an array of requests")])
-    if len(body["requests"]) > limit:
-        return error_response(413, "batch_too_large", f"a batch holds at most {limit} requests",
-                              [Detail("/requests", f"has {len(body['requests'])} requests")])
-    engine, now, explain = _engine(), datetime.now(UTC), _explain()
-    answers: list[dict[str, Any]] = []
-    for one in body["requests"]:
-        try:
-            answers.append(engine.decide(one, now=now, explain=explain).to_dict())
-        except RequestError as exc:
-            answers.append(exc.to_dict())
+    if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
+        return _unauthorized()
+    try:
+        raw, _ = _body()
+        if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
+            raise _Rejected(400, "invalid_request", 'a batch is {"requests": [...]}',
+                            [Detail("/requests", "expected an object with one field, an array of requests")])
+        limit = current_app.config["MAX_BATCH"]
+        if len(raw["requests"]) > limit:
+            raise _Rejected(413, "batch_too_large", f"a batch holds at most {limit} requests",
+                            [Detail("/requests", f"has {len(raw['requests'])} requests")])
+    except _Rejected as exc:
+        return _reject_and_log(exc)
+    now, explain = datetime.now(UTC), _explain()
+    answers, records = [], []
+    for one in raw["requests"]:
+        status, body, outcome = _decide_one(one, now, explain)
+        answers.append(body)
+        records.append(new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
+                                  response=body, duration_us=_elapsed_us()))
+    failure = _commit(records)
+    if failure is not None:
+        return failure
+    _service().metrics.latency.labels("batch").observe(time.perf_counter() - g.started)
     return jsonify({"decisions": answers})
+
+
+@routes.get("/v1/decisions/<decision_id>")
+def get_decision(decision_id: str) -> Response:
+    if not _authorized("LOG_TOKENS"):
+        return _unauthorized()
+    record = _service().store.get(decision_id)
+    if record is None:
+        return error_response(404, "unknown_decision", f"no decision '{decision_id}' in the log")
+    return jsonify({"record": record.to_dict()})
+
+
+@routes.get("/v1/decisions")
+def list_decisions() -> Response:
+    if not _authorized("LOG_TOKENS"):
+        return _unauthorized()
+    args = request.args
+    problems = [Detail(f"?{name}", "unknown filter") for name in args
+                if name not in (*FILTERS, "limit", "after")]
+    filters: dict[str, str | None] = {name: args.get(name) for name in FILTERS}
+    for name in ("since", "until"):
+        if filters[name] is not None:
+            try:
+                filters[name] = format_timestamp(parse_timestamp(str(filters[name])))
+            except ValueError:
+                problems.append(Detail(f"?{name}", "expected an RFC 3339 timestamp"))
+    limit_text, after_text = args.get("limit", "100"), args.get("after", "0")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        problems.append(Detail("?limit", "expected a whole number from 1 to 1000"))
+    if not after_text.isdigit():
+        problems.append(Detail("?after", "expected a record's seq"))
+    if problems:
+        raise RequestError("invalid_query", "the log query is not valid", problems)
+    limit = int(limit_text)
+    records = list(_service().store.query(limit=limit + 1, after_seq=int(after_text), **filters))
+    more = len(records) > limit
+    records = records[:limit]
+    return jsonify({"records": [r.to_dict() for r in records], "next": records[-1].seq if more else None})
 
 
 def _version_summary(version: PolicyVersion, in_force: PolicyVersion | None) -> dict[str, Any]:
@@ -82,7 +243,7 @@ def _version_summary(version: PolicyVersion, in_force: PolicyVersion | None) -> 
 
 @routes.get("/v1/policies")
 def list_policies() -> Response:
-    policies = _engine().policies
+    policies = _service().holder.engine.policies
     in_force = policies.in_force(datetime.now(UTC))
     return jsonify({"versions": [_version_summary(v, in_force) for v in policies],
                     "in_force": in_force.name if in_force else None})
@@ -90,7 +251,7 @@ def list_policies() -> Response:
 
 @routes.get("/v1/policies/<version>")
 def show_policy(version: str) -> Response:
-    policies = _engine().policies
+    policies = _service().holder.engine.policies
     found = policies.get(version)
     if found is None:
         return error_response(404, "unknown_version", f"no policy version '{version}'")
@@ -115,5 +276,31 @@ def healthz() -> Response:
 
 @routes.get("/readyz")
 def readyz() -> Response:
-    policies = _engine().policies
-    return jsonify({"status": "ready", "versions": policies.names()})
+    service = _service()
+    holder = service.holder
+    writable = service.store.writable()
+    body: dict[str, Any] = {
+        "status": "ready" if writable else "not_ready",
+        "policies": {v.name: v.digest for v in holder.engine.policies},
+        "loaded_at": format_timestamp(holder.loaded_at), "decision_log": "writable" if writable else "unwritable"}
+    if holder.failure is not None:
+        body["last_reload"] = {"status": "refused", "at": holder.failure.at, "error": holder.failure.error,
+                               "serving": "the last good policy set"}
+    response = jsonify(body)
+    response.status_code = 200 if writable else 503
+    return response
+
+
+@routes.get("/metrics")
+def metrics() -> Response:
+    service = _service()
+    engine = service.holder.engine
+    in_force = engine.policies.in_force(datetime.now(UTC))
+    service.metrics.policies_loaded(engine, in_force.name if in_force else None)
+    return Response(service.metrics.render(), mimetype="text/plain", headers={"Content-Type":
+                                                                               "text/plain; version=0.0.4"})
+
+
+@routes.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(build_openapi(current_app.config["MAX_BATCH"]))

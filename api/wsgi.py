@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
-from api.app import create_app
+import os
 
+from api.app import create_app
+from api.logs import configure_logging
+
+configure_logging(os.environ.get("BINDPOLICY_LOG_LEVEL", "INFO"))
 app = create_app()

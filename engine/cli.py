@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -70,7 +71,44 @@ def _parser() -> argparse.ArgumentParser:
     decide.add_argument("--now", metavar="RFC3339",
                         help="the time for requests without `at` (default: the clock)")
     decide.set_defaults(handler=_decide)
+
+    serve = commands.add_parser(
+        "serve", help="run the decision service (gunicorn)",
+        description="Start the HTTP service with gunicorn on the given policies. Every option can also "
+                    "come from its environment variable (shown in brackets).")
+    env = os.environ.get
+    serve.add_argument("--policies", default=env("BINDPOLICY_POLICIES", DEFAULT_POLICIES),
+                       help="policy folder [BINDPOLICY_POLICIES] (default: policies)")
+    serve.add_argument("--data", default=env("BINDPOLICY_DATA", "data"),
+                       help="folder for the SQLite log and metrics [BINDPOLICY_DATA] (default: data)")
+    serve.add_argument("--database-url", default=env("BINDPOLICY_DATABASE_URL", ""),
+                       help="sqlite:///path or postgresql://... [BINDPOLICY_DATABASE_URL] "
+                            "(default: SQLite in the data folder)")
+    serve.add_argument("--host", default=env("BINDPOLICY_HOST", "127.0.0.1"), help="[BINDPOLICY_HOST]")
+    serve.add_argument("--port", type=int, default=int(env("BINDPOLICY_PORT", "8080")), help="[BINDPOLICY_PORT]")
+    serve.add_argument("--workers", type=int, default=int(env("BINDPOLICY_WORKERS", "2")),
+                       help="worker processes [BINDPOLICY_WORKERS] (default: 2)")
+    serve.add_argument("--threads", type=int, default=int(env("BINDPOLICY_THREADS", "8")),
+                       help="threads per worker [BINDPOLICY_THREADS] (default: 8)")
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the policies, then become gunicorn (exec: signals reach it directly)."""
+    engine = _load(args.policies)
+    if engine is None:
+        return 1
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    os.environ.update({
+        "BINDPOLICY_POLICIES": str(args.policies), "BINDPOLICY_DATA": str(data),
+        "BINDPOLICY_DATABASE_URL": args.database_url, "BINDPOLICY_BIND": f"{args.host}:{args.port}",
+        "BINDPOLICY_WORKERS": str(args.workers), "BINDPOLICY_THREADS": str(args.threads),
+        "PROMETHEUS_MULTIPROC_DIR": str(data / "metrics")})
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    os.execv(gunicorn, [gunicorn, "--config", "python:api.gunicorn_conf", "api.wsgi:app"])
+    return 0  # not reached
 
 
 def _load(folder: str) -> Engine | None:

@@ -246,6 +246,7 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         description=raw.meta["description"], extends=raw.meta.get("extends"),
         parameters=MappingProxyType(dict(params)), rules=tuple(built_rules),
         outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=f"sha256:{digest.hexdigest()}",
+        sources=MappingProxyType({name: files[name].decode("utf-8", "replace") for name in sorted(files)}),
         cel_parameters=json_to_cel(params), native_parameters=dict(params),
         _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action),
         _presence=MappingProxyType(presence))

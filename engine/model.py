@@ -94,6 +94,7 @@ class PolicyVersion:
     outputs: tuple[Output, ...]
     files: tuple[str, ...]  # every file that contributes, its own and its ancestors'
     digest: str  # sha256 over those files' names and bytes
+    sources: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)  # name -> text
     cel_parameters: Any = field(repr=False, compare=False, default=None)
     native_parameters: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
     # Rules and outputs by (action, role), so that a decision only looks at what applies.

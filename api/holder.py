@@ -1,0 +1,110 @@
+"""The policy set in service, and its hot reload: check the new set fully, then swap it in whole."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from engine.decider import Engine
+from engine.errors import PolicyLoadError
+from engine.loader import load_policies
+
+log = logging.getLogger("bindpolicy.reload")
+
+Signature = tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ReloadFailure:
+    at: str
+    error: str
+
+
+def signature(folder: Path) -> Signature:
+    """Names, sizes and modification times of every policy file: cheap to take every second."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append((path.relative_to(folder).as_posix(), stat.st_mtime_ns, stat.st_size))
+    return tuple(found)
+
+
+class PolicyHolder:
+    """Holds the engine that serves; a request takes `engine` once, so it never sees half a set."""
+
+    def __init__(self, folder: Path | str, runtime: str, *, interval: float = 1.0,
+                 on_load: Callable[[Engine], None] | None = None,
+                 on_failure: Callable[[ReloadFailure], None] | None = None) -> None:
+        self.folder = Path(folder)
+        self.runtime = runtime
+        self.interval = interval
+        self.on_load = on_load
+        self.on_failure = on_failure
+        self._signature = signature(self.folder)
+        self.engine = Engine(load_policies(self.folder), runtime=runtime)  # a bad set never serves
+        self.failure: ReloadFailure | None = None
+        self.loaded_at = datetime.now(UTC)
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+        if on_load:
+            on_load(self.engine)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the files changed; True if a new set now serves."""
+        current = signature(self.folder)
+        if current == self._signature:
+            return False
+        with self._lock:
+            if current == self._signature:
+                return False
+            self._signature = current
+            try:
+                engine = Engine(load_policies(self.folder), runtime=self.runtime)
+            except PolicyLoadError as exc:
+                self._fail(str(exc))
+                return False
+            except Exception as exc:  # an unreadable folder, say: the last good set keeps serving
+                self._fail(f"{type(exc).__name__}: {exc}")
+                return False
+            old = {v.name: v.digest for v in self.engine.policies}
+            self.engine = engine  # one reference swap: atomic for every request that follows
+            self.failure = None
+            self.loaded_at = datetime.now(UTC)
+            new = {v.name: v.digest for v in engine.policies}
+            log.info("policies reloaded", extra={"event": "policy_reload", "before": old, "after": new})
+            if self.on_load:
+                self.on_load(engine)
+            return True
+
+    def _fail(self, error: str) -> None:
+        self.failure = ReloadFailure(datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), error)
+        log.error("policy reload refused; the last good set keeps serving",
+                  extra={"event": "policy_reload_failed", "error": error})
+        if self.on_failure:
+            self.on_failure(self.failure)
+
+    def ensure_watching(self) -> None:
+        """Start the watcher in this process (after a fork, threads do not survive)."""
+        if self.interval <= 0 or (self._watcher is not None and self._watcher.is_alive()):
+            return
+        with self._lock:
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch, name="policy-reload", daemon=True)
+                self._watcher.start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.reload_if_changed()
+            except Exception:  # never let the watcher die
+                log.exception("policy watcher error")

@@ -1,0 +1,42 @@
+"""Prometheus metrics: decisions, latency, the policy in force, reload and log failures."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from engine.decider import Engine
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """One set per app; under gunicorn, PROMETHEUS_MULTIPROC_DIR makes them span the workers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter("bindpolicy_decisions", "Decisions answered, by action, decision and rule",
+                                 ["action", "decision", "rule"], registry=r)
+        self.rejections = Counter("bindpolicy_rejections", "Requests rejected without a decision, by code",
+                                  ["code"], registry=r)
+        self.latency = Histogram("bindpolicy_request_seconds", "Time to answer a decision request",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy = Gauge("bindpolicy_policy_version_info", "Policy versions loaded (1) and in force now (2)",
+                            ["version", "digest"], registry=r, multiprocess_mode="liveall")
+        self.reload_failures = Counter("bindpolicy_policy_reload_failures", "Policy reloads refused", registry=r)
+        self.log_failures = Counter("bindpolicy_decision_log_write_failures", "Decision log writes that failed",
+                                    registry=r)
+
+    def policies_loaded(self, engine: Engine, in_force: str | None) -> None:
+        self.policy.clear()
+        for version in engine.policies:
+            self.policy.labels(version.name, version.digest).set(2 if version.name == in_force else 1)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,139 @@
+"""The OpenAPI 3.1 document, built from the very JSON Schemas the engine checks with."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from engine.schemas import load_schema
+
+JSON = "application/json"
+
+
+def _rehome(schema: Any, prefix: str) -> Any:
+    """Point a schema's local $refs (#/$defs/x) at its components (#/components/schemas/prefix.x)."""
+    if isinstance(schema, dict):
+        out = {}
+        for key, value in schema.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
+                out[key] = f"#/components/schemas/{prefix}.{value[len('#/$defs/'):]}"
+            elif key not in ("$schema", "$id", "$defs"):
+                out[key] = _rehome(value, prefix)
+        return out
+    if isinstance(schema, list):
+        return [_rehome(item, prefix) for item in schema]
+    return schema
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    words = {400: "The request cannot be decided: every offending field, by JSON pointer",
+             401: "A bearer token is missing or not accepted", 404: "Not found",
+             413: "The body or the batch is larger than allowed", 415: "The body is not application/json",
+             503: "Not ready, or the decision log cannot commit: nothing was decided"}
+    return {str(s): _json(_ref("response.error"), words[s]) for s in statuses}
+
+
+def build_openapi(max_batch: int) -> dict[str, Any]:
+    request, response = load_schema("request"), load_schema("response")
+    schemas: dict[str, Any] = {"DecisionRequest": _rehome(request, "request")}
+    schemas.update({f"request.{k}": _rehome(v, "request") for k, v in request["$defs"].items()})
+    schemas.update({f"response.{k}": _rehome(v, "response") for k, v in response["$defs"].items()})
+    schemas["BatchRequest"] = {
+        "type": "object", "required": ["requests"], "additionalProperties": False,
+        "properties": {"requests": {"type": "array", "maxItems": max_batch,
+                                    "items": {"description": "A decision request; a bad one gets its own error"}}}}
+    schemas["LogRecord"] = {
+        "type": "object", "required": ["seq", "decision_id", "logged_at", "outcome", "status", "request",
+                                       "response", "prev_hash", "hash"],
+        "properties": {"seq": {"type": "integer"}, "decision_id": {"type": "string"},
+                       "logged_at": {"type": "string", "format": "date-time"},
+                       "outcome": {"enum": ["decided", "rejected"]}, "status": {"type": "integer"},
+                       "request": {}, "response": {}, "duration_us": {"type": "integer"},
+                       "prev_hash": {"type": "string"}, "hash": {"type": "string"}}}
+    schemas["PolicyVersionSummary"] = {
+        "type": "object", "required": ["version", "effective_from", "digest", "in_force"],
+        "properties": {"version": {"type": "string"}, "effective_from": {"type": "string", "format": "date-time"},
+                       "description": {"type": "string"}, "extends": {"type": ["string", "null"]},
+                       "digest": {"type": "string"}, "rules": {"type": "integer"}, "in_force": {"type": "boolean"}}}
+    explain = {"name": "explain", "in": "query", "required": False,
+               "description": "List every rule evaluated, its outcome and the values it read",
+               "schema": {"type": "string", "enum": ["true", "false"]}}
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    log_filters = [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                   for n in ("since", "until", "action", "decision", "rule_id", "shop_id", "account_id", "outcome")]
+    log_filters.append({"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,4}$"}})
+    log_filters.append({"name": "after", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}})
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {"title": "bindpolicy", "version": "1",
+                 "description": "Decisions on binding TikTok accounts to a TikTok Shop, each naming its rule."},
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/decisions": {
+                "post": {"operationId": "decide", "summary": "Decide one request", "parameters": [explain],
+                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DecisionRequest")}}},
+                         "responses": {"200": _json(_ref("response.decision"), "The decision"),
+                                       **_errors(400, 401, 413, 415, 503)}},
+                "get": {"operationId": "listDecisions", "summary": "Query the decision log", "security": bearer,
+                        "parameters": log_filters,
+                        "responses": {"200": _json({"type": "object", "required": ["records", "next"],
+                                                    "properties": {"records": {"type": "array",
+                                                                               "items": _ref("LogRecord")},
+                                                                   "next": {"type": ["integer", "null"]}}},
+                                                   "Records in log order"),
+                                      **_errors(400, 401)}},
+            },
+            "/v1/decisions/batch": {
+                "post": {"operationId": "decideBatch", "summary": f"Decide up to {max_batch} requests, in order",
+                         "parameters": [explain],
+                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
+                         "responses": {"200": _json(_ref("response.batch"), "One answer per request, in order"),
+                                       **_errors(400, 401, 413, 415, 503)}}},
+            "/v1/decisions/{decision_id}": {
+                "get": {"operationId": "getDecision", "summary": "A logged request and its response",
+                        "security": bearer,
+                        "parameters": [{"name": "decision_id", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}],
+                        "responses": {"200": _json({"type": "object", "required": ["record"],
+                                                    "properties": {"record": _ref("LogRecord")}}, "The record"),
+                                      **_errors(401, 404)}}},
+            "/v1/policies": {
+                "get": {"operationId": "listPolicies", "summary": "Versions, dates, digests, the one in force",
+                        "responses": {"200": _json({"type": "object", "required": ["versions", "in_force"],
+                                                    "properties": {"versions": {"type": "array", "items": _ref(
+                                                        "PolicyVersionSummary")},
+                                                                   "in_force": {"type": ["string", "null"]}}},
+                                                   "The versions")}}},
+            "/v1/policies/{version}": {
+                "get": {"operationId": "getPolicy", "summary": "One version: parameters, rules, outputs",
+                        "parameters": [{"name": "version", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}],
+                        "responses": {"200": _json({"type": "object"}, "The version"), **_errors(404)}}},
+            "/healthz": {"get": {"operationId": "health", "summary": "The process is alive",
+                                 "responses": {"200": _json({"type": "object"}, "Alive")}}},
+            "/readyz": {"get": {"operationId": "ready", "summary": "Policies loaded and the log writable",
+                                "responses": {"200": _json({"type": "object"}, "Ready"),
+                                              "503": _json({"type": "object"}, "Not ready, and why")}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
+                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
+        },
+    }
+
+
+def openapi_copy(max_batch: int) -> dict[str, Any]:
+    return copy.deepcopy(build_openapi(max_batch))
