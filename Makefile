@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 
-.PHONY: setup run test lint check-policies bench clean
+.PHONY: setup run test lint check-policies postgres bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,12 @@ lint: $(STAMP)
 check-policies: $(STAMP)
 	$(VENV)/bin/bindpolicy check policies
 
-test: lint check-policies
+# The suite starts its own PostgreSQL (initdb into a temp folder): the server must be installed.
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+
+test: lint check-policies postgres
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 
+from api.app import create_app
 from engine.decider import Engine
 from engine.loader import load_policies
 from engine.versions import PolicySet
@@ -34,6 +40,50 @@ def policies() -> PolicySet:
 @pytest.fixture(scope="session")
 def engine(policies: PolicySet) -> Engine:
     return Engine(policies)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One real PostgreSQL server for the whole run, started and stopped by the suite."""
+    from .postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same tests against both stores of the decision log."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'decisions.db'}"
+    from .postgres import fresh_schema
+
+    return fresh_schema(request.getfixturevalue("postgres_url"), f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def policy_copy(tmp_path: Path) -> Path:
+    """The bundled policies copied into a folder the test may change."""
+    target = tmp_path / "policies"
+    shutil.copytree(POLICIES, target)
+    return target
+
+
+def make_app(tmp_path: Path, database_url: str, **config: Any) -> Flask:
+    settings = {"POLICY_DIR": str(POLICIES), "DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": database_url,
+                "RELOAD_INTERVAL": 0, "LOG_TOKENS": "log-secret", "TESTING": True}
+    settings.update(config)
+    return create_app(settings)
+
+
+@pytest.fixture
+def app(tmp_path: Path, database_url: str) -> Flask:
+    return make_app(tmp_path, database_url)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
 
 
 WriteFiles = Callable[[dict[str, str]], Path]

@@ -1,0 +1,325 @@
+"""The HTTP API through Flask's test client, every endpoint and error status, against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator
+
+from api.decisionlog import LogError, new_record, open_store
+from engine.schemas import load_schema
+
+from .conftest import POLICIES, bind_request, make_app
+
+LOG = {"Authorization": "Bearer log-secret"}
+
+
+def conforms(body: Any, definition: str) -> None:
+    schema = {**load_schema("response"), "$ref": f"#/$defs/{definition}"}
+    errors = [e.message for e in Draft202012Validator(schema).iter_errors(body)]
+    assert errors == [], errors
+
+
+def logged(client: FlaskClient, decision_id: str) -> dict[str, Any]:
+    response = client.get(f"/v1/decisions/{decision_id}", headers=LOG)
+    assert response.status_code == 200, response.json
+    record: dict[str, Any] = response.json["record"]
+    return record
+
+
+def store_of(app: Flask) -> Any:
+    return app.extensions["bindpolicy"].store
+
+
+class TestDecisions:
+    def test_a_decision_is_answered_and_logged(self, client: FlaskClient, app: Flask) -> None:
+        request = bind_request()
+        response = client.post("/v1/decisions", json=request)
+        assert response.status_code == 200 and response.is_json
+        body = response.json
+        conforms(body, "decision")
+        assert body["decision"] == "allow" and body["policy"]["version"] == "v2"
+        record = logged(client, body["decision_id"])
+        assert record["request"] == request and record["response"] == body
+        assert record["outcome"] == "decided" and record["status"] == 200
+        assert record["policy_digest"] == body["policy"]["digest"] and record["duration_us"] > 0
+        assert store_of(app).verify() is None
+
+    def test_explain(self, client: FlaskClient) -> None:
+        request = bind_request()
+        request["account"]["age"] = 17  # type: ignore[index]
+        body = client.post("/v1/decisions?explain=true", json=request).json
+        conforms(body, "decision")
+        assert {t["id"]: t["outcome"] for t in body["explain"]}["personal.min-age"] == "fired"
+        assert "explain" not in client.post("/v1/decisions", json=request).json
+
+    @pytest.mark.parametrize(("payload", "code", "paths"), [
+        ({"action": "bind"}, "invalid_request", ["/account", "/role", "/shop"]),
+        ({**bind_request(), "policy_version": "v7"}, "unknown_version", ["/policy_version"]),
+        ({**bind_request(), "at": "2020-01-01T00:00:00Z"}, "no_version_in_force", ["/at"]),
+        ([1, 2], "invalid_request", [""]),
+    ])
+    def test_bad_requests_are_400_with_pointers_and_logged(self, client: FlaskClient, payload: Any, code: str,
+                                                           paths: list[str]) -> None:
+        response = client.post("/v1/decisions", json=payload)
+        assert response.status_code == 400
+        body = response.json
+        conforms(body, "error")
+        assert body["error"]["code"] == code
+        assert [d["path"] for d in body["error"]["details"]] == paths
+        record = logged(client, body["decision_id"])
+        assert record["outcome"] == "rejected" and record["status"] == 400 and record["request"] == payload
+
+    def test_a_missing_field_a_rule_needs(self, client: FlaskClient) -> None:
+        request = bind_request()
+        del request["account"]["age"]  # type: ignore[attr-defined]
+        body = client.post("/v1/decisions", json=request).json
+        assert body["error"]["code"] == "missing_field"
+        assert body["error"]["details"] == [{"path": "/account/age",
+                                             "problem": "required by personal.min-age but missing"}]
+
+    def test_broken_json_is_400_and_logged_as_received(self, client: FlaskClient) -> None:
+        response = client.post("/v1/decisions", data='{"action": ', content_type="application/json")
+        assert response.status_code == 400 and response.json["error"]["code"] == "invalid_json"
+        assert logged(client, response.json["decision_id"])["request"] == '{"action": '
+
+    def test_wrong_media_type_is_415(self, client: FlaskClient) -> None:
+        response = client.post("/v1/decisions", data=json.dumps(bind_request()), content_type="text/plain")
+        assert response.status_code == 415 and response.json["error"]["code"] == "unsupported_media_type"
+        conforms(response.json, "error")
+
+    def test_a_body_over_the_limit_is_413(self, tmp_path: Path, database_url: str) -> None:
+        client = make_app(tmp_path, database_url, MAX_CONTENT_LENGTH=200).test_client()
+        response = client.post("/v1/decisions", json=bind_request())
+        assert response.status_code == 413 and response.json["error"]["code"] == "payload_too_large"
+
+    def test_wrong_method_is_405_and_unknown_paths_404_as_json(self, client: FlaskClient) -> None:
+        response = client.get("/v1/decisions/batch", headers=LOG)
+        assert response.status_code in (404, 405)  # GET /v1/decisions/<id> matches 'batch' as an id
+        response = client.put("/v1/decisions")
+        assert response.status_code == 405 and response.is_json
+        assert "POST" in response.headers["Allow"]
+        response = client.get("/v2/nothing")
+        assert response.status_code == 404 and response.json["error"]["code"] == "not_found"
+
+    def test_no_stack_trace_ever(self, client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+        def explode(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret internals")
+
+        monkeypatch.setattr(app.extensions["bindpolicy"].holder.engine, "decide", explode)
+        response = client.post("/v1/decisions", json=bind_request())
+        assert response.status_code == 500 and response.is_json
+        assert "secret internals" not in response.get_data(as_text=True)
+        assert "Traceback" not in response.get_data(as_text=True)
+
+
+class TestBatch:
+    def test_answers_in_order_and_a_bad_one_does_not_sink_the_rest(self, client: FlaskClient) -> None:
+        young = bind_request()
+        young["account"]["age"] = 16  # type: ignore[index]
+        response = client.post("/v1/decisions/batch", json={"requests": [bind_request(), {"action": "x"}, young]})
+        assert response.status_code == 200
+        conforms(response.json, "batch")
+        answers = response.json["decisions"]
+        assert [a.get("decision") or a["error"]["code"] for a in answers] == ["allow", "invalid_request", "deny"]
+        assert [logged(client, a["decision_id"])["outcome"] for a in answers] == ["decided", "rejected", "decided"]
+
+    def test_batch_limits_and_shape(self, tmp_path: Path, database_url: str) -> None:
+        client = make_app(tmp_path, database_url, MAX_BATCH=2).test_client()
+        response = client.post("/v1/decisions/batch", json={"requests": [bind_request()] * 3})
+        assert response.status_code == 413 and response.json["error"]["code"] == "batch_too_large"
+        response = client.post("/v1/decisions/batch", json=[bind_request()])
+        assert response.status_code == 400 and response.json["error"]["details"][0]["path"] == "/requests"
+
+
+class TestLogAccess:
+    def test_reading_the_log_needs_a_token(self, client: FlaskClient) -> None:
+        decision_id = client.post("/v1/decisions", json=bind_request()).json["decision_id"]
+        assert client.get(f"/v1/decisions/{decision_id}").status_code == 401
+        response = client.get(f"/v1/decisions/{decision_id}", headers={"Authorization": "Bearer nope"})
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+        assert client.get("/v1/decisions", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/v1/decisions/unknown-id", headers=LOG).status_code == 404
+
+    def test_deciding_can_need_a_token(self, tmp_path: Path, database_url: str) -> None:
+        client = make_app(tmp_path, database_url, DECISION_TOKENS="caller-1,caller-2").test_client()
+        assert client.post("/v1/decisions", json=bind_request()).status_code == 401
+        response = client.post("/v1/decisions", json=bind_request(), headers={"Authorization": "Bearer caller-2"})
+        assert response.status_code == 200
+
+    def test_query_filters_and_paging(self, client: FlaskClient) -> None:
+        young = bind_request()
+        young["account"]["age"] = 16  # type: ignore[index]
+        for request in (bind_request(), young, young, {"action": "nope"}):
+            client.post("/v1/decisions", json=request)
+        denied = client.get("/v1/decisions?decision=deny&rule_id=personal.min-age", headers=LOG).json
+        assert len(denied["records"]) == 2 and denied["next"] is None
+        page = client.get("/v1/decisions?limit=3", headers=LOG).json
+        assert len(page["records"]) == 3 and page["next"] == page["records"][-1]["seq"]
+        rest = client.get(f"/v1/decisions?after={page['next']}", headers=LOG).json
+        assert [r["outcome"] for r in rest["records"]] == ["rejected"]
+        assert client.get("/v1/decisions?shop_id=shop-1&action=bind", headers=LOG).json["records"][0]["shop_id"] \
+            == "shop-1"
+        bad = client.get("/v1/decisions?limit=0&since=yesterday&colour=red", headers=LOG)
+        assert bad.status_code == 400
+        assert [d["path"] for d in bad.json["error"]["details"]] == ["?colour", "?limit", "?since"]
+
+
+class TestPoliciesAndHealth:
+    def test_policies(self, client: FlaskClient) -> None:
+        body = client.get("/v1/policies").json
+        assert [v["version"] for v in body["versions"]] == ["v1", "v2"] and body["in_force"] == "v2"
+        assert body["versions"][1]["in_force"] and body["versions"][1]["digest"].startswith("sha256:")
+        v2 = client.get("/v1/policies/v2").json
+        kyc = next(r for r in v2["rules"] if r["id"] == "personal.kyc")
+        assert kyc["defined_in"] == "v2" and 'shop.market != "US"' in kyc["applies_when"]
+        assert kyc["location"].startswith("v2/bind.yaml:") and v2["parameters"]["min_age"] == 18
+        assert client.get("/v1/policies/v9").status_code == 404
+
+    def test_health_and_readiness(self, client: FlaskClient) -> None:
+        assert client.get("/healthz").json == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json["decision_log"] == "writable"
+        assert set(ready.json["policies"]) == {"v1", "v2"}
+
+    def test_metrics(self, client: FlaskClient) -> None:
+        client.post("/v1/decisions", json=bind_request())
+        client.post("/v1/decisions", json={"action": "nope"})
+        text = client.get("/metrics").get_data(as_text=True)
+        assert 'bindpolicy_decisions_total{action="bind",decision="allow",rule=""} 1.0' in text
+        assert 'bindpolicy_rejections_total{code="invalid_request"} 1.0' in text
+        assert 'bindpolicy_request_seconds_count{endpoint="decide"} 2.0' in text
+        assert 'version="v2"} 2.0' in text and "bindpolicy_policy_reload_failures_total 0.0" in text
+
+
+class TestLogFailure:
+    def test_no_answer_without_its_record(self, client: FlaskClient, app: Flask,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        store = store_of(app)
+
+        def refuse(records: Any) -> Any:
+            raise LogError("disk full")
+
+        monkeypatch.setattr(store, "write_many", refuse)
+        monkeypatch.setattr(store, "writable", lambda: False)
+        response = client.post("/v1/decisions", json=bind_request())
+        assert response.status_code == 503 and response.json["error"]["code"] == "log_unavailable"
+        assert "decision" not in response.json
+        assert client.get("/readyz").status_code == 503
+        assert "bindpolicy_decision_log_write_failures_total 1.0" in client.get("/metrics").get_data(as_text=True)
+
+
+class TestOpenAPI:
+    def test_built_from_the_engines_schemas(self, client: FlaskClient) -> None:
+        doc = client.get("/openapi.json").json
+        assert doc["openapi"] == "3.1.0"
+        request = load_schema("request")
+        component = doc["components"]["schemas"]["DecisionRequest"]
+        assert component["properties"]["action"] == request["properties"]["action"]
+        assert set(request["$defs"]) <= {k.removeprefix("request.") for k in doc["components"]["schemas"]}
+        assert doc["components"]["schemas"]["request.account"]["properties"]["age"] == \
+            request["$defs"]["account"]["properties"]["age"]
+        assert {"/v1/decisions", "/v1/decisions/batch", "/v1/decisions/{decision_id}", "/v1/policies",
+                "/v1/policies/{version}", "/healthz", "/readyz", "/metrics", "/openapi.json"} == set(doc["paths"])
+
+    def test_every_ref_resolves(self, client: FlaskClient) -> None:
+        doc = client.get("/openapi.json").json
+        refs: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                refs.extend(v for k, v in node.items() if k == "$ref")
+                for value in node.values():
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(doc)
+        assert refs
+        for ref in refs:
+            assert ref.startswith("#/components/schemas/") and ref.split("/")[-1] in doc["components"]["schemas"]
+
+
+class TestHotReload:
+    def test_a_good_change_swaps_in_whole_and_a_bad_one_is_refused(self, tmp_path: Path, database_url: str,
+                                                                   policy_copy: Path) -> None:
+        app = make_app(tmp_path, database_url, POLICY_DIR=str(policy_copy))
+        client, holder = app.test_client(), app.extensions["bindpolicy"].holder
+        before = client.get("/v1/policies").json["versions"][1]["digest"]
+        bind = policy_copy / "v1" / "bind.yaml"
+        good = bind.read_text()
+        bind.write_text(good.replace("must be at least 18 years old", "must be 18 or older"))
+        assert holder.reload_if_changed()
+        young = bind_request()
+        young["account"]["age"] = 17  # type: ignore[index]
+        answer = client.post("/v1/decisions", json=young).json
+        assert answer["rule"]["message"] == "The holder of a personal account must be 18 or older."
+        after = answer["policy"]["digest"]
+        assert after != before
+        # The new content is kept by digest, for replay.
+        version, files = store_of(app).policy(after)
+        assert version == "v2" and "must be 18 or older" in files["v1/bind.yaml"]
+
+        bind.write_text(good.replace("fires_when: account.age < params.min_age", "fires_when: account.agee < 1"))
+        assert not holder.reload_if_changed()
+        assert client.post("/v1/decisions", json=young).json["policy"]["digest"] == after  # last good set serves
+        ready = client.get("/readyz").json
+        assert ready["last_reload"]["status"] == "refused" and "'agee' is not a field" in ready["last_reload"]["error"]
+        assert "bindpolicy_policy_reload_failures_total 1.0" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_one_json_log_line_per_request_with_the_decision_id(client: FlaskClient,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bindpolicy.access"):
+        body = client.post("/v1/decisions", json=bind_request()).json
+    lines = [r for r in caplog.records if r.name == "bindpolicy.access"]
+    assert len(lines) == 1
+    assert lines[0].__dict__["decision_id"] == body["decision_id"] and lines[0].__dict__["status"] == 200
+
+
+class TestStore:
+    """The decision log itself: group commit and the hash chain, on both stores."""
+
+    def record(self, n: int) -> Any:
+        return new_record(decision_id=f"d-{n}", outcome="decided", status=200, request={"n": n},
+                          response={"decision": "allow"}, duration_us=n)
+
+    def test_concurrent_writes_are_grouped_and_chained(self, database_url: str) -> None:
+        store = open_store(database_url)
+        threads = [threading.Thread(target=lambda i=i: [store.write(self.record(i * 100 + k)) for k in range(25)])
+                   for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        records = list(store.query())
+        assert [r.seq for r in records] == list(range(1, 201))
+        assert store.records == 200 and store.batches < 200  # commits were grouped
+        assert store.verify() is None
+        store.close()
+
+    def test_tampering_is_found(self, database_url: str) -> None:
+        store = open_store(database_url)
+        for n in range(1, 6):
+            store.write(self.record(n))
+        conn = store._connect()
+        conn.execute("UPDATE decisions SET request = '{\"n\": 99}' WHERE seq = 3")
+        conn.commit()
+        breach = store.verify()
+        assert breach is not None and breach.seq == 3 and "altered" in breach.problem
+        conn.execute("UPDATE decisions SET request = '{\"n\": 3}' WHERE seq = 3")
+        conn.execute("DELETE FROM decisions WHERE seq = 4")
+        conn.commit()
+        conn.close()
+        breach = store.verify()
+        assert breach is not None and breach.seq == 4 and "missing" in breach.problem
+        store.close()
+
