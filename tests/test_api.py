@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 from api.decisionlog import LogError, new_record, open_store
 from engine.schemas import load_schema
 
-from .conftest import POLICIES, bind_request, make_app
+from .conftest import bind_request, make_app
 
 LOG = {"Authorization": "Bearer log-secret"}
 

@@ -1,0 +1,235 @@
+"""The real service: gunicorn started from the project's own files, called over HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.decisionlog import open_store
+
+from .conftest import POLICIES, ROOT, bind_request
+from .postgres import free_port
+
+BIN = Path(sys.executable).parent
+TOKEN = "log-secret"
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    data: Path
+    policies: Path
+    output: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+
+def call(url: str, body: Any = None, token: str | None = None, timeout: float = 10) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_server(tmp: Path, *, policies: Path | None = None, data: Path | None = None,
+                 database_url: str = "", workers: int = 2) -> Server:
+    """`bindpolicy serve` in its own process group; returns once /readyz answers 200."""
+    if policies is None:
+        policies = tmp / "policies"
+        if not policies.exists():
+            shutil.copytree(POLICIES, policies)
+    data = data or tmp / "data"
+    port = free_port()
+    output = tmp / f"server-{port}.log"
+    env = {**os.environ, "BINDPOLICY_LOG_TOKENS": TOKEN, "BINDPOLICY_RELOAD_INTERVAL": "0.2"}
+    with open(output, "wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "bindpolicy"), "serve", "--policies", str(policies), "--data", str(data), "--port", str(port),
+             "--workers", str(workers), "--database-url", database_url],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, data, policies, output)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if call(server.url + "/readyz", timeout=2)[0] == 200:
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop(signal.SIGKILL)
+            raise RuntimeError(f"the server did not start:\n{output.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    running = start_server(tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def postgres_server_url(postgres_url: str) -> str:
+    from .postgres import fresh_schema
+
+    return fresh_schema(postgres_url, f"srv_{os.getpid()}_{time.monotonic_ns() % 10**9}")
+
+
+def test_end_to_end_over_http(server: Server) -> None:
+    status, body = call(server.url + "/v1/decisions", bind_request())
+    assert status == 200 and body["decision"] == "allow"
+    status, record = call(f"{server.url}/v1/decisions/{body['decision_id']}", token=TOKEN)
+    assert status == 200 and record["record"]["response"] == body
+    status, error = call(server.url + "/v1/decisions", {"action": "bind"})
+    assert status == 400 and error["error"]["code"] == "invalid_request"
+    lines = [json.loads(line) for line in server.output.read_text().splitlines() if line.startswith("{")]
+    assert any(line.get("decision_id") == body["decision_id"] and line["status"] == 200 for line in lines)
+
+
+def test_end_to_end_on_postgresql(tmp_path: Path, postgres_server_url: str) -> None:
+    running = start_server(tmp_path, database_url=postgres_server_url)
+    try:
+        status, body = call(running.url + "/v1/decisions/batch", {"requests": [bind_request()] * 5})
+        assert status == 200 and len(body["decisions"]) == 5
+        store = open_store(postgres_server_url)
+        assert {r.decision_id for r in store.query()} == {d["decision_id"] for d in body["decisions"]}
+        assert store.verify() is None
+    finally:
+        running.stop()
+
+
+def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(server: Server, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "st"), "run", server.url + "/openapi.json", "--checks",
+         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+         "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--seed", "1",
+         "--header", f"Authorization: Bearer {TOKEN}",
+         "--generation-database", "none", "--workers", "2", "--request-timeout", "10"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def load(url: str, answered: list[str], failures: list[str], stop: threading.Event,
+         request: dict[str, Any] | None = None) -> None:
+    """Send decisions until told to stop; note every decision id that was answered."""
+    while not stop.is_set():
+        try:
+            status, body = call(url + "/v1/decisions", request or bind_request(), timeout=5)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, json.JSONDecodeError) as exc:
+            failures.append(repr(exc))
+            continue
+        if status == 200:
+            answered.append(body["decision_id"])
+        else:
+            failures.append(f"{status} {body}")
+
+
+def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    answered: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=load, args=(server.url, answered, failures, stop)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    server.stop(signal.SIGKILL)  # master and workers, mid-flight
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(answered) > 50, failures[:5]
+    store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
+    logged = {r.decision_id for r in store.query()}
+    assert set(answered) <= logged, f"{len(set(answered) - logged)} answered decisions are not in the log"
+    assert store.verify() is None
+    # And the service starts again on the same log, and goes on with the chain.
+    again = start_server(tmp_path, data=server.data, policies=server.policies)
+    try:
+        assert call(again.url + "/v1/decisions", bind_request())[0] == 200
+        assert store.verify() is None
+    finally:
+        again.stop()
+
+
+def test_policy_reload_under_load(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    young = bind_request()
+    young["account"]["age"] = 17  # type: ignore[index]
+    seen: list[tuple[str, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def judge() -> None:
+        while not stop.is_set():
+            try:
+                status, body = call(server.url + "/v1/decisions", young, timeout=5)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                failures.append(repr(exc))
+                continue
+            if status != 200:
+                failures.append(f"{status} {body}")
+            else:
+                seen.append((body["policy"]["digest"], body["rule"]["message"]))
+
+    threads = [threading.Thread(target=judge) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    bind = server.policies / "v1" / "bind.yaml"
+    original = bind.read_text()
+    try:
+        time.sleep(0.7)
+        bind.write_text(original.replace("must be at least 18 years old", "must be 18 or older"))
+        time.sleep(1.5)
+        bind.write_text(original.replace("account.age < params.min_age", "account.agee < params.min_age"))
+        time.sleep(1.5)
+        _, ready = call(server.url + "/readyz")
+        bind.write_text(original)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    try:
+        assert failures == []
+        messages: dict[str, set[str]] = {}
+        for digest, message in seen:
+            messages.setdefault(digest, set()).add(message)
+        # Two sets served (the original, then the changed one, then the original again); never a mix.
+        assert len(messages) == 2, messages
+        assert all(len(m) == 1 for m in messages.values()), messages
+        assert ready["last_reload"]["status"] == "refused" and "'agee' is not a field" in ready["last_reload"]["error"]
+        # Every worker ends up on the same set: the original one.
+        digests = {call(server.url + "/v1/decisions", young)[1]["policy"]["digest"] for _ in range(20)}
+        assert digests == {seen[0][0]}
+        with urllib.request.urlopen(server.url + "/metrics") as response:
+            metrics = response.read().decode()
+        assert "bindpolicy_policy_reload_failures_total" in metrics
+        failures_total = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                             if line.startswith("bindpolicy_policy_reload_failures_total"))
+        assert failures_total >= 1
+    finally:
+        server.stop()
