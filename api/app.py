@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Flask
+import orjson
+from flask import Flask, Response
+from flask.json.provider import DefaultJSONProvider
 
 from api.decisionlog import Store, open_store
 from api.errors import register_error_handlers
@@ -49,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     The policies are loaded and checked here: a policy set with any error never serves.
     """
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config.update(DEFAULTS)
     for key, variable in ENVIRONMENT.items():
         if variable in os.environ:
@@ -71,10 +74,27 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
                           interval=float(app.config["RELOAD_INTERVAL"]), on_load=loaded, on_failure=failed)
     app.extensions["bindpolicy"] = Service(holder, store, metrics)
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(routes)
     register_error_handlers(app)
     return app
+
+
+class OrjsonProvider(DefaultJSONProvider):
+    """Responses serialized by orjson (several times faster); key order as built."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        try:
+            return orjson.dumps(obj).decode()
+        except TypeError:
+            return super().dumps(obj, **kwargs)
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        try:
+            body = orjson.dumps(obj)
+        except TypeError:
+            body = super().dumps(obj).encode()
+        return Response(body, mimetype=self.mimetype)
 
 
 class Service:

@@ -10,16 +10,19 @@ previous record's hash; `verify` walks the chain.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
-import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
+
+import orjson
 
 GENESIS = "0" * 64
 COLUMNS = ("seq", "decision_id", "logged_at", "outcome", "status", "action", "decision", "rule_id",
@@ -54,27 +57,43 @@ class LogRecord:
     seq: int = 0  # set by the store: position in the chain
     prev_hash: str = ""
     hash: str = ""
+    # The request and response as stored (canonical JSON), made once: what the hash covers.
+    request_text: str = field(default="", repr=False)
+    response_text: str = field(default="", repr=False)
 
-    def content(self) -> dict[str, Any]:
-        """What the hash covers: everything but the hashes themselves."""
-        out = asdict(self)
-        del out["prev_hash"], out["hash"]
-        return out
+    def __post_init__(self) -> None:
+        if not self.request_text:
+            object.__setattr__(self, "request_text", canonical(self.request))
+        if not self.response_text:
+            object.__setattr__(self, "response_text", canonical(self.response))
+
+    def content(self) -> str:
+        """What the hash covers: every field but the hashes, request and response as stored."""
+        meta = {name: getattr(self, name) for name in COLUMNS if name not in _NOT_META}
+        return canonical(meta) + "\n" + self.request_text + "\n" + self.response_text
 
     def chained(self, seq: int, prev_hash: str) -> LogRecord:
         record = replace(self, seq=seq, prev_hash=prev_hash)
-        return replace(record, hash=record_hash(record.content(), prev_hash))
+        object.__setattr__(record, "hash", record_hash(record.content(), prev_hash))  # still being made
+        return record
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in COLUMNS}
+
+
+_NOT_META = frozenset({"request", "response", "prev_hash", "hash"})
 
 
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces, UTF-8 as is: the bytes that are stored and hashed."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # integers beyond 64 bits: the standard library's encoder gives the same form
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def record_hash(content: dict[str, Any], prev_hash: str) -> str:
-    return hashlib.sha256((prev_hash + canonical(content)).encode("utf-8")).hexdigest()
+def record_hash(content: str, prev_hash: str) -> str:
+    return hashlib.sha256((prev_hash + content).encode("utf-8")).hexdigest()
 
 
 def new_record(*, decision_id: str, outcome: str, status: int, request: Any, response: Any,
@@ -120,7 +139,7 @@ class Breach:
 @dataclass
 class _Pending:
     record: LogRecord
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False  # guarded by the store's condition
     result: LogRecord | None = None
     error: BaseException | None = None
 
@@ -133,9 +152,10 @@ class Store:
     def __init__(self, *, max_batch: int = 256, timeout: float = 10.0) -> None:
         self.max_batch = max_batch
         self.timeout = timeout
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._writer: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._ready = threading.Condition()
+        self._leading = False  # a thread is committing a batch right now
+        self._conn: Any = None  # the leader's connection (one leader at a time)
         self.batches = 0  # committed transactions, for the metrics and the tests
         self.records = 0
 
@@ -146,6 +166,9 @@ class Store:
     def _begin_exclusive(self, conn: Any) -> None:
         raise NotImplementedError
 
+    def _end_exclusive(self) -> None:
+        """Called once the transaction begun by _begin_exclusive has committed or rolled back."""
+
     def _schema(self) -> Sequence[str]:
         raise NotImplementedError
 
@@ -155,19 +178,53 @@ class Store:
         return self.write_many([record])[0]
 
     def write_many(self, records: Sequence[LogRecord]) -> list[LogRecord]:
-        """Queue records together (a batch of decisions) and wait until all have committed."""
-        self._ensure_writer()
+        """Queue records (one decision, or a batch's) and return once all have committed.
+
+        Group commit, leader and followers: the first waiting thread commits everything queued
+        in one transaction, the others wait for it; there is no extra thread to hand over to.
+        """
         pendings = [_Pending(r) for r in records]
-        for pending in pendings:
-            self._queue.put(pending)
-        results = []
-        for pending in pendings:
-            if not pending.done.wait(self.timeout):
-                raise LogError("the decision log did not commit in time")
-            if pending.error is not None or pending.result is None:
-                raise LogError(f"the decision log could not commit: {pending.error}") from pending.error
-            results.append(pending.result)
-        return results
+        deadline = time.monotonic() + self.timeout
+        with self._ready:
+            self._queue.extend(pendings)
+        while True:
+            with self._ready:
+                while not all(p.done for p in pendings) and self._leading:
+                    if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+                        raise LogError("the decision log did not commit in time")
+                if all(p.done for p in pendings):
+                    break
+                self._leading = True
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                self._commit(batch)
+            finally:
+                with self._ready:
+                    self._leading = False
+                    self._ready.notify_all()
+        failed = next((p.error for p in pendings if p.error is not None), None)
+        if failed is not None:
+            raise LogError(f"the decision log could not commit: {failed}") from failed
+        return [p.result for p in pendings if p.result is not None]
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """As the leader: one transaction for the batch; every waiter hears how it went."""
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            results = self._append(self._conn, [p.record for p in batch])
+        except BaseException as exc:
+            if self._conn is not None:
+                self._close_quietly(self._conn)
+            self._conn = None  # the next batch reconnects
+            results = []
+            for pending in batch:
+                pending.error = exc
+        for pending, result in zip(batch, results, strict=False):
+            pending.result = result
+        with self._ready:
+            for pending in batch:
+                pending.done = True
 
     # --- policy contents, kept by digest so that any past decision can be replayed --------------
     def save_policy(self, digest: str, version: str, files: dict[str, str]) -> None:
@@ -198,47 +255,6 @@ class Store:
             conn.close()
         return (row[0], json.loads(row[1])) if row else None
 
-    def _ensure_writer(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
-            with self._lock:
-                if self._writer is None or not self._writer.is_alive():
-                    self._writer = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
-                    self._writer.start()
-
-    def _write_loop(self) -> None:
-        conn = None
-        while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            try:
-                if conn is None:
-                    conn = self._connect()
-                results = self._append(conn, [p.record for p in batch])
-            except BaseException as exc:  # every waiter hears of it; the next batch reconnects
-                for pending in batch:
-                    pending.error = exc
-                    pending.done.set()
-                if conn is not None:
-                    self._close_quietly(conn)
-                conn = None
-                continue
-            for pending, result in zip(batch, results, strict=True):
-                pending.result = result
-                pending.done.set()
-        if conn is not None:
-            self._close_quietly(conn)
-
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
         """One transaction: read the chain's head, chain the records on, commit."""
         self._begin_exclusive(conn)
@@ -259,16 +275,16 @@ class Store:
         except BaseException:
             conn.rollback()
             raise
+        finally:
+            self._end_exclusive()
         self.batches += 1
         self.records += len(chained)
         return chained
 
     @staticmethod
     def _row(record: LogRecord) -> tuple[Any, ...]:
-        values = record.to_dict()
-        values["request"] = canonical(values["request"])
-        values["response"] = canonical(values["response"])
-        return tuple(values[c] for c in COLUMNS)
+        stored = {"request": record.request_text, "response": record.response_text}
+        return tuple(stored[c] if c in stored else getattr(record, c) for c in COLUMNS)
 
     @staticmethod
     def _close_quietly(conn: Any) -> None:
@@ -276,13 +292,15 @@ class Store:
             conn.close()
 
     def close(self) -> None:
-        if self._writer is not None and self._writer.is_alive():
-            self._queue.put(None)
-            self._writer.join(timeout=5)
+        with self._ready:
+            if self._conn is not None:
+                self._close_quietly(self._conn)
+                self._conn = None
 
     # --- reading --------------------------------------------------------------------------------
     def _record(self, row: Sequence[Any]) -> LogRecord:
         values = dict(zip(COLUMNS, row, strict=True))
+        values["request_text"], values["response_text"] = values["request"], values["response"]
         values["request"] = json.loads(values["request"])
         values["response"] = json.loads(values["response"])
         return LogRecord(**values)
@@ -356,6 +374,7 @@ class Store:
             try:
                 self._begin_exclusive(conn)
                 conn.rollback()
+                self._end_exclusive()
             finally:
                 conn.close()
         except Exception:
@@ -372,8 +391,10 @@ class Store:
             conn.close()
 
 
+# Each index costs every write: time, shop and account (the auditors' lookups) are indexed;
+# action, decision and rule have few values, and a query on them scans a time range.
 _INDEXES = [f"CREATE INDEX IF NOT EXISTS decisions_{c} ON decisions ({c})"
-            for c in ("logged_at", "action", "decision", "rule_id", "shop_id", "account_id")]
+            for c in ("logged_at", "shop_id", "account_id")]
 
 
 _POLICY_TABLE = """CREATE TABLE IF NOT EXISTS policy_contents (
@@ -388,6 +409,9 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
+        # Writers of every process take this lock before SQLite's: the kernel hands it over at
+        # once, where SQLite's own busy handler would sleep and poll.
+        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115
         self.init()
 
     def _connect(self) -> sqlite3.Connection:
@@ -398,7 +422,15 @@ class SQLiteStore(Store):
         return _SQLiteConnection(conn)  # type: ignore[return-value]
 
     def _begin_exclusive(self, conn: Any) -> None:
-        conn.execute("BEGIN IMMEDIATE")
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            raise
+
+    def _end_exclusive(self) -> None:
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _schema(self) -> Sequence[str]:
         return ["""CREATE TABLE IF NOT EXISTS decisions (

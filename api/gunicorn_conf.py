@@ -9,7 +9,7 @@ from typing import Any
 
 bind = os.environ.get("BINDPOLICY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("BINDPOLICY_WORKERS", "2"))
-worker_class = "gthread"  # threads let the decision log group its commits
+worker_class = os.environ.get("BINDPOLICY_WORKER_CLASS", "gthread")  # threads let the log group commits
 threads = int(os.environ.get("BINDPOLICY_THREADS", "8"))
 timeout = 30
 graceful_timeout = 10

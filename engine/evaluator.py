@@ -9,7 +9,7 @@ from typing import Any
 from celpy import celtypes
 
 from engine.errors import Detail, RequestError
-from engine.model import Decision, Expression, Finding, PolicyVersion, Rule, Trace
+from engine.model import Decision, Expression, Finding, NeedsPlan, PolicyVersion, Rule, Trace
 from engine.native import CelError
 from engine.request import absent_fields, value_at
 from engine.versions import format_timestamp
@@ -73,17 +73,23 @@ def run_condition(expr: Expression, activation: Activation) -> bool:
 class _Needs:
     """Collects the fields that applicable rules need and the request lacks."""
 
-    def __init__(self, request: Mapping[str, Any], complete: bool) -> None:
-        self.complete = complete  # every field any rule could need is there: nothing to look up
+    def __init__(self, request: Mapping[str, Any], plan: NeedsPlan | None) -> None:
         self.request = dict(request)
+        # With a plan whose `always` check passes, only expressions of rules that apply need a
+        # look, and a fast one; otherwise every expression is accounted for field by field.
+        self.plan = plan if plan is not None and plan.always(self.request) else None
         self.context = (request["action"], request.get("role"))
         self.missing: dict[str, list[str]] = {}
         self._absent: dict[tuple[str, ...], list[str]] = {}  # rules share paths: look once
 
     def lacking(self, expr: Expression | None, owner: str) -> bool:
         """True if the request lacks a field `expr` needs (and note it against `owner`)."""
-        if expr is None or self.complete:
+        if expr is None:
             return False
+        if self.plan is not None:
+            check = self.plan.conditional.get(id(expr))
+            if check is None or check(self.request):
+                return False
         found = False
         for path in expr.needs_by_context.get(self.context, expr.needs):
             absent = self._absent.get(path)
@@ -113,7 +119,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
     violations: list[Finding] = []
     warnings: list[Finding] = []
     traces: list[Trace] = []
-    needs = _Needs(request, version.complete(action, role, request))
+    needs = _Needs(request, version.needs_plan(action, role))
     for rule in version.rules_for(action, role):
         outcome, error = PASSED, None
         try:

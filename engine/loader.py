@@ -16,7 +16,7 @@ from celpy.adapter import json_to_cel
 from engine.checker import schema_problems, validator
 from engine.compiler import CelCompiler
 from engine.errors import Location, PolicyLoadError, Problem
-from engine.model import Expression, Output, PolicyVersion, Rule
+from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.request import presence_check
 from engine.schemas import load_schema
 from engine.versions import PolicySet, parse_timestamp
@@ -231,16 +231,14 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         digest.update(name.encode() + b"\0" + files[name] + b"\0")
     by_action: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
     out_by_action: dict[tuple[str, str | None], tuple[Output, ...]] = {}
-    presence: dict[tuple[str, str | None], Any] = {}
+    presence: dict[tuple[str, str | None], NeedsPlan] = {}
     for action in {a for r in built_rules for a in r.actions} | {a for o in built_outputs for a in o.actions}:
         for role in (None, "official", "channel"):
             context = (action, role)
             by_action[context] = tuple(r for r in built_rules if r.applies_to(action, role))
             out_by_action[context] = tuple(o for o in built_outputs if o.applies_to(action, role))
-            exprs = [e for r in by_action[context] for e in (r.applies_when, r.fires_when)] + \
-                [e for o in out_by_action[context] for e in (o.applies_when, o.value)]
-            presence[context] = presence_check(
-                path for e in exprs if e is not None for path in e.needs_by_context.get(context, e.needs))
+            presence[context] = _needs_plan(context, [(r.applies_when, r.fires_when) for r in by_action[context]]
+                                            + [(o.applies_when, o.value) for o in out_by_action[context]])
     return PolicyVersion(
         name=raw.name, effective_from=parse_timestamp(raw.meta["effective_from"]),
         description=raw.meta["description"], extends=raw.meta.get("extends"),
@@ -250,6 +248,23 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         cel_parameters=json_to_cel(params), native_parameters=dict(params),
         _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action),
         _presence=MappingProxyType(presence))
+
+
+def _needs_plan(context: tuple[str, str | None],
+                pairs: list[tuple[Expression | None, Expression]]) -> NeedsPlan:
+    """Fields needed whatever the request says, in one check; the rest, rule by rule."""
+    def needs(expr: Expression) -> tuple[tuple[str, ...], ...]:
+        return expr.needs_by_context.get(context, expr.needs)
+
+    always: list[tuple[str, ...]] = []
+    conditional: dict[int, Any] = {}
+    for guard, body in pairs:
+        if guard is None:
+            always.extend(needs(body))
+        else:
+            always.extend(needs(guard))
+            conditional[id(body)] = presence_check(needs(body))
+    return NeedsPlan(presence_check(always), MappingProxyType(conditional))
 
 
 def _check_dates(raws: Mapping[str, _RawVersion], problems: list[Problem]) -> None:

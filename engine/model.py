@@ -82,6 +82,20 @@ class Output:
 
 
 @dataclass(frozen=True)
+class NeedsPlan:
+    """How to check, fast, that a request carries the fields the rules of an (action, role) need.
+
+    `always` checks in one walk every field needed whatever the request says (the fields of
+    every `applies_when`, and of rules without one); `conditional` has, for each expression
+    needed only once its rule applies, a check of its own fields. A check that fails hands
+    over to the exact, field-by-field accounting that names each missing field.
+    """
+
+    always: Any  # Callable[[request], bool]
+    conditional: Mapping[int, Any]  # id(expression) -> Callable[[request], bool]
+
+
+@dataclass(frozen=True)
 class PolicyVersion:
     """A complete, checked and compiled policy version, inheritance already resolved."""
 
@@ -102,13 +116,12 @@ class PolicyVersion:
         repr=False, compare=False, default_factory=dict)
     _outputs_by_action: Mapping[tuple[str, str | None], tuple[Output, ...]] = field(
         repr=False, compare=False, default_factory=dict)
-    _presence: Mapping[tuple[str, str | None], Any] = field(repr=False, compare=False, default_factory=dict)
+    _presence: Mapping[tuple[str, str | None], NeedsPlan] = field(repr=False, compare=False,
+                                                                   default_factory=dict)
 
-    def complete(self, action: str, role: str | None, request: Mapping[str, Any]) -> bool:
-        """True if the request carries every field that any rule or output of its action and
-        role could need; False means some may be missing (the evaluator then finds out)."""
-        check = self._presence.get((action, role))
-        return check is not None and bool(check(request))
+    def needs_plan(self, action: str, role: str | None) -> NeedsPlan | None:
+        plan: NeedsPlan | None = self._presence.get((action, role))
+        return plan
 
     def rules_for(self, action: str, role: str | None) -> tuple[Rule, ...]:
         """The rules that apply to an action and role, in policy order (indexed at load)."""

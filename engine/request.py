@@ -51,6 +51,15 @@ def check_request(raw: Any) -> dict[str, Any]:
 
 def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:
     """JSON pointers of the places where `path` is missing from the request."""
+    if OPTIONAL not in path and EACH not in path:  # the common case, without recursion
+        value: Any = request
+        for depth, head in enumerate(path):
+            if value is None:
+                return []
+            if type(value) is not dict or head not in value:
+                return [pointer(path[: depth + 1])]
+            value = value[head]
+        return []
     found: list[str] = []
 
     def walk(value: Any, rest: FieldPath, at: tuple[str | int, ...], optional: bool) -> None:

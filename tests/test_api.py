@@ -315,7 +315,7 @@ class TestStore:
         conn.commit()
         breach = store.verify()
         assert breach is not None and breach.seq == 3 and "altered" in breach.problem
-        conn.execute("UPDATE decisions SET request = '{\"n\": 3}' WHERE seq = 3")
+        conn.execute("UPDATE decisions SET request = '{\"n\":3}' WHERE seq = 3")  # as stored
         conn.execute("DELETE FROM decisions WHERE seq = 4")
         conn.commit()
         conn.close()
