@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 
-.PHONY: setup run test lint check-policies postgres bench clean
+.PHONY: setup run test lint check-policies postgres bench bench-peers bench-service clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_decide.py
+	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_memory.py
+
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -r bench/peers/requirements.txt
+	$(PY) bench/peers/run.py
+
+bench-service: $(STAMP) postgres
+	@command -v hey >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq hey >/dev/null)
+	$(PY) bench/bench_service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

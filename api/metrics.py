@@ -23,16 +23,21 @@ class Metrics:
                                   ["code"], registry=r)
         self.latency = Histogram("bindpolicy_request_seconds", "Time to answer a decision request",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.policy = Gauge("bindpolicy_policy_version_info", "Policy versions loaded (1) and in force now (2)",
+        self.policy = Gauge("bindpolicy_policy_version_info",
+                            "Policy versions: in force now (2), loaded (1), replaced by a reload (0)",
                             ["version", "digest"], registry=r, multiprocess_mode="liveall")
+        self._shown: set[tuple[str, str]] = set()
         self.reload_failures = Counter("bindpolicy_policy_reload_failures", "Policy reloads refused", registry=r)
         self.log_failures = Counter("bindpolicy_decision_log_write_failures", "Decision log writes that failed",
                                     registry=r)
 
     def policies_loaded(self, engine: Engine, in_force: str | None) -> None:
-        self.policy.clear()
-        for version in engine.policies:
-            self.policy.labels(version.name, version.digest).set(2 if version.name == in_force else 1)
+        current = {(v.name, v.digest): 2 if v.name == in_force else 1 for v in engine.policies}
+        for gone in self._shown - current.keys():  # a replaced version reads 0
+            self.policy.labels(*gone).set(0)
+        for labels, value in current.items():
+            self.policy.labels(*labels).set(value)
+        self._shown = set(current)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
