@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -12,13 +13,15 @@ import orjson
 from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 
-from api.decisionlog import Store, open_store
+from api.decisionlog import Breach, Store, open_store
 from api.errors import register_error_handlers
 from api.holder import PolicyHolder, ReloadFailure
 from api.metrics import Metrics
 from api.routes import routes
 from engine.decider import Engine
 from engine.evaluator import NATIVE
+
+TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts
 
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": "policies",
@@ -73,7 +76,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
                           interval=float(app.config["RELOAD_INTERVAL"]), on_load=loaded, on_failure=failed)
-    app.extensions["bindpolicy"] = Service(holder, store, metrics)
+    service = Service(holder, store, metrics)
+    # The chain's tail is checked at start: an altered log is reported (readyz, logs), not extended silently.
+    service.chain_breach = store.verify(store.tail(TAIL_CHECKED))
+    if service.chain_breach is not None:
+        logging.getLogger("bindpolicy.log").error("decision log chain broken", extra={
+            "event": "chain_broken", "seq": service.chain_breach.seq, "problem": service.chain_breach.problem})
+    app.extensions["bindpolicy"] = service
     app.register_blueprint(routes)
     register_error_handlers(app)
     return app
@@ -104,3 +113,4 @@ class Service:
         self.holder = holder
         self.store = store
         self.metrics = metrics
+        self.chain_breach: Breach | None = None

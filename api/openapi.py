@@ -121,6 +121,17 @@ def build_openapi(max_batch: int) -> dict[str, Any]:
                         "parameters": [{"name": "version", "in": "path", "required": True,
                                         "schema": {"type": "string"}}],
                         "responses": {"200": _json({"type": "object"}, "The version"), **_errors(404)}}},
+            "/v1/policies/{old}/diff/{new}": {
+                "get": {"operationId": "diffPolicies", "summary": "What changed in meaning between two versions",
+                        "parameters": [{"name": "old", "in": "path", "required": True, "schema": {"type": "string"}},
+                                       {"name": "new", "in": "path", "required": True, "schema": {"type": "string"}},
+                                       {"name": "format", "in": "query", "required": False,
+                                        "schema": {"enum": ["json", "text", "markdown", "html"]}}],
+                        "responses": {"200": {"description": "The diff", "content": {
+                            JSON: {"schema": {"type": "object"}},
+                            **{kind: {"schema": {"type": "string"}}
+                               for kind in ("text/plain", "text/markdown", "text/html")}}},
+                            **_errors(400, 404)}}},
             "/healthz": {"get": {"operationId": "health", "summary": "The process is alive",
                                  "responses": {"200": _json({"type": "object"}, "Alive")}}},
             "/readyz": {"get": {"operationId": "ready", "summary": "Policies loaded and the log writable",

@@ -16,6 +16,8 @@ from api.decisionlog import FILTERS, LogError, new_record
 from api.errors import error_response
 from api.openapi import build_openapi
 from engine.decider import new_decision_id
+from engine.differ import diff_versions
+from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
 from engine.model import PolicyVersion
 from engine.versions import format_timestamp, parse_timestamp
@@ -269,6 +271,23 @@ def show_policy(version: str) -> Response:
     return jsonify(body)
 
 
+@routes.get("/v1/policies/<old>/diff/<new>")
+def diff_policies(old: str, new: str) -> Response:
+    policies = _service().holder.engine.policies
+    for name in (old, new):
+        if policies.get(name) is None:
+            return error_response(404, "unknown_version", f"no policy version '{name}'")
+    fmt = request.args.get("format", "json")
+    if fmt not in ("json", "text", "markdown", "html"):
+        raise RequestError("invalid_query", "unknown format",
+                           [Detail("?format", "expected json, text, markdown or html")])
+    result = diff_versions(policies.get(old), policies.get(new))
+    if fmt == "json":
+        return jsonify(result.to_dict())
+    mimetype = {"text": "text/plain", "markdown": "text/markdown", "html": "text/html"}[fmt]
+    return Response(render_diff(result, fmt), mimetype=mimetype)
+
+
 @routes.get("/healthz")
 def healthz() -> Response:
     return jsonify({"status": "ok"})
@@ -279,15 +298,19 @@ def readyz() -> Response:
     service = _service()
     holder = service.holder
     writable = service.store.writable()
+    breach = service.chain_breach
+    ready = writable and breach is None
     body: dict[str, Any] = {
-        "status": "ready" if writable else "not_ready",
+        "status": "ready" if ready else "not_ready",
         "policies": {v.name: v.digest for v in holder.engine.policies},
         "loaded_at": format_timestamp(holder.loaded_at), "decision_log": "writable" if writable else "unwritable"}
+    if breach is not None:
+        body["decision_log_chain"] = f"broken at record {breach.seq}: {breach.problem}"
     if holder.failure is not None:
         body["last_reload"] = {"status": "refused", "at": holder.failure.at, "error": holder.failure.error,
                                "serving": "the last good policy set"}
     response = jsonify(body)
-    response.status_code = 200 if writable else 503
+    response.status_code = 200 if ready else 503
     return response
 
 

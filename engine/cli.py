@@ -91,7 +91,210 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=int(env("BINDPOLICY_THREADS", "8")),
                        help="threads per worker [BINDPOLICY_THREADS] (default: 8)")
     serve.set_defaults(handler=_serve)
+
+    diff = commands.add_parser(
+        "diff", help="what changed in meaning between two policy versions",
+        description="Rules added, removed and changed (expression, parameters, actions, message...) with "
+                    "their file:line in both versions; moving or reformatting a rule is no change. "
+                    "Exit 0 if the versions mean the same, 1 if they differ.")
+    diff.add_argument("old", help="version, e.g. v1")
+    diff.add_argument("new", help="version, e.g. v2")
+    diff.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    diff.add_argument("--new-policies", metavar="DIR",
+                      help="take the new version from another policy folder (e.g. a branch being reviewed)")
+    diff.add_argument("--format", choices=("text", "json", "markdown", "html"), default="text")
+    diff.add_argument("-o", "--output", metavar="FILE", help="write the report here (default: standard output)")
+    diff.set_defaults(handler=_diff)
+
+    impact = commands.add_parser(
+        "impact", help="which decisions a change of version would flip",
+        description="Decide every request under both versions and count the decisions that flip "
+                    "(allow→deny, deny→allow, same decision but another rule), grouped by the rule "
+                    "responsible, with examples. Streams its input and uses every core.")
+    impact.add_argument("old")
+    impact.add_argument("new")
+    source = impact.add_mutually_exclusive_group(required=True)
+    source.add_argument("--requests", metavar="FILE.jsonl", help="requests, one JSON object per line (- for stdin)")
+    source.add_argument("--from-log", action="store_true", help="the requests of the decision log")
+    impact.add_argument("--since", help="with --from-log: logged at or after (RFC 3339)")
+    impact.add_argument("--until", help="with --from-log: logged before (RFC 3339)")
+    impact.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    _log_options(impact)
+    impact.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    impact.add_argument("--format", choices=("text", "json", "markdown", "html"), default="text")
+    impact.add_argument("-o", "--output", metavar="FILE")
+    impact.add_argument("--quiet", action="store_true", help="no progress on standard error")
+    impact.set_defaults(handler=_impact)
+
+    replay = commands.add_parser(
+        "replay", help="decide a logged request again with the exact policy content that judged it",
+        description="Exit 0 if the decision is reproduced exactly, 1 if it differs (the differences are "
+                    "printed), 2 if it cannot be replayed (unknown id, content not kept).")
+    replay.add_argument("decision_id")
+    _log_options(replay)
+    replay.set_defaults(handler=_replay)
+
+    log = commands.add_parser("log", help="the decision log: verify its chain, list and export records")
+    log_commands = log.add_subparsers(title="log commands", metavar="COMMAND")
+    verify = log_commands.add_parser(
+        "verify", help="check the hash chain of the whole log",
+        description="Walk every record's hash and its link to the one before. Exit 0 if the chain holds, "
+                    "1 naming the first record altered, removed or inserted.")
+    _log_options(verify)
+    verify.set_defaults(handler=_log_verify)
+    listing = log_commands.add_parser(
+        "list", help="records, filtered, as a table, JSON Lines or CSV",
+        description="List decision log records in log order, filtered by time range, action, decision, "
+                    "rule, shop or account.")
+    _log_options(listing)
+    for name, what in (("since", "logged at or after (RFC 3339)"), ("until", "logged before (RFC 3339)"),
+                       ("action", "action"), ("decision", "allow or deny"), ("rule", "rule id that decided"),
+                       ("shop", "shop id"), ("account", "account id"), ("outcome", "decided or rejected")):
+        listing.add_argument(f"--{name}", help=what)
+    listing.add_argument("--limit", type=int, default=None)
+    listing.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    listing.add_argument("-o", "--output", metavar="FILE")
+    listing.set_defaults(handler=_log_list)
+
+    generate = commands.add_parser(
+        "generate", help="write realistic requests (JSON Lines), deterministic for a seed",
+        description="Requests over every action and role with values on both sides of every threshold.")
+    generate.add_argument("--count", type=int, default=1000)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--broken", type=float, default=0.0,
+                          help="share of requests with a field removed (default 0)")
+    generate.add_argument("-o", "--output", metavar="FILE")
+    generate.set_defaults(handler=_generate)
     return parser
+
+
+def _log_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=os.environ.get("BINDPOLICY_DATABASE_URL", ""),
+                        help="sqlite:///path or postgresql://... [BINDPOLICY_DATABASE_URL]")
+    parser.add_argument("--data", default=os.environ.get("BINDPOLICY_DATA", "data"),
+                        help="the service's data folder, for its SQLite log [BINDPOLICY_DATA] (default: data)")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from api.decisionlog import open_store
+
+    url = args.database_url or str(Path(args.data) / "decisions.db")
+    if not args.database_url and not Path(url).exists():
+        raise SystemExit(f"no decision log at {url} (use --data or --database-url)")
+    return open_store(url)
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from engine.differ import diff_versions, render
+
+    old_set = load_policies(args.policies)
+    new_set = load_policies(args.new_policies) if args.new_policies else old_set
+    old, new = old_set.get(args.old), new_set.get(args.new)
+    for name, found, where in ((args.old, old, args.policies), (args.new, new, args.new_policies or args.policies)):
+        if found is None:
+            print(f"no version '{name}' in {where}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    assert old is not None and new is not None
+    result = diff_versions(old, new)
+    _write(render(result, args.format), args.output)
+    return 0 if result.empty else 1
+
+
+def _impact(args: argparse.Namespace) -> int:
+    from engine.impact import render, run_impact
+
+    policies = load_policies(args.policies)
+    for name in (args.old, args.new):
+        if policies.get(name) is None:
+            print(f"no version '{name}' in {args.policies}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.from_log:
+        store = _store(args)
+        lines: Iterator[str] = (json.dumps(r.request) for r in store.query(since=args.since, until=args.until)
+                                if r.outcome == "decided")
+    elif args.requests == "-":
+        lines = iter(sys.stdin)
+    else:
+        lines = iter(open(args.requests, encoding="utf-8"))  # noqa: SIM115 - streamed to the end
+    report = run_impact(args.policies, args.old, args.new, lines, workers=args.workers,
+                        progress=None if args.quiet else sys.stderr)
+    _write(render(report, args.format), args.output)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from api.audit import CANNOT, REPRODUCED, replay
+
+    result = replay(_store(args), args.decision_id)
+    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    return 0 if result.status == REPRODUCED else 2 if result.status == CANNOT else 1
+
+
+def _log_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    breach = store.verify()
+    if breach is None:
+        count = sum(1 for _ in store.query())
+        print(f"ok: the chain holds over {count} records")
+        return 0
+    print(f"BROKEN at record {breach.seq}" + (f" ({breach.decision_id})" if breach.decision_id else "")
+          + f": {breach.problem}")
+    return 1
+
+
+def _log_list(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    store = _store(args)
+    records = store.query(limit=args.limit, since=args.since, until=args.until, action=args.action,
+                          decision=args.decision, rule_id=args.rule, shop_id=args.shop, account_id=args.account,
+                          outcome=args.outcome)
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "jsonl":
+            for record in records:
+                out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        elif args.format == "csv":
+            columns = ["seq", "decision_id", "logged_at", "outcome", "status", "action", "decision", "rule_id",
+                       "shop_id", "account_id", "policy_version", "policy_digest", "runtime", "duration_us",
+                       "request", "response", "prev_hash", "hash"]
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            for record in records:
+                row = record.to_dict()
+                writer.writerow([json.dumps(row[c], ensure_ascii=False) if c in ("request", "response") else row[c]
+                                 for c in columns])
+        else:
+            buffer = io.StringIO()
+            for record in records:
+                buffer.write(f"{record.seq:>7} {record.logged_at} {record.outcome:<8} {record.action or '-':<18} "
+                             f"{record.decision or '-':<5} {record.rule_id or '-':<36} {record.decision_id}\n")
+            out.write(buffer.getvalue())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.generator import generate_requests
+
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for request in generate_requests(args.count, args.seed, broken=args.broken):
+            out.write(json.dumps(request, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -227,7 +227,8 @@ class TestOpenAPI:
         assert doc["components"]["schemas"]["request.account"]["properties"]["age"] == \
             request["$defs"]["account"]["properties"]["age"]
         assert {"/v1/decisions", "/v1/decisions/batch", "/v1/decisions/{decision_id}", "/v1/policies",
-                "/v1/policies/{version}", "/healthz", "/readyz", "/metrics", "/openapi.json"} == set(doc["paths"])
+                "/v1/policies/{version}", "/v1/policies/{old}/diff/{new}", "/healthz", "/readyz", "/metrics",
+                "/openapi.json"} == set(doc["paths"])
 
     def test_every_ref_resolves(self, client: FlaskClient) -> None:
         doc = client.get("/openapi.json").json

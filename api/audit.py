@@ -1,0 +1,100 @@
+"""Exact replay: a logged request, decided again by the very policy content that judged it."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from api.decisionlog import LogRecord, Store
+from engine.decider import Engine
+from engine.errors import PolicyLoadError, RequestError
+from engine.loader import load_policies
+from engine.versions import parse_timestamp
+
+REPRODUCED, DIFFERENT, CANNOT = "reproduced", "different", "cannot_replay"
+
+
+@dataclass
+class ReplayResult:
+    status: str
+    decision_id: str
+    differences: list[dict[str, Any]]
+    message: str = ""
+    policy_digest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "decision_id": self.decision_id, "policy_digest": self.policy_digest,
+                "differences": self.differences, "message": self.message}
+
+
+def _differences(logged: Any, again: Any, path: str = "") -> list[dict[str, Any]]:
+    if isinstance(logged, dict) and isinstance(again, dict):
+        out: list[dict[str, Any]] = []
+        for key in sorted(set(logged) | set(again)):
+            out += _differences(logged.get(key), again.get(key), f"{path}/{key}")
+        return out
+    if isinstance(logged, list) and isinstance(again, list) and len(logged) == len(again):
+        pairs = enumerate(zip(logged, again, strict=True))
+        return [d for i, (a, b) in pairs for d in _differences(a, b, f"{path}/{i}")]
+    return [] if logged == again else [{"path": path or "/", "logged": logged, "replayed": again}]
+
+
+def replay(store: Store, decision_id: str) -> ReplayResult:
+    """Decide the logged request again under the logged policy content (by digest), and compare."""
+    record = store.get(decision_id)
+    if record is None:
+        return ReplayResult(CANNOT, decision_id, [], f"no decision '{decision_id}' in the log")
+    return replay_record(store, record)
+
+
+def replay_record(store: Store, record: LogRecord) -> ReplayResult:
+    response = record.response if isinstance(record.response, dict) else {}
+    policy = response.get("policy") or {}
+    digest = policy.get("digest") or record.policy_digest
+    if record.outcome == "rejected" and digest is None:
+        return _replay_rejection(store, record)
+    stored = store.policy(digest) if digest else None
+    if stored is None:
+        return ReplayResult(CANNOT, record.decision_id, [], f"the policy content {digest} is not in the log",
+                            digest)
+    version, files = stored
+    engine = _engine(files, policy.get("runtime") or record.runtime or "native")
+    judged = engine.policies.get(version)
+    if judged is None or judged.digest != digest:
+        return ReplayResult(CANNOT, record.decision_id, [], "the stored content does not rebuild that version",
+                            digest)
+    request = record.request
+    now = parse_timestamp(response["at"])
+    decision = engine.decide({**request, "policy_version": version} if "policy_version" not in request else request,
+                             now=now, decision_id=record.decision_id, explain="explain" in response)
+    differences = _differences(response, decision.to_dict())
+    return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
+                        "" if not differences else f"{len(differences)} difference(s)", digest)
+
+
+def _replay_rejection(store: Store, record: LogRecord) -> ReplayResult:
+    """A rejection holds no digest: judge it again with the content in force when it was logged."""
+    from engine.request import check_request
+
+    try:
+        check_request(record.request)
+    except RequestError as exc:
+        again = {**exc.to_dict(), "decision_id": record.decision_id}
+        differences = _differences(record.response, again) if isinstance(record.request, dict) else []
+        return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences)
+    return ReplayResult(CANNOT, record.decision_id, [], "the rejection came after the schema check; "
+                        "its policy content is not recorded")
+
+
+def _engine(files: dict[str, str], runtime: str) -> Engine:
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            path = Path(folder) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        try:
+            return Engine(load_policies(folder), runtime=runtime)
+        except PolicyLoadError as exc:  # content that loaded once always loads again; say so if not
+            raise RuntimeError(f"stored policy content no longer loads: {exc}") from exc
