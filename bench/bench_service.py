@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.postgres import fresh_schema, free_port, postgres_server  # noqa: E402
 from tests.conftest import bind_request  # noqa: E402
+from tests.postgres import free_port, fresh_schema, postgres_server  # noqa: E402
 
 
 def run_hey(url: str, body: Path, requests: int, concurrency: int, rate: float | None = None) -> dict[str, float]:

@@ -40,9 +40,33 @@ class RequestGenerator:
         return self.random.random() < p
 
     def request(self, index: int) -> dict[str, Any]:
+        """Most requests are sound with one or two values moved to an edge; the rest are drawn wild."""
+        wild = self.draw(index)
+        if not self.chance(0.65) or (self.broken and self.chance(self.broken)):
+            if self.broken and self.chance(self.broken):
+                self.remove_something(wild)
+            return wild
+        request = self.draw(index, seed_of=wild)
+        sound(request)
+        for _ in range(self.pick(0, 1, 1, 1, 2)):
+            path = self.pick(*EDGES)
+            source: Any = wild
+            target: Any = request
+            *parents, last = path.split(".")
+            for part in parents:
+                source, target = source.get(part) if isinstance(source, dict) else None, target.get(part)
+                if not isinstance(target, dict):
+                    break
+            else:
+                if isinstance(source, dict) and last in source and last in target:
+                    target[last] = source[last]
+        return request
+
+    def draw(self, index: int, seed_of: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One request with every value drawn at random (`seed_of`: the same action, role, time)."""
         r = self.random
-        action = self.pick(*ACTIONS)
-        at_text = self.pick(*MOMENTS)
+        action = seed_of["action"] if seed_of else self.pick(*ACTIONS)
+        at_text = seed_of["at"] if seed_of else self.pick(*MOMENTS)
         at = datetime.fromisoformat(at_text.replace("Z", "+00:00"))
         market = self.pick(*MARKETS)
         shop_id = f"shop-{r.randrange(1, 50)}"
@@ -51,7 +75,7 @@ class RequestGenerator:
         if self.chance(0.05):
             request["policy_version"] = self.pick("v1", "v2")
         if action in ("bind", "unbind"):
-            request["role"] = self.pick("official", "channel")
+            request["role"] = seed_of["role"] if seed_of else self.pick("official", "channel")
         if action != "enable_affiliate" and action != "login":
             request["shop"] = self.shop(shop_id, market, at, account_id, action, request.get("role"))
         if action != "create_org_account":
@@ -68,8 +92,6 @@ class RequestGenerator:
                 None, {"shop_id": shop_id, "status": "accepted"}, {"shop_id": shop_id, "status": "accepted"},
                 {"shop_id": shop_id, "status": "pending"}, {"shop_id": "shop-other", "status": "accepted"},
                 {"shop_id": shop_id, "status": "declined"})
-        if self.broken and self.chance(self.broken):
-            self.remove_something(request)
         return request
 
     def name(self, length: int) -> str:
@@ -151,6 +173,62 @@ class RequestGenerator:
         keys = [k for k in holder if k not in ("action", "id")]
         if keys:
             del holder[self.random.choice(keys)]
+
+
+# Values that the sound requests move, one or two at a time, to a drawn (often edge) value.
+EDGES = ("account.age", "account.location", "account.followers", "account.followers", "account.kyc",
+         "account.ecommerce_revoked",
+         "account.linked_to_revoked", "account.policy_compliant", "account.kyc", "account.commission_agreement_signed",
+         "account.created_by_shop", "account.bind_history", "account.violation_points", "account.health_score",
+         "account.recent_serious_violation", "account.upgrade", "account.type", "shop.name", "shop.status",
+         "shop.official_account", "shop.channel_accounts", "shop.official_unbinds", "shop.channel_unbinds",
+         "invitation", "login", "region", "shop.market")
+
+
+def sound(request: dict[str, Any]) -> None:
+    """Set every value of a drawn request to one that passes the rules of its action."""
+    action, role = request["action"], request.get("role")
+    at = datetime.fromisoformat(request["at"].replace("Z", "+00:00"))
+    shop, account = request.get("shop"), request.get("account")
+    market = shop["market"] if shop else request.get("market", "US")
+    if account is not None:
+        account.update(age=35, location=market, followers=25000, ecommerce_revoked=False, linked_to_revoked=False,
+                       policy_compliant=True, commission_agreement_signed=True, violation_points=2, health_score=400,
+                       recent_serious_violation=False, bind_history=[],
+                       kyc={"verified": True, "document_type": "passport", "document_country": market})
+        if action in ("upgrade_start", "login", "enable_affiliate") or action == "bind":
+            account["upgrade"] = {"state": "none", "unwithdrawn_earnings": 0}
+        if action in ("upgrade_start",):
+            account["type"] = "personal"
+        if account["type"] == "organization" and shop is not None:
+            account["created_by_shop"], account["name"] = shop["id"], shop["name"]
+    if action in ("upgrade_confirm", "upgrade_cancel") and account is not None:
+        account["type"] = "personal"
+        account["upgrade"] = {"state": "trial", "shop_id": shop["id"] if shop else "shop-1",
+                              "trial_started_at": _ts(at - timedelta(days=3)), "unwithdrawn_earnings": 0}
+    if shop is not None:
+        shop.update(status="normal", official_unbinds=[], channel_unbinds=[])
+        shop["name"] = shop["name"][:20]
+        if account is not None and account.get("type") == "organization":
+            account["name"] = shop["name"]
+        shop["channel_accounts"] = shop["channel_accounts"][:3]
+        if action in ("bind", "create_org_account", "upgrade_start") and role != "channel":
+            shop["official_account"] = None
+        if action == "unbind" and account is not None:
+            binding = {"account_id": account["id"], "bound_at": _ts(at - timedelta(days=10))}
+            if role == "official":
+                shop["official_account"] = {**binding, "account_type": account["type"]}
+            else:
+                shop["channel_accounts"] = [c for c in shop["channel_accounts"] if c["account_id"] != account["id"]]
+                shop["channel_accounts"] = [*shop["channel_accounts"][:2], binding]
+        elif account is not None:
+            shop["channel_accounts"] = [c for c in shop["channel_accounts"] if c["account_id"] != account["id"]]
+    if action == "bind" and role == "channel" and shop is not None:
+        request["invitation"] = {"shop_id": shop["id"], "status": "accepted"}
+    if action == "login":
+        request["login"] = {"method": "otp", "target": request["login"]["target"]}
+    if action == "create_org_account" and shop is not None:
+        request["region"] = market
 
 
 def generate_requests(count: int, seed: int = 0, *, broken: float = 0.0) -> Iterator[dict[str, Any]]:
