@@ -90,8 +90,8 @@ def main() -> None:
         "request check (jsonschema-rs; jsonschema only on failure)": measure(lambda: check_request(request), args.n),
         "conversion to native values (timestamps, numbers)": measure(
             lambda: engine.activation(request, version, at), args.n),
-        "evaluation alone (native closures)": measure(lambda: evaluate(version, request, activation, at=at, decision_id="b"),
-                                    args.n),
+        "evaluation alone (native closures)": measure(
+            lambda: evaluate(version, request, activation, at=at, decision_id="b"), args.n),
         "floor: plain Python over the dict": measure(
             lambda: (bind_violations(request), bind_outputs(request)), args.n),
     }

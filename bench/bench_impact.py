@@ -40,7 +40,7 @@ def main() -> None:
             report = run_impact(ROOT / "policies", "v1", "v2", lines, workers=args.workers, progress=sys.stderr)
     data = report.to_dict()
     print(render(report, "text").splitlines()[0])
-    print(f"| requests | workers | seconds | requests/s | decisions re-judged/s |")
+    print("| requests | workers | seconds | requests/s | decisions re-judged/s |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| {data['requests']:,} | {args.workers} | {report.seconds:.1f} | {data['requests'] / report.seconds:,.0f} "
           f"| {data['decisions_per_second']:,} |")
