@@ -75,16 +75,18 @@ class _Needs:
 
     def __init__(self, request: Mapping[str, Any], plan: NeedsPlan | None) -> None:
         self.request = dict(request)
-        # With a plan whose `always` check passes, only expressions of rules that apply need a
-        # look, and a fast one; otherwise every expression is accounted for field by field.
-        self.plan = plan if plan is not None and plan.always(self.request) else None
+        # A complete request needs no look at all; with the `always` fields there, only the
+        # expressions of rules that apply need one, and a fast one; otherwise every expression
+        # is accounted for field by field.
+        self.complete = plan is not None and bool(plan.everything(self.request))
+        self.plan = plan if plan is not None and not self.complete and plan.always(self.request) else None
         self.context = (request["action"], request.get("role"))
         self.missing: dict[str, list[str]] = {}
         self._absent: dict[tuple[str, ...], list[str]] = {}  # rules share paths: look once
 
     def lacking(self, expr: Expression | None, owner: str) -> bool:
         """True if the request lacks a field `expr` needs (and note it against `owner`)."""
-        if expr is None:
+        if expr is None or self.complete:
             return False
         if self.plan is not None:
             check = self.plan.conditional.get(id(expr))

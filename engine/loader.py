@@ -257,14 +257,17 @@ def _needs_plan(context: tuple[str, str | None],
         return expr.needs_by_context.get(context, expr.needs)
 
     always: list[tuple[str, ...]] = []
+    everything: list[tuple[str, ...]] = []
     conditional: dict[int, Any] = {}
     for guard, body in pairs:
+        everything.extend(needs(body))
         if guard is None:
             always.extend(needs(body))
         else:
             always.extend(needs(guard))
+            everything.extend(needs(guard))
             conditional[id(body)] = presence_check(needs(body))
-    return NeedsPlan(presence_check(always), MappingProxyType(conditional))
+    return NeedsPlan(presence_check(everything), presence_check(always), MappingProxyType(conditional))
 
 
 def _check_dates(raws: Mapping[str, _RawVersion], problems: list[Problem]) -> None:

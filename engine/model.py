@@ -85,12 +85,14 @@ class Output:
 class NeedsPlan:
     """How to check, fast, that a request carries the fields the rules of an (action, role) need.
 
-    `always` checks in one walk every field needed whatever the request says (the fields of
-    every `applies_when`, and of rules without one); `conditional` has, for each expression
+    `everything` checks in one walk every field any of the rules could read: a complete request
+    needs no other look. Else `always` checks every field needed whatever the request says
+    (the fields of every `applies_when`, and of rules without one); `conditional` has, for each expression
     needed only once its rule applies, a check of its own fields. A check that fails hands
     over to the exact, field-by-field accounting that names each missing field.
     """
 
+    everything: Any  # Callable[[request], bool]: every field any of them could need is there
     always: Any  # Callable[[request], bool]
     conditional: Mapping[int, Any]  # id(expression) -> Callable[[request], bool]
 
