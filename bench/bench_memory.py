@@ -7,6 +7,7 @@ Run: .venv/bin/python bench/bench_memory.py [--decisions 100000]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api.app import create_app  # noqa: E402
-from engine.generator import generate_requests  # noqa: E402
+EXAMPLES = ROOT / "examples" / "requests.jsonl"
 
 
 def rss_mb() -> float:
@@ -35,7 +36,7 @@ def main() -> None:
         app = create_app({"POLICY_DIR": str(ROOT / "policies"), "DATA_DIR": data})
         client = app.test_client()
         loaded = rss_mb()
-        corpus = list(generate_requests(1000, seed=5))
+        corpus = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
         print(f"python alone {before:.1f} MB; with the app and the bundled policies {loaded:.1f} MB")
         print("| decisions | RSS MB |")
         print("|---:|---:|")
