@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api.app import create_app  # noqa: E402
+
 EXAMPLES = ROOT / "examples" / "requests.jsonl"
 
 
