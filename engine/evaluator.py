@@ -57,6 +57,11 @@ def run(expr: Expression, activation: Activation) -> Any:
             raise EvaluationFailure(str(exc)) from exc
         except Exception:  # Defer, or anything unforeseen: the reference decides
             pass
+    return _reference(expr, activation)
+
+
+def _reference(expr: Expression, activation: Activation) -> Any:
+    """cel-python's evaluation of the expression: the reference semantics."""
     try:
         return expr.program.evaluate(activation.cel)
     except Exception as exc:  # celpy raises CELEvalError, and at times plain Python errors
@@ -65,7 +70,9 @@ def run(expr: Expression, activation: Activation) -> Any:
 
 def run_condition(expr: Expression, activation: Activation) -> bool:
     result = run(expr, activation)
-    if not isinstance(result, celtypes.BoolType | bool):
+    if type(result) is bool:
+        return result
+    if not isinstance(result, celtypes.BoolType):
         raise EvaluationFailure(f"expected a boolean, the expression gave {type(result).__name__}")
     return bool(result)
 

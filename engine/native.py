@@ -356,7 +356,35 @@ def _binary(kids: list[Any]) -> Closure:
     if operate is None:
         raise Unsupported(f"operator {operator_node.data!r}")
     left, right = _compile(operator_node.children[0]), _compile(right_node)
+    constant = _constant(right_node)
+    if operate in (_eq, _ne) and constant is not _NOT_CONSTANT and type(constant) in (str, int, bool):
+        # The commonest shape, `field == "literal"`: same-type comparisons answered inline.
+        kind, equal = type(constant), operate is _eq
+
+        def compare_constant(env: Env) -> bool:
+            value = left(env)
+            if type(value) is kind:
+                return (value == constant) is equal
+            return bool(operate(value, constant))
+
+        return compare_constant
     return lambda env: operate(left(env), right(env))
+
+
+_NOT_CONSTANT = object()
+
+
+def _constant(tree: Any) -> Any:
+    """The value of a literal operand, or _NOT_CONSTANT."""
+    node = _unwrap(tree)
+    if isinstance(node, Tree) and node.data == "literal":
+        node = node.children[0]
+    if isinstance(node, Token) and node.type in ("STRING_LIT", "INT_LIT", "BOOL_LIT"):
+        try:
+            return _literal(node)({})
+        except Unsupported:
+            return _NOT_CONSTANT
+    return _NOT_CONSTANT
 
 
 def _h_unary(kids: list[Any]) -> Closure:
@@ -390,7 +418,49 @@ def _select(base: Closure, name: str) -> Closure:
 
 
 def _h_member_dot(kids: list[Any]) -> Closure:
+    names = _field_chain(kids)
+    if names is not None and len(names) in (2, 3):
+        return _chain(names)
     return _select(_compile(kids[0]), str(kids[1].value))
+
+
+def _field_chain(kids: list[Any]) -> list[str] | None:
+    """`a.b` or `a.b.c` straight off a variable, as names; None for anything else."""
+    names = [str(kids[1].value)]
+    node = _unwrap(kids[0])
+    while isinstance(node, Tree) and node.data == "member_dot":
+        names.append(str(node.children[1].value))
+        node = _unwrap(node.children[0])
+    if isinstance(node, Tree) and node.data == "ident":
+        return [str(node.children[0].value), *reversed(names)]
+    return None
+
+
+def _step(value: Any, name: str) -> Any:
+    if type(value) is dict:
+        try:
+            return value[name]
+        except KeyError:
+            raise CelError(f"no such member in mapping: {name!r}") from None
+    if value is None:
+        raise CelError(f"null does not support field selection ({name!r})")
+    raise Defer
+
+
+def _chain(names: list[str]) -> Closure:
+    """A field chain read in one closure (the same checks as _select, step by step)."""
+    root, rest = names[0], names[1:]
+
+    def read(env: Env) -> Any:
+        try:
+            value = env[root]
+        except KeyError:
+            raise CelError(f"undeclared reference to {root!r}") from None
+        for name in rest:
+            value = value[name] if type(value) is dict and name in value else _step(value, name)
+        return value
+
+    return read
 
 
 def _h_member_index(kids: list[Any]) -> Closure:
