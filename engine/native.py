@@ -429,10 +429,10 @@ def _field_chain(kids: list[Any]) -> list[str] | None:
     names = [str(kids[1].value)]
     node = _unwrap(kids[0])
     while isinstance(node, Tree) and node.data == "member_dot":
-        names.append(str(node.children[1].value))
+        names.append(_text(node.children[1]))
         node = _unwrap(node.children[0])
     if isinstance(node, Tree) and node.data == "ident":
-        return [str(node.children[0].value), *reversed(names)]
+        return [_text(node.children[0]), *reversed(names)]
     return None
 
 
