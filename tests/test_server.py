@@ -127,7 +127,9 @@ def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(serve
     result = subprocess.run(
         [str(BIN / "st"), "run", server.url + "/openapi.json", "--checks",
          "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-         "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--seed", "1",
+         # Not the coverage phase: under Python 3.11 it crashed inside schemathesis now and then
+         # ("SystemError: AST constructor recursion depth mismatch"), never on a response of ours.
+         "--max-examples", "60", "--phases", "examples,fuzzing", "--seed", "1",
          "--header", f"Authorization: Bearer {TOKEN}",
          "--generation-database", "none", "--workers", "2", "--request-timeout", "10"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
