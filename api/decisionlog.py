@@ -401,6 +401,16 @@ _POLICY_TABLE = """CREATE TABLE IF NOT EXISTS policy_contents (
     digest TEXT PRIMARY KEY, version TEXT NOT NULL, files TEXT NOT NULL, first_served TEXT NOT NULL)"""
 
 
+def _tables(big_int: str) -> list[str]:
+    """The log's tables and indexes; the stores differ only in the name of a 64-bit integer."""
+    return [f"""CREATE TABLE IF NOT EXISTS decisions (
+        seq {big_int} PRIMARY KEY, decision_id TEXT NOT NULL UNIQUE, logged_at TEXT NOT NULL,
+        outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
+        shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
+        duration_us {big_int} NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE]
+
+
 class SQLiteStore(Store):
     """The embedded default: one SQLite file in WAL mode (survives a killed process)."""
 
@@ -433,12 +443,7 @@ class SQLiteStore(Store):
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _schema(self) -> Sequence[str]:
-        return ["""CREATE TABLE IF NOT EXISTS decisions (
-            seq INTEGER PRIMARY KEY, decision_id TEXT NOT NULL UNIQUE, logged_at TEXT NOT NULL,
-            outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
-            shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
-            duration_us INTEGER NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE]
+        return _tables("INTEGER")
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path})"
@@ -488,12 +493,7 @@ class PostgresStore(Store):
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
 
     def _schema(self) -> Sequence[str]:
-        return ["""CREATE TABLE IF NOT EXISTS decisions (
-            seq BIGINT PRIMARY KEY, decision_id TEXT NOT NULL UNIQUE, logged_at TEXT NOT NULL,
-            outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
-            shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
-            duration_us BIGINT NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE]
+        return _tables("BIGINT")
 
     def __repr__(self) -> str:
         return "PostgresStore(" + self.url.split("@")[-1] + ")"

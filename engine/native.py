@@ -308,27 +308,28 @@ def _h_expr(kids: list[Any]) -> Closure:
     return ternary
 
 
+def _operand(closure: Closure, env: Env) -> bool | CelError:
+    """An operand of && or ||: its boolean, or its error (which the other operand may absorb)."""
+    try:
+        value = closure(env)
+    except CelError as exc:
+        return exc
+    if type(value) is not bool:
+        raise Defer
+    return value
+
+
 def _logical(decisive: bool) -> Callable[[list[Any]], Closure]:
     def build(kids: list[Any]) -> Closure:
         left, right = _compile(kids[0]), _compile(kids[1])
 
         def logic(env: Env) -> bool:
-            try:
-                a: Any = left(env)
-            except CelError as exc:
-                a = exc
+            a = _operand(left, env)
             if a is decisive:
                 return decisive is True
-            if type(a) is not bool and not isinstance(a, CelError):
-                raise Defer
-            try:
-                b: Any = right(env)
-            except CelError as exc:
-                b = exc
+            b = _operand(right, env)
             if b is decisive:
                 return decisive is True
-            if type(b) is not bool and not isinstance(b, CelError):
-                raise Defer
             if isinstance(a, CelError):
                 raise a
             if isinstance(b, CelError):
