@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "",  # empty: sqlite:///<DATA_DIR>/decisions.db
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of one request body
     "MAX_BATCH": 1000,  # requests in one batch
+    "MAX_LIST_ITEMS": 1000,  # items in any list inside a request (histories, unbind times...)
     "RELOAD_INTERVAL": 1.0,  # seconds between checks of the policy files; 0: no hot reload
     "RUNTIME": NATIVE,
     "LOG_TOKENS": "",  # comma-separated bearer tokens that may read the decision log
@@ -41,6 +42,7 @@ ENVIRONMENT = {  # configuration key -> environment variable
     "DATABASE_URL": "BINDPOLICY_DATABASE_URL",
     "MAX_CONTENT_LENGTH": "BINDPOLICY_MAX_BODY_BYTES",
     "MAX_BATCH": "BINDPOLICY_MAX_BATCH",
+    "MAX_LIST_ITEMS": "BINDPOLICY_MAX_LIST_ITEMS",
     "RELOAD_INTERVAL": "BINDPOLICY_RELOAD_INTERVAL",
     "RUNTIME": "BINDPOLICY_RUNTIME",
     "LOG_TOKENS": "BINDPOLICY_LOG_TOKENS",
@@ -75,7 +77,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         metrics.reload_failures.inc()
 
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
-                          interval=float(app.config["RELOAD_INTERVAL"]), on_load=loaded, on_failure=failed)
+                          interval=float(app.config["RELOAD_INTERVAL"]),
+                          max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed)
     service = Service(holder, store, metrics)
     # The chain's tail is checked at start: an altered log is reported (readyz, logs), not extended silently.
     service.chain_breach = store.verify(store.tail(TAIL_CHECKED))

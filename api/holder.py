@@ -41,16 +41,17 @@ def signature(folder: Path) -> Signature:
 class PolicyHolder:
     """Holds the engine that serves; a request takes `engine` once, so it never sees half a set."""
 
-    def __init__(self, folder: Path | str, runtime: str, *, interval: float = 1.0,
+    def __init__(self, folder: Path | str, runtime: str, *, interval: float = 1.0, max_list_items: int = 1000,
                  on_load: Callable[[Engine], None] | None = None,
                  on_failure: Callable[[ReloadFailure], None] | None = None) -> None:
         self.folder = Path(folder)
         self.runtime = runtime
+        self.max_list_items = max_list_items
         self.interval = interval
         self.on_load = on_load
         self.on_failure = on_failure
         self._signature = signature(self.folder)
-        self.engine = Engine(load_policies(self.folder), runtime=runtime)  # a bad set never serves
+        self.engine = self._build()  # a bad set never serves
         self.failure: ReloadFailure | None = None
         self.loaded_at = datetime.now(UTC)
         self._watcher: threading.Thread | None = None
@@ -68,7 +69,7 @@ class PolicyHolder:
                 return False
             self._signature = current
             try:
-                engine = Engine(load_policies(self.folder), runtime=self.runtime)
+                engine = self._build()
             except PolicyLoadError as exc:
                 self._fail(str(exc))
                 return False
@@ -84,6 +85,9 @@ class PolicyHolder:
             if self.on_load:
                 self.on_load(engine)
             return True
+
+    def _build(self) -> Engine:
+        return Engine(load_policies(self.folder), runtime=self.runtime, max_list_items=self.max_list_items)
 
     def _fail(self, error: str) -> None:
         self.failure = ReloadFailure(datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), error)

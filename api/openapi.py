@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from engine.schemas import load_schema
@@ -41,8 +40,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): _json(_ref("response.error"), words[s]) for s in statuses}
 
 
-def build_openapi(max_batch: int) -> dict[str, Any]:
-    request, response = load_schema("request"), load_schema("response")
+def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
+    """The document; `request` is the request schema the service checks with (its list bounds)."""
+    response = load_schema("response")
     schemas: dict[str, Any] = {"DecisionRequest": _rehome(request, "request")}
     schemas.update({f"request.{k}": _rehome(v, "request") for k, v in request["$defs"].items()})
     schemas.update({f"response.{k}": _rehome(v, "response") for k, v in response["$defs"].items()})
@@ -145,6 +145,3 @@ def build_openapi(max_batch: int) -> dict[str, Any]:
         },
     }
 
-
-def openapi_copy(max_batch: int) -> dict[str, Any]:
-    return copy.deepcopy(build_openapi(max_batch))

@@ -326,4 +326,4 @@ def metrics() -> Response:
 
 @routes.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(build_openapi(current_app.config["MAX_BATCH"]))
+    return jsonify(build_openapi(current_app.config["MAX_BATCH"], _service().holder.engine.check.schema))

@@ -12,7 +12,7 @@ from celpy import celtypes
 from engine.evaluator import NATIVE, RUNTIMES, Activation, evaluate
 from engine.loader import load_policies
 from engine.model import Decision, PolicyVersion
-from engine.request import CelConverter, NativeConverter, check_request
+from engine.request import CelConverter, NativeConverter, RequestChecker, default_checker
 from engine.versions import PolicySet, parse_timestamp
 
 
@@ -23,11 +23,12 @@ def new_decision_id() -> str:
 class Engine:
     """Decides requests against one loaded, immutable policy set."""
 
-    def __init__(self, policies: PolicySet, runtime: str = NATIVE) -> None:
+    def __init__(self, policies: PolicySet, runtime: str = NATIVE, max_list_items: int | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}")
         self.policies = policies
         self.runtime = runtime
+        self.check = default_checker() if max_list_items is None else RequestChecker(max_list_items)
         self._to_cel = CelConverter()
         self._to_native = NativeConverter()
 
@@ -41,7 +42,7 @@ class Engine:
 
         `now` stands in for a missing `at`: the engine never reads a clock itself.
         """
-        request = check_request(raw)
+        request = self.check(raw)
         at = parse_timestamp(request["at"]) if "at" in request else now
         version = self.policies.select(at, request.get("policy_version"))
         return evaluate(version, request, self.activation(request, version, at), at=at,

@@ -9,8 +9,9 @@ from typing import Any
 import jsonschema_rs
 from celpy import celtypes
 from celpy.adapter import json_to_cel
+from jsonschema import Draft202012Validator, FormatChecker
 
-from engine.checker import schema_problems, validator
+from engine.checker import schema_problems
 from engine.errors import Detail, RequestError
 from engine.model import EACH, OPTIONAL, FieldPath
 from engine.schemas import Schema, SchemaWalker, load_schema
@@ -24,29 +25,56 @@ def pointer(path: Iterable[str | int]) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
+DEFAULT_MAX_ITEMS = 1000
+
+
+def bounded_schema(max_items: int) -> Schema:
+    """The request schema with every list bounded to `max_items` (the service's setting)."""
+
+    def bound(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (max_items if k == "maxItems" else bound(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [bound(v) for v in node]
+        return node
+
+    bounded: Schema = bound(load_schema("request"))
+    return bounded
+
+
+class RequestChecker:
+    """Checks requests against the contract: jsonschema-rs for the common case (a valid request,
+    about 2 µs), jsonschema, the reference, for the precise list of problems of one it refuses."""
+
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        self.schema = bounded_schema(max_items)
+        self.fast = jsonschema_rs.validator_for(self.schema, validate_formats=True)
+        Draft202012Validator.check_schema(self.schema)
+        self.reference = Draft202012Validator(self.schema, format_checker=FormatChecker())
+
+    def __call__(self, raw: Any) -> dict[str, Any]:
+        """The request itself if it keeps the contract; else RequestError with every problem."""
+        if not isinstance(raw, dict):
+            raise RequestError("invalid_request", "the request must be a JSON object",
+                               [Detail("", "expected an object")])
+        if self.fast.is_valid(raw):
+            return raw
+        problems = schema_problems(self.reference, raw)
+        if problems:
+            raise RequestError("invalid_request", f"the request breaks the contract in {len(problems)} "
+                               f"place{'s' if len(problems) != 1 else ''}",
+                               [Detail(pointer(path), message) for path, message in problems])
+        return raw
+
+
 @cache
-def _fast_validator() -> Any:
-    """jsonschema-rs, compiled once: about 2 µs to say a request is valid."""
-    return jsonschema_rs.validator_for(load_schema("request"), validate_formats=True)
+def default_checker() -> RequestChecker:
+    return RequestChecker()
 
 
 def check_request(raw: Any) -> dict[str, Any]:
-    """The request itself if it keeps the contract; else RequestError with every problem.
-
-    The compiled validator answers the common case (a valid request); only a request it
-    refuses goes through jsonschema, the reference, for the precise list of problems.
-    """
-    if not isinstance(raw, dict):
-        raise RequestError("invalid_request", "the request must be a JSON object",
-                           [Detail("", "expected an object")])
-    if _fast_validator().is_valid(raw):
-        return raw
-    problems = schema_problems(validator("request"), raw)
-    if problems:
-        raise RequestError("invalid_request", f"the request breaks the contract in {len(problems)} "
-                           f"place{'s' if len(problems) != 1 else ''}",
-                           [Detail(pointer(path), message) for path, message in problems])
-    return raw
+    """Check a request against the contract with the default list bound."""
+    return default_checker()(raw)
 
 
 def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:

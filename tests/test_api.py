@@ -324,3 +324,15 @@ class TestStore:
         assert breach is not None and breach.seq == 4 and "missing" in breach.problem
         store.close()
 
+
+
+def test_list_lengths_are_bounded_as_configured(tmp_path: Path, database_url: str) -> None:
+    client = make_app(tmp_path, database_url, MAX_LIST_ITEMS=3).test_client()
+    request = bind_request()
+    request["shop"]["channel_unbinds"] = [f"2025-01-0{d}T00:00:00Z" for d in range(1, 5)]  # type: ignore[index]
+    response = client.post("/v1/decisions", json=request)
+    assert response.status_code == 400
+    assert response.json["error"]["details"] == [
+        {"path": "/shop/channel_unbinds", "problem": "has 4 items, more than the 3 allowed"}]
+    maximum = client.get("/openapi.json").json["components"]["schemas"]["request.timestamps"]["maxItems"]
+    assert maximum == 3

@@ -24,7 +24,7 @@ from engine.errors import RequestError
 from engine.evaluator import CEL_PYTHON, NATIVE
 from engine.generator import generate_requests
 from engine.native import CelError, Defer, Unsupported, compile_native
-from engine.request import _fast_validator
+from engine.request import default_checker
 from engine.tester import _build, find_suites
 from engine.versions import PolicySet
 from engine.yamlpos import read_yaml
@@ -224,5 +224,5 @@ def test_the_fast_validator_agrees_with_jsonschema(seed: int, pick: int, replace
     else:
         holder[path[-1]] = copy.deepcopy(replacement)
     reference_valid = not any(True for _ in validator("request").iter_errors(request))
-    assert _fast_validator().is_valid(request) == reference_valid, json.dumps(request)
+    assert default_checker().fast.is_valid(request) == reference_valid, json.dumps(request)
 
