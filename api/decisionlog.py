@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from engine.versions import parse_timestamp
+
 GENESIS = "0" * 64
 COLUMNS = ("seq", "decision_id", "logged_at", "outcome", "status", "action", "decision", "rule_id",
            "shop_id", "account_id", "policy_version", "policy_digest", "runtime", "duration_us",
@@ -105,7 +107,7 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
     policy = response.get("policy") if isinstance(response, dict) else None
     return LogRecord(
         decision_id=decision_id,
-        logged_at=(logged_at or datetime.now(UTC)).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        logged_at=log_time(logged_at or datetime.now(UTC)),
         outcome=outcome, status=status, request=request, response=response, duration_us=duration_us,
         action=_text(req.get("action")),
         decision=_text(response.get("decision")) if isinstance(response, dict) else None,
@@ -115,6 +117,13 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
         policy_version=_text(policy.get("version")) if isinstance(policy, dict) else None,
         policy_digest=_text(policy.get("digest")) if isinstance(policy, dict) else None,
         runtime=_text(policy.get("runtime")) if isinstance(policy, dict) else None)
+
+
+def log_time(moment: datetime | str) -> str:
+    """Times as the log writes them, always with microseconds, so that they sort as text."""
+    if isinstance(moment, str):
+        moment = parse_timestamp(moment)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _text(value: Any) -> str | None:
@@ -323,10 +332,9 @@ class Store:
                 continue
             if name not in FILTERS:
                 raise ValueError(f"unknown filter {name}")
-            if name == "since":
-                where.append(f"logged_at >= {self.placeholder}")
-            elif name == "until":
-                where.append(f"logged_at < {self.placeholder}")
+            if name in ("since", "until"):
+                where.append(f"logged_at {'>=' if name == 'since' else '<'} {self.placeholder}")
+                value = log_time(value)
             else:
                 where.append(f"{name} = {self.placeholder}")
             args.append(value)
@@ -337,6 +345,23 @@ class Store:
         try:
             for row in conn.execute(sql, tuple(args)):
                 yield self._record(row)
+        finally:
+            conn.close()
+
+    def requests(self, since: str | None = None, until: str | None = None) -> Iterator[str]:
+        """The stored text of every decided request, in log order, streamed (for impact)."""
+        sql = "SELECT request FROM decisions WHERE outcome = 'decided'"
+        args: list[Any] = []
+        if since is not None:
+            sql += f" AND logged_at >= {self.placeholder}"
+            args.append(log_time(since))
+        if until is not None:
+            sql += f" AND logged_at < {self.placeholder}"
+            args.append(log_time(until))
+        conn = self._connect()
+        try:
+            for (text,) in conn.execute(sql + " ORDER BY seq", tuple(args)):
+                yield text
         finally:
             conn.close()
 

@@ -220,7 +220,7 @@ def list_decisions() -> Response:
     for name in ("since", "until"):
         if filters[name] is not None:
             try:
-                filters[name] = format_timestamp(parse_timestamp(str(filters[name])))
+                parse_timestamp(str(filters[name]))
             except ValueError:
                 problems.append(Detail(f"?{name}", "expected an RFC 3339 timestamp"))
     limit_text, after_text = args.get("limit", "100"), args.get("after", "0")

@@ -216,9 +216,7 @@ def _impact(args: argparse.Namespace) -> int:
             print(f"no version '{name}' in {args.policies}", file=sys.stderr)
             return EXIT_BAD_INPUT
     if args.from_log:
-        store = _store(args)
-        lines: Iterator[str] = (json.dumps(r.request) for r in store.query(since=args.since, until=args.until)
-                                if r.outcome == "decided")
+        lines: Iterator[str] = _store(args).requests(args.since, args.until)
     elif args.requests == "-":
         lines = iter(sys.stdin)
     else:

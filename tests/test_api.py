@@ -336,3 +336,18 @@ def test_list_lengths_are_bounded_as_configured(tmp_path: Path, database_url: st
         {"path": "/shop/channel_unbinds", "problem": "has 4 items, more than the 3 allowed"}]
     maximum = client.get("/openapi.json").json["components"]["schemas"]["request.timestamps"]["maxItems"]
     assert maximum == 3
+
+
+def test_time_filters_compare_as_times(tmp_path: Path, database_url: str) -> None:
+    from datetime import datetime
+
+    store = open_store(database_url)
+    for n, moment in enumerate(["2025-06-01T00:00:00.000000Z", "2025-06-01T00:00:00.250000Z",
+                                "2025-06-01T00:00:01.000000Z"]):
+        store.write(new_record(decision_id=f"t{n}", outcome="decided", status=200, request={"n": n},
+                               response={}, duration_us=1, logged_at=datetime.fromisoformat(moment)))
+    assert [r.decision_id for r in store.query(since="2025-06-01T00:00:00Z")] == ["t0", "t1", "t2"]
+    assert [r.decision_id for r in store.query(since="2025-06-01T00:00:00.1Z", until="2025-06-01T02:00:01+02:00")] \
+        == ["t1"]
+    assert list(store.requests(since="2025-06-01T00:00:00.5Z")) == ['{"n":2}']
+    store.close()
