@@ -226,3 +226,26 @@ def test_the_fast_validator_agrees_with_jsonschema(seed: int, pick: int, replace
     reference_valid = not any(True for _ in validator("request").iter_errors(request))
     assert default_checker().fast.is_valid(request) == reference_valid, json.dumps(request)
 
+
+
+# --- the merged presence checks against the field-by-field accounting -------------------------------
+
+
+def test_presence_checks_agree_with_absent_fields(policies: PolicySet) -> None:
+    from engine.request import absent_fields, presence_check
+
+    version = policies.get("v2")
+    assert version is not None
+    contexts = {(r.actions[0], role) for r in version.rules for role in (None, "official", "channel")}
+    plans = []
+    for action, role in sorted(contexts, key=str):
+        paths = [p for r in version.rules_for(action, role) for e in (r.applies_when, r.fires_when)
+                 if e is not None for p in e.needs_for(action, role)]
+        plans.append((paths, presence_check(paths)))
+    checked = 0
+    for request in generate_requests(400, seed=8, broken=0.3):
+        for paths, check in plans:
+            expected = all(not absent_fields(request, path) for path in paths)
+            assert check(request) == expected, (paths, json.dumps(request))
+            checked += 1
+    assert checked > 1000
