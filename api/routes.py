@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
 from engine.model import PolicyVersion
+from engine.request import parse_json
 from engine.versions import format_timestamp, parse_timestamp
 
 routes = Blueprint("bindpolicy", __name__)
@@ -68,13 +68,17 @@ def _explain() -> bool:
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, code: str, message: str, details: list[Detail] | None = None) -> None:
+    """A request refused before the engine sees it; `logged` is what the log keeps of it."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[Detail] | None = None,
+                 logged: Any = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details or []
+        self.logged = logged
 
 
-def _body() -> tuple[Any, Any]:
-    """(parsed JSON, what to log as the request); _Rejected for a body we cannot read."""
+def _body() -> Any:
+    """The body's JSON (strict: see parse_json); _Rejected for a body we cannot take."""
     if request.mimetype != "application/json":
         raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
     try:
@@ -83,21 +87,11 @@ def _body() -> tuple[Any, Any]:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
     try:
-        return json.loads(raw), None
-    except (ValueError, UnicodeDecodeError) as exc:
-        where = (f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
-                 else "the body is not UTF-8")
-        text = raw.decode("utf-8", "replace")
-        raise _Rejected(400, "invalid_json", "the request body is not valid JSON", [Detail("", where)]) \
-            from _Logged(text)
-
-
-class _Logged(Exception):
-    """Carries the raw text of a body that was not JSON, to be logged as received."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__("raw body")
-        self.text = text
+        return parse_json(raw)
+    except RequestError as exc:
+        # The raw text is what the log keeps of a body that is not JSON.
+        raise _Rejected(400, exc.code, "the request body is not valid JSON", exc.details,
+                        logged=raw.decode("utf-8", "replace")) from exc
 
 
 def _decide_one(raw: Any, now: datetime, explain: bool) -> tuple[int, dict[str, Any], str]:
@@ -132,11 +126,10 @@ def _commit(records: list[Any]) -> Response | None:
 
 def _reject_and_log(exc: _Rejected) -> Response:
     decision_id = new_decision_id()
-    logged = exc.__cause__.text if isinstance(exc.__cause__, _Logged) else None
     body = {"error": {"code": exc.code, "message": exc.message, "details": [d.to_dict() for d in exc.details]},
             "decision_id": decision_id}
     _service().metrics.rejections.labels(exc.code).inc()
-    record = new_record(decision_id=decision_id, outcome="rejected", status=exc.status, request=logged,
+    record = new_record(decision_id=decision_id, outcome="rejected", status=exc.status, request=exc.logged,
                         response=body, duration_us=_elapsed_us())
     failure = _commit([record])
     if failure is not None:
@@ -155,7 +148,7 @@ def decide() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized()
     try:
-        raw, _ = _body()
+        raw = _body()
     except _Rejected as exc:
         return _reject_and_log(exc)
     status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain())
@@ -175,14 +168,15 @@ def decide_batch() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized()
     try:
-        raw, _ = _body()
+        raw = _body()
         if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
             raise _Rejected(400, "invalid_request", 'a batch is {"requests": [...]}',
-                            [Detail("/requests", "expected an object with one field, an array of requests")])
+                            [Detail("/requests", "expected an object with one field, an array of requests")],
+                            logged=raw)
         limit = current_app.config["MAX_BATCH"]
         if len(raw["requests"]) > limit:
             raise _Rejected(413, "batch_too_large", f"a batch holds at most {limit} requests",
-                            [Detail("/requests", f"has {len(raw['requests'])} requests")])
+                            [Detail("/requests", f"has {len(raw['requests'])} requests")], logged=raw)
     except _Rejected as exc:
         return _reject_and_log(exc)
     now, explain = datetime.now(UTC), _explain()

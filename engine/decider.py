@@ -9,10 +9,11 @@ from typing import Any
 
 from celpy import celtypes
 
+from engine.errors import RequestError
 from engine.evaluator import NATIVE, RUNTIMES, Activation, evaluate
 from engine.loader import load_policies
 from engine.model import Decision, PolicyVersion
-from engine.request import CelConverter, NativeConverter, RequestChecker, default_checker
+from engine.request import CelConverter, NativeConverter, RequestChecker, default_checker, timestamp_problems
 from engine.versions import PolicySet, parse_timestamp
 
 
@@ -43,9 +44,14 @@ class Engine:
         `now` stands in for a missing `at`: the engine never reads a clock itself.
         """
         request = self.check(raw)
-        at = parse_timestamp(request["at"]) if "at" in request else now
-        version = self.policies.select(at, request.get("policy_version"))
-        return evaluate(version, request, self.activation(request, version, at), at=at,
+        try:
+            at = parse_timestamp(request["at"]) if "at" in request else now
+            version = self.policies.select(at, request.get("policy_version"))
+            activation = self.activation(request, version, at)
+        except ValueError:  # a timestamp the schema let through but Python cannot hold
+            raise RequestError("invalid_request", "the request has timestamps that cannot be used",
+                               timestamp_problems(request)) from None
+        return evaluate(version, request, activation, at=at,
                         decision_id=decision_id or new_decision_id(), explain=explain)
 
     def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> Activation:

@@ -10,9 +10,18 @@ from engine.model import PolicyVersion
 
 
 def parse_timestamp(text: str) -> datetime:
-    """An RFC 3339 timestamp as an aware datetime (a trailing Z is UTC)."""
+    """An RFC 3339 timestamp as an aware datetime in UTC (a trailing Z is UTC).
+
+    ValueError for anything Python cannot hold: a leap second (23:59:60), year 0, or a moment
+    that falls outside years 1 to 9999 once in UTC.
+    """
     when = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from exc
 
 
 def format_timestamp(when: datetime) -> str:

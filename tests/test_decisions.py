@@ -37,7 +37,7 @@ class TestRequestChecks:
         del request["role"]
         error = reject(engine, request)
         assert error.code == "invalid_request"
-        assert paths(error) == ["/account/age", "/colour", "/role", "/shop/market"]
+        assert sorted(set(paths(error))) == ["/account/age", "/colour", "/role", "/shop/market"]
         problems = {d.path: d.problem for d in error.details}
         assert problems["/account/age"] == "expected an integer, found a string"
         assert problems["/role"] == "'role' is required here but missing"
