@@ -1,10 +1,15 @@
 """The decision log: every decision and rejection, committed before it is answered, hash-chained.
 
-One interface (`DecisionLog.write`), two stores (SQLite, the embedded default, and
-PostgreSQL, chosen by a database URL). Writes from the threads of a process are grouped:
-one writer thread commits whatever has queued up in one transaction, so that durability
-does not cost one fsync per decision. Each record carries a hash over its content and the
-previous record's hash; `verify` walks the chain.
+One interface (`DecisionLog.write_many`), two stores (SQLite, the embedded default, and
+PostgreSQL, chosen by a database URL). Writes from the threads of a process are grouped: the
+first waiting thread commits whatever has queued up in one transaction, so that a commit's
+cost is shared. Each record carries a hash over its content and the previous record's hash;
+`verify` walks the chain.
+
+Durability: a record is committed before its decision is answered. SQLite runs in WAL mode
+with `synchronous=NORMAL` by default, which survives a killed process (the tests SIGKILL the
+server) but may lose the last commits on power loss; `synchronous=FULL`
+(BINDPOLICY_SQLITE_SYNCHRONOUS) fsyncs every group commit as well.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -131,9 +137,9 @@ def _text(value: Any) -> str | None:
 
 
 class DecisionLog(Protocol):
-    """What the service needs of a log: a write that returns once the record is committed."""
+    """What the service needs to write: records, returned once committed (chained)."""
 
-    def write(self, record: LogRecord) -> LogRecord: ...
+    def write_many(self, records: Sequence[LogRecord]) -> list[LogRecord]: ...
 
 
 @dataclass
@@ -165,6 +171,7 @@ class Store:
         self._ready = threading.Condition()
         self._leading = False  # a thread is committing a batch right now
         self._conn: Any = None  # the leader's connection (one leader at a time)
+        self.last_error: Exception | None = None  # of the last commit; None once one succeeds
         self.batches = 0  # committed transactions, for the metrics and the tests
         self.records = 0
 
@@ -200,6 +207,10 @@ class Store:
             with self._ready:
                 while not all(p.done for p in pendings) and self._leading:
                     if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+                        # Take back what no leader has taken yet: it will not be committed
+                        # after its caller was told it failed. (A batch already being
+                        # committed cannot be taken back; it is committed or not as a whole.)
+                        self._queue = [p for p in self._queue if p not in pendings]
                         raise LogError("the decision log did not commit in time")
                 if all(p.done for p in pendings):
                     break
@@ -217,20 +228,28 @@ class Store:
         return [p.result for p in pendings if p.result is not None]
 
     def _commit(self, batch: list[_Pending]) -> None:
-        """As the leader: one transaction for the batch; every waiter hears how it went."""
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            results = self._append(self._conn, [p.record for p in batch])
-        except BaseException as exc:
-            if self._conn is not None:
-                self._close_quietly(self._conn)
-            self._conn = None  # the next batch reconnects
-            results = []
-            for pending in batch:
-                pending.error = exc
-        for pending, result in zip(batch, results, strict=False):
-            pending.result = result
+        """As the leader: one transaction for the batch; every waiter hears how it went. If the
+        group fails, each record is tried alone, so that one bad record does not sink the rest."""
+        groups = [batch]
+        while groups:
+            group = groups.pop(0)
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                results = self._append(self._conn, [p.record for p in group])
+            except Exception as exc:
+                if self._conn is not None:
+                    self._close_quietly(self._conn)
+                self._conn = None  # the next try reconnects
+                if len(group) > 1:
+                    groups[:0] = [[pending] for pending in group]
+                    continue
+                self.last_error = exc
+                group[0].error = exc
+                continue
+            self.last_error = None
+            for pending, result in zip(group, results, strict=True):
+                pending.result = result
         with self._ready:
             for pending in batch:
                 pending.done = True
@@ -375,13 +394,18 @@ class Store:
         return [self._record(r) for r in reversed(rows)]
 
     def verify(self, records: Iterable[LogRecord] | None = None) -> Breach | None:
-        """Walk the chain; the first record altered, removed or inserted, or None if it holds."""
-        expected_seq, prev = None, None
+        """Walk the chain; the first record altered, removed or inserted, or None if it holds.
+
+        Without `records`, the whole log from its first record, which must be record 1 on the
+        genesis hash; with them (say the tail), from wherever they start. Records removed from
+        the very end leave no trace in the chain: keep the head (`/readyz` shows it) to know.
+        """
+        whole = records is None
+        expected_seq: int | None = 1 if whole else None
+        prev: str | None = GENESIS if whole else None
         for record in records if records is not None else self.query():
             if expected_seq is None:
                 expected_seq, prev = record.seq, record.prev_hash
-                if record.seq == 1 and record.prev_hash != GENESIS:
-                    return Breach(record.seq, record.decision_id, "the first record does not start the chain")
             if record.seq != expected_seq:
                 return Breach(expected_seq, None, f"record {expected_seq} is missing (the next is {record.seq})")
             if record.prev_hash != prev:
@@ -393,18 +417,24 @@ class Store:
         return None
 
     def writable(self) -> bool:
-        """Can the log take a write right now (a probe transaction, rolled back)."""
+        """Can the log take writes: the database answers and accepts writes. No lock is taken,
+        so that readiness never waits on a commit (`last_error` tells how the last one went)."""
         try:
             conn = self._connect()
             try:
-                self._begin_exclusive(conn)
-                conn.rollback()
-                self._end_exclusive()
+                return self._accepts_writes(conn)
             finally:
                 conn.close()
         except Exception:
             return False
-        return True
+
+    def _accepts_writes(self, conn: Any) -> bool:
+        raise NotImplementedError
+
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record: (0, genesis) for an empty log."""
+        last = self.tail(1)
+        return (last[0].seq, last[0].hash) if last else (0, GENESIS)
 
     def init(self) -> None:
         conn = self._connect()
@@ -467,6 +497,10 @@ class SQLiteStore(Store):
     def _end_exclusive(self) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
+    def _accepts_writes(self, conn: Any) -> bool:
+        conn.execute("SELECT 1 FROM decisions LIMIT 1").fetchone()
+        return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+
     def _schema(self) -> Sequence[str]:
         return _tables("INTEGER")
 
@@ -517,6 +551,10 @@ class PostgresStore(Store):
     def _begin_exclusive(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
 
+    def _accepts_writes(self, conn: Any) -> bool:
+        row = conn.execute("SHOW transaction_read_only").fetchone()
+        return bool(row) and row[0] == "off"
+
     def _schema(self) -> Sequence[str]:
         return _tables("BIGINT")
 
@@ -524,12 +562,20 @@ class PostgresStore(Store):
         return "PostgresStore(" + self.url.split("@")[-1] + ")"
 
 
+SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+
+
 def open_store(url: str) -> Store:
-    """`sqlite:///path/to/file.db` (or a plain path) or `postgresql://...`."""
+    """`sqlite:///path/to/file.db` (or a plain path) or `postgresql://...`.
+
+    For SQLite, BINDPOLICY_SQLITE_SYNCHRONOUS picks NORMAL (the default: survives a killed
+    process), FULL or EXTRA (survive power loss too, an fsync per group commit).
+    """
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
-    if url.startswith("sqlite:///"):
-        return SQLiteStore(url[len("sqlite:///"):])
-    if "://" in url:
+    if "://" in url and not url.startswith("sqlite:///"):
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://")
-    return SQLiteStore(url)
+    synchronous = os.environ.get("BINDPOLICY_SQLITE_SYNCHRONOUS", "NORMAL").upper()
+    if synchronous not in SYNCHRONOUS:
+        raise ValueError(f"BINDPOLICY_SQLITE_SYNCHRONOUS must be one of {', '.join(SYNCHRONOUS)}")
+    return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)

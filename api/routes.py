@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -52,8 +53,9 @@ def _tokens(key: str) -> list[str]:
 
 
 def _authorized(key: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    given = header[7:] if header.startswith("Bearer ") else ""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""
     return any(hmac.compare_digest(given.encode(), t.encode()) for t in _tokens(key))
 
 
@@ -101,16 +103,13 @@ def _decide_one(raw: Any, now: datetime, explain: bool) -> tuple[int, dict[str, 
     try:
         decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain)
     except RequestError as exc:
-        service.metrics.rejections.labels(exc.code).inc()
-        return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
-    body = decision.to_dict()
-    service.metrics.decisions.labels(raw.get("action"), decision.decision,
-                                     decision.rule.id if decision.rule else "").inc()
-    return 200, body, "decided"
+            return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
+    return 200, decision.to_dict(), "decided"
 
 
 def _commit(records: list[Any]) -> Response | None:
-    """Commit the records; a 503 to answer instead if the log cannot take them."""
+    """Commit the records; a 503 to answer instead if the log cannot take them. Metrics count
+    what was answered, so they are counted only once the records are in."""
     service = _service()
     try:
         service.store.write_many(records)
@@ -121,6 +120,11 @@ def _commit(records: list[Any]) -> Response | None:
         return error_response(503, "log_unavailable",
                               "the decision log cannot commit, so nothing is answered; retry later")
     g.decision_ids.extend(r.decision_id for r in records)
+    for record in records:
+        if record.outcome == "decided":
+            service.metrics.decisions.labels(record.action, record.decision, record.rule_id or "").inc()
+        elif isinstance(record.response, dict):
+            service.metrics.rejections.labels(record.response.get("error", {}).get("code", "unknown")).inc()
     return None
 
 
@@ -128,7 +132,6 @@ def _reject_and_log(exc: _Rejected) -> Response:
     decision_id = new_decision_id()
     body = {"error": {"code": exc.code, "message": exc.message, "details": [d.to_dict() for d in exc.details]},
             "decision_id": decision_id}
-    _service().metrics.rejections.labels(exc.code).inc()
     record = new_record(decision_id=decision_id, outcome="rejected", status=exc.status, request=exc.logged,
                         response=body, duration_us=_elapsed_us())
     failure = _commit([record])
@@ -216,11 +219,11 @@ def list_decisions() -> Response:
             try:
                 parse_timestamp(str(filters[name]))
             except ValueError:
-                problems.append(Detail(f"?{name}", "expected an RFC 3339 timestamp"))
+                problems.append(Detail(f"?{name}", "expected an RFC 3339 timestamp within the years 1 to 9999"))
     limit_text, after_text = args.get("limit", "100"), args.get("after", "0")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+    if not re.fullmatch(r"[0-9]{1,4}", limit_text) or not 1 <= int(limit_text) <= 1000:
         problems.append(Detail("?limit", "expected a whole number from 1 to 1000"))
-    if not after_text.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", after_text):
         problems.append(Detail("?after", "expected a record's seq"))
     if problems:
         raise RequestError("invalid_query", "the log query is not valid", problems)
@@ -300,6 +303,11 @@ def readyz() -> Response:
         "loaded_at": format_timestamp(holder.loaded_at), "decision_log": "writable" if writable else "unwritable"}
     if breach is not None:
         body["decision_log_chain"] = f"broken at record {breach.seq}: {breach.problem}"
+    if service.store.last_error is not None:
+        body["decision_log_last_error"] = str(service.store.last_error)
+    if writable:
+        seq, head = service.store.head()
+        body["decision_log_head"] = {"seq": seq, "hash": head}  # to notice records removed from the end
     if holder.failure is not None:
         body["last_reload"] = {"status": "refused", "at": holder.failure.at, "error": holder.failure.error,
                                "serving": "the last good policy set"}
