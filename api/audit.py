@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from engine.loader import load_policies
 from engine.versions import parse_timestamp
 
 REPRODUCED, DIFFERENT, CANNOT = "reproduced", "different", "cannot_replay"
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\.ya?ml")
+REPLAY_MAX_LIST_ITEMS = 1_000_000
 
 
 @dataclass
@@ -60,6 +63,10 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
         return ReplayResult(CANNOT, record.decision_id, [], f"the policy content {digest} is not in the log",
                             digest)
     version, files = stored
+    unsafe = [name for name in files if not SAFE_NAME.fullmatch(name)]
+    if unsafe:  # the stored names are not under the chain's protection: never write outside the folder
+        return ReplayResult(CANNOT, record.decision_id, [], f"stored file names are not policy files: {unsafe}",
+                            digest)
     engine = _engine(files, policy.get("runtime") or record.runtime or "native")
     judged = engine.policies.get(version)
     if judged is None or judged.digest != digest:
@@ -67,8 +74,13 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
                             digest)
     request = record.request
     now = parse_timestamp(response["at"])
-    decision = engine.decide({**request, "policy_version": version} if "policy_version" not in request else request,
-                             now=now, decision_id=record.decision_id, explain="explain" in response)
+    try:
+        decision = engine.decide({**request, "policy_version": version} if "policy_version" not in request
+                                 else request, now=now, decision_id=record.decision_id, explain="explain" in response)
+    except RequestError as exc:  # a logged decision whose request no longer passes: say so, as a difference
+        return ReplayResult(DIFFERENT, record.decision_id, [{"path": "/", "logged": response.get("decision"),
+                                                             "replayed": exc.to_dict()}],
+                            "the logged request is now rejected", digest)
     differences = _differences(response, decision.to_dict())
     return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
                         "" if not differences else f"{len(differences)} difference(s)", digest)
@@ -94,7 +106,7 @@ def _engine(files: dict[str, str], runtime: str) -> Engine:
             path = Path(folder) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        try:
-            return Engine(load_policies(folder), runtime=runtime)
+        try:  # the logged request passed the service's own list bound: judge it with no lower one
+            return Engine(load_policies(folder), runtime=runtime, max_list_items=REPLAY_MAX_LIST_ITEMS)
         except PolicyLoadError as exc:  # content that loaded once always loads again; say so if not
             raise RuntimeError(f"stored policy content no longer loads: {exc}") from exc

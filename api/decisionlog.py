@@ -368,8 +368,9 @@ class Store:
             conn.close()
 
     def requests(self, since: str | None = None, until: str | None = None) -> Iterator[str]:
-        """The stored text of every decided request, in log order, streamed (for impact)."""
-        sql = "SELECT request FROM decisions WHERE outcome = 'decided'"
+        """Every decided request as JSON text, in log order, streamed (for impact). A request
+        that came without `at` gets the `at` it was judged at, so that it is judged again then."""
+        sql = "SELECT request, response FROM decisions WHERE outcome = 'decided'"
         args: list[Any] = []
         if since is not None:
             sql += f" AND logged_at >= {self.placeholder}"
@@ -379,8 +380,10 @@ class Store:
             args.append(log_time(until))
         conn = self._connect()
         try:
-            for (text,) in conn.execute(sql + " ORDER BY seq", tuple(args)):
-                yield text
+            for text, response in conn.execute(sql + " ORDER BY seq", tuple(args)):
+                judged_at = None if '"at":' in text else json.loads(response).get("at")
+                # (canonical JSON: only the top-level field is named exactly "at")
+                yield text if judged_at is None else canonical({**json.loads(text), "at": judged_at})
         finally:
             conn.close()
 

@@ -70,6 +70,8 @@ class PolicyHolder:
             self._signature = current
             try:
                 engine = self._build()
+                if self.on_load:  # e.g. keep its content for replay: before it serves, or not at all
+                    self.on_load(engine)
             except PolicyLoadError as exc:
                 self._fail(str(exc))
                 return False
@@ -82,8 +84,6 @@ class PolicyHolder:
             self.loaded_at = datetime.now(UTC)
             new = {v.name: v.digest for v in engine.policies}
             log.info("policies reloaded", extra={"event": "policy_reload", "before": old, "after": new})
-            if self.on_load:
-                self.on_load(engine)
             return True
 
     def _build(self) -> Engine:

@@ -100,7 +100,7 @@ class _Needs:
             if check is None or check(self.request):
                 return False
         found = False
-        for path in expr.needs_by_context.get(self.context, expr.needs):
+        for path in expr.needs_for(*self.context):
             absent = self._absent.get(path)
             if absent is None:
                 absent = self._absent[path] = absent_fields(self.request, path)
@@ -150,14 +150,14 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
         if explain:
             traces.append(Trace(rule.id, rule.effect, outcome, _values(rule, request), rule.where, error))
     outputs: dict[str, Any] = {}
-    for output in version.outputs_for(action, role):
+    for output in () if violations else version.outputs_for(action, role):  # allowed decisions only
         owner = f"output {output.name}"
         try:
             if needs.lacking(output.applies_when, owner):
                 continue
             if output.applies_when is not None and not run_condition(output.applies_when, activation):
                 continue
-            if needs.lacking(output.value, owner) or violations:
+            if needs.lacking(output.value, owner):
                 continue
             outputs[output.name] = to_json(run(output.value, activation))
         except EvaluationFailure as exc:
@@ -166,7 +166,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
                                       f"evaluate, so the request is denied (fail closed): {exc}",
                                       output.defined_in, where))
     needs.raise_if_any()
-    if violations:
+    if violations:  # an output that failed denies: a denial carries no outputs
         outputs = {}
     return Decision(
         decision_id=decision_id, decision="deny" if violations else "allow",

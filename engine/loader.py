@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.request import presence_check
 from engine.schemas import load_schema
 from engine.versions import PolicySet, parse_timestamp
-from engine.yamlpos import Key, YamlDocument, read_yaml
+from engine.yamlpos import Key, YamlDocument, parse_yaml
 
 VERSION_FILE = "version.yaml"
 
@@ -88,9 +87,11 @@ def _read_versions(root: Path, problems: list[Problem]) -> dict[str, _RawVersion
         files: dict[str, bytes] = {}
         for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
             name = path.relative_to(root).as_posix()
-            with contextlib.suppress(OSError):  # read_yaml reports an unreadable file
+            try:  # read once: the digest and the rules come from the same bytes
                 files[name] = path.read_bytes()
-            doc, found = read_yaml(path, name)
+                doc, found = parse_yaml(files[name].decode("utf-8"), name)
+            except (OSError, UnicodeDecodeError) as exc:
+                doc, found = None, [Problem(Location(name), "file_unreadable", f"cannot read the file: {exc}")]
             problems.extend(found)
             if doc is None:
                 continue
@@ -254,7 +255,7 @@ def _needs_plan(context: tuple[str, str | None],
                 pairs: list[tuple[Expression | None, Expression]]) -> NeedsPlan:
     """Fields needed whatever the request says, in one check; the rest, rule by rule."""
     def needs(expr: Expression) -> tuple[tuple[str, ...], ...]:
-        return expr.needs_by_context.get(context, expr.needs)
+        return expr.needs_for(*context)
 
     always: list[tuple[str, ...]] = []
     everything: list[tuple[str, ...]] = []
