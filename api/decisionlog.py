@@ -440,11 +440,20 @@ class Store:
         return (last[0].seq, last[0].hash) if last else (0, GENESIS)
 
     def init(self) -> None:
+        """Create the tables if need be; the workers of a service all do it at once, so under the
+        write lock (PostgreSQL's CREATE ... IF NOT EXISTS is not safe against itself)."""
         conn = self._connect()
         try:
-            for statement in self._schema():
-                conn.execute(statement)
-            conn.commit()
+            self._begin_exclusive(conn)
+            try:
+                for statement in self._schema():
+                    conn.execute(statement)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                self._end_exclusive()
         finally:
             conn.close()
 
