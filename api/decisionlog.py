@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -362,7 +362,7 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         conn = self._connect()
         try:
-            for row in conn.execute(sql, tuple(args)):
+            for row in self._stream(conn, sql, tuple(args)):
                 yield self._record(row)
         finally:
             conn.close()
@@ -380,7 +380,7 @@ class Store:
             args.append(log_time(until))
         conn = self._connect()
         try:
-            for text, response in conn.execute(sql + " ORDER BY seq", tuple(args)):
+            for text, response in self._stream(conn, sql + " ORDER BY seq", tuple(args)):
                 judged_at = None if '"at":' in text else json.loads(response).get("at")
                 # (canonical JSON: only the top-level field is named exactly "at")
                 yield text if judged_at is None else canonical({**json.loads(text), "at": judged_at})
@@ -433,6 +433,11 @@ class Store:
 
     def _accepts_writes(self, conn: Any) -> bool:
         raise NotImplementedError
+
+    def _stream(self, conn: Any, sql: str, args: tuple[Any, ...]) -> Iterable[Sequence[Any]]:
+        """Rows as they come (a million logged decisions never sit in memory at once)."""
+        rows: Iterable[Sequence[Any]] = conn.execute(sql, args)  # SQLite's cursor steps through the file
+        return rows
 
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record: (0, genesis) for an empty log."""
@@ -566,6 +571,12 @@ class PostgresStore(Store):
     def _accepts_writes(self, conn: Any) -> bool:
         row = conn.execute("SHOW transaction_read_only").fetchone()
         return bool(row) and row[0] == "off"
+
+    def _stream(self, conn: Any, sql: str, args: tuple[Any, ...]) -> Iterable[Sequence[Any]]:
+        cursor = conn.cursor(name="bindpolicy_stream")  # server side: fetched 2000 rows at a time
+        cursor.itersize = 2000
+        cursor.execute(sql, args)
+        return cast(Iterable[Sequence[Any]], cursor)
 
     def _schema(self) -> Sequence[str]:
         return _tables("BIGINT")
