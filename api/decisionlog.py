@@ -185,6 +185,19 @@ class Store:
     def _end_exclusive(self) -> None:
         """Called once the transaction begun by _begin_exclusive has committed or rolled back."""
 
+    @contextlib.contextmanager
+    def _exclusive(self, conn: Any) -> Iterator[None]:
+        """A write transaction under the log's write lock: committed, or rolled back on error."""
+        self._begin_exclusive(conn)
+        try:
+            yield
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            self._end_exclusive()
+
     def _schema(self) -> Sequence[str]:
         raise NotImplementedError
 
@@ -285,8 +298,7 @@ class Store:
 
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
         """One transaction: read the chain's head, chain the records on, commit."""
-        self._begin_exclusive(conn)
-        try:
+        with self._exclusive(conn):
             row = conn.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (row[0], row[1]) if row else (0, GENESIS)
             chained = []
@@ -299,12 +311,6 @@ class Store:
             sql = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({marks})"
             rows = [self._row(r) for r in chained]
             (conn if hasattr(conn, "executemany") else conn.cursor()).executemany(sql, rows)
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
-        finally:
-            self._end_exclusive()
         self.batches += 1
         self.records += len(chained)
         return chained
@@ -449,16 +455,9 @@ class Store:
         write lock (PostgreSQL's CREATE ... IF NOT EXISTS is not safe against itself)."""
         conn = self._connect()
         try:
-            self._begin_exclusive(conn)
-            try:
+            with self._exclusive(conn):
                 for statement in self._schema():
                     conn.execute(statement)
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                self._end_exclusive()
         finally:
             conn.close()
 

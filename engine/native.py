@@ -404,18 +404,7 @@ def _h_unary(kids: list[Any]) -> Closure:
 
 
 def _select(base: Closure, name: str) -> Closure:
-    def select(env: Env) -> Any:
-        value = base(env)
-        if type(value) is dict:
-            try:
-                return value[name]
-            except KeyError:
-                raise CelError(f"no such member in mapping: {name!r}") from None
-        if value is None:
-            raise CelError(f"null does not support field selection ({name!r})")
-        raise Defer
-
-    return select
+    return lambda env: _step(base(env), name)
 
 
 def _h_member_dot(kids: list[Any]) -> Closure:
