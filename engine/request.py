@@ -205,55 +205,65 @@ class CelConverter:
 class NativeConverter:
     """From the request schema: turns a request into plain Python values for native evaluation.
 
-    Only what differs is rebuilt: timestamps become aware datetimes, `number` fields floats,
-    `integer` fields ints (JSON's 18.0 is an integer); everything else is the request's own
-    objects, shared, never modified.
+    Only what differs is rebuilt: timestamps become aware datetimes (UTC), `number` fields
+    floats, `integer` fields ints (JSON's 18.0 is an integer); everything else is the request's
+    own objects, shared, never modified. The schema is written out once as Python source, one
+    small function per object or list that holds something to convert.
     """
 
     def __init__(self, schema: Schema | None = None) -> None:
         schema = schema or load_schema("request")
         self.walker = SchemaWalker(schema)
-        convert = self._build(schema)
-        self._convert: Convert = convert if convert is not None else dict
+        self._defs: list[str] = []
+        top = self._function(schema) or "_copy"
+        namespace: dict[str, Any] = {"parse_timestamp": parse_timestamp, "_copy": dict}
+        exec(compile("\n\n".join(self._defs), "<native converter>", "exec"), namespace)  # from the schema
+        self._convert: Convert = namespace[top]
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         converted: dict[str, Any] = self._convert(request)
         return converted if converted is not request else dict(request)
 
-    def _build(self, schema: Schema) -> Convert | None:
-        """A converter for values of this schema, or None where values stay as they are."""
+    def _scalar(self, schema: Schema, value: str) -> str | None:
+        """An expression converting `value` (a name), or None if it stays as it is."""
         kinds = self.walker.types(schema)
         if "timestamp" in kinds:
-            return lambda v: None if v is None else parse_timestamp(v)
+            return f"(None if {value} is None else parse_timestamp({value}))"
+        if "object" in kinds or "array" in kinds:
+            name = self._function(schema)
+            return f"{name}({value})" if name else None
+        if "number" in kinds:
+            return f"(float({value}) if type({value}) is int else {value})"
+        if "integer" in kinds:
+            return f"(int({value}) if type({value}) is float else {value})"
+        return None
+
+    def _function(self, schema: Schema) -> str | None:
+        """The name of a function converting values of an object or list schema (None: nothing to do)."""
+        kinds = self.walker.types(schema)
+        self._count = getattr(self, "_count", 0) + 1
+        name = f"_convert_{self._count}"  # numbered before the functions it calls are written
         if "object" in kinds:
-            fields = {name: self._build(self.walker.resolve(sub))
-                      for alt in self.walker.alternatives(schema)
-                      for name, sub in alt.get("properties", {}).items()}
-            changing = {name: fn for name, fn in fields.items() if fn is not None}
-            if not changing:
+            body = []
+            for alt in self.walker.alternatives(schema):
+                for field, sub in alt.get("properties", {}).items():
+                    expression = self._scalar(self.walker.resolve(sub), "x")
+                    if expression is not None:
+                        body.append(f"    if {field!r} in v:\n        x = v[{field!r}]\n"
+                                    f"        v[{field!r}] = {expression}")
+            if not body:
                 return None
-
-            def convert_object(v: Any) -> Any:
-                if v is None:
-                    return None
-                out = dict(v)
-                for name, fn in changing.items():
-                    if name in out:
-                        out[name] = fn(out[name])
-                return out
-
-            return convert_object
+            self._defs.append(f"def {name}(v):\n    if v is None:\n        return None\n    v = dict(v)\n"
+                              + "\n".join(body) + "\n    return v")
+            return name
         if "array" in kinds:
             items = next((self.walker.resolve(a["items"]) for a in self.walker.alternatives(schema)
                           if "items" in a), {})
-            each = self._build(items)
-            if each is None:
+            expression = self._scalar(items, "x")
+            if expression is None:
                 return None
-            return lambda v: None if v is None else [each(i) for i in v]
-        if "number" in kinds:
-            return lambda v: None if v is None else float(v)
-        if "integer" in kinds:
-            return lambda v: None if v is None else int(v)
+            self._defs.append(f"def {name}(v):\n    return None if v is None else [{expression} for x in v]")
+            return name
         return None
 
 

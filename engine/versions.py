@@ -15,9 +15,14 @@ def parse_timestamp(text: str) -> datetime:
     ValueError for anything Python cannot hold: a leap second (23:59:60), year 0, or a moment
     that falls outside years 1 to 9999 once in UTC.
     """
-    when = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    try:
+        when = datetime.fromisoformat(text)  # Python 3.11 reads RFC 3339 with Z itself
+    except ValueError:  # a lower-case t or z, which RFC 3339 allows
+        when = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
     if when.tzinfo is None:
         return when.replace(tzinfo=UTC)
+    if when.tzinfo is UTC:
+        return when
     try:
         return when.astimezone(UTC)
     except OverflowError as exc:
