@@ -116,7 +116,8 @@ def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> Non
     assert out.rstrip().splitlines()[-1].endswith("passed, 0 failed")
 
 
-@pytest.mark.parametrize("command", [[], ["check"], ["test"], ["decide"]])
+@pytest.mark.parametrize("command", [[], ["check"], ["test"], ["decide"], ["serve"], ["diff"], ["impact"],
+                                     ["replay"], ["log"], ["log", "verify"], ["log", "list"], ["generate"]])
 def test_help_on_every_command(command: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "engine.cli", *command, "--help"],
                             capture_output=True, text=True, cwd=ROOT, check=False)
