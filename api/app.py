@@ -79,7 +79,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
                           interval=float(app.config["RELOAD_INTERVAL"]),
                           max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed)
-    service = Service(holder, store, metrics)
+    tokens = {key: tuple(t.strip() for t in str(app.config[key]).split(",") if t.strip())
+              for key in ("LOG_TOKENS", "DECISION_TOKENS")}
+    service = Service(holder, store, metrics, tokens)
     # The chain's tail is checked at start: an altered log is reported (readyz, logs), not extended silently.
     service.chain_breach = store.verify(store.tail(TAIL_CHECKED))
     if service.chain_breach is not None:
@@ -112,8 +114,10 @@ class OrjsonProvider(DefaultJSONProvider):
 class Service:
     """What the routes need: the policies in service, the decision log, the metrics."""
 
-    def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics) -> None:
+    def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics,
+                 tokens: Mapping[str, tuple[str, ...]]) -> None:
         self.holder = holder
         self.store = store
         self.metrics = metrics
+        self.tokens = tokens  # LOG_TOKENS, DECISION_TOKENS: the bearer tokens each accepts
         self.chain_breach: Breach | None = None

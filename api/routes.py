@@ -48,8 +48,9 @@ def _access_log(response: Response) -> Response:
     return response
 
 
-def _tokens(key: str) -> list[str]:
-    return [t.strip() for t in str(current_app.config[key]).split(",") if t.strip()]
+def _tokens(key: str) -> tuple[str, ...]:
+    tokens: tuple[str, ...] = _service().tokens[key]
+    return tokens
 
 
 def _authorized(key: str) -> bool:
