@@ -13,7 +13,7 @@ import orjson
 from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 
-from api.decisionlog import Breach, Store, open_store
+from api.decisionlog import Breach, DecisionLog, Store, open_store
 from api.errors import register_error_handlers
 from api.holder import PolicyHolder, ReloadFailure
 from api.metrics import Metrics
@@ -117,7 +117,8 @@ class Service:
     def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics,
                  tokens: Mapping[str, tuple[str, ...]]) -> None:
         self.holder = holder
-        self.store = store
+        self.log: DecisionLog = store  # what deciding needs: the one write method
+        self.store = store  # what reading needs: records, the chain, policy contents
         self.metrics = metrics
         self.tokens = tokens  # LOG_TOKENS, DECISION_TOKENS: the bearer tokens each accepts
         self.chain_breach: Breach | None = None

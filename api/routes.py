@@ -113,7 +113,7 @@ def _commit(records: list[Any]) -> Response | None:
     what was answered, so they are counted only once the records are in."""
     service = _service()
     try:
-        service.store.write_many(records)
+        service.log.write_many(records)
     except LogError as exc:
         service.metrics.log_failures.inc(len(records))
         logging.getLogger("bindpolicy.log").error("decision log write failed", extra={
