@@ -49,7 +49,7 @@ class LogRecord:
 
     decision_id: str
     logged_at: str
-    outcome: str  # "decided" or "rejected"
+    outcome: str  # "decided", "rejected" (bad input), or "failed" (a bug of ours, answered 500)
     status: int  # the HTTP status answered (200, 400...)
     request: Any  # the request as received (the raw text when it was not JSON)
     response: Any

@@ -55,7 +55,7 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
                                        "response", "prev_hash", "hash"],
         "properties": {"seq": {"type": "integer"}, "decision_id": {"type": "string"},
                        "logged_at": {"type": "string", "format": "date-time"},
-                       "outcome": {"enum": ["decided", "rejected"]}, "status": {"type": "integer"},
+                       "outcome": {"enum": ["decided", "rejected", "failed"]}, "status": {"type": "integer"},
                        "request": {}, "response": {}, "duration_us": {"type": "integer"},
                        "prev_hash": {"type": "string"}, "hash": {"type": "string"}}}
     schemas["PolicyVersionSummary"] = {

@@ -104,7 +104,11 @@ def _decide_one(raw: Any, now: datetime, explain: bool) -> tuple[int, dict[str, 
     try:
         decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain)
     except RequestError as exc:
-            return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
+        return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
+    except Exception:  # a bug of ours: answered as such, and logged like every other answer
+        logging.getLogger("bindpolicy.api").exception("decision failed", extra={"decision_id": decision_id})
+        return 500, {"error": {"code": "internal_error", "message": "the decision failed; the error is logged",
+                               "details": []}, "decision_id": decision_id}, "failed"
     return 200, decision.to_dict(), "decided"
 
 

@@ -118,6 +118,8 @@ class TestDecisions:
         assert response.status_code == 500 and response.is_json
         assert "secret internals" not in response.get_data(as_text=True)
         assert "Traceback" not in response.get_data(as_text=True)
+        record = logged(client, response.json["decision_id"])  # even a failure of ours is in the log
+        assert record["outcome"] == "failed" and record["status"] == 500
 
 
 class TestBatch:
