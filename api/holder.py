@@ -67,15 +67,16 @@ class PolicyHolder:
         with self._lock:
             if current == self._signature:
                 return False
-            self._signature = current
+            previous, self._signature = self._signature, current
             try:
                 engine = self._build()
                 if self.on_load:  # e.g. keep its content for replay: before it serves, or not at all
                     self.on_load(engine)
-            except PolicyLoadError as exc:
+            except PolicyLoadError as exc:  # the files are wrong: tried again once they change
                 self._fail(str(exc))
                 return False
-            except Exception as exc:  # an unreadable folder, say: the last good set keeps serving
+            except Exception as exc:  # the folder or the log database failed: tried again next time
+                self._signature = previous
                 self._fail(f"{type(exc).__name__}: {exc}")
                 return False
             old = {v.name: v.digest for v in self.engine.policies}
