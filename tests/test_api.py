@@ -353,3 +353,23 @@ def test_time_filters_compare_as_times(tmp_path: Path, database_url: str) -> Non
         == ["t1"]
     assert list(store.requests(since="2025-06-01T00:00:00.5Z")) == ['{"n":2}']
     store.close()
+
+
+def test_a_reload_that_fails_for_the_environment_is_tried_again(tmp_path: Path, policy_copy: Path) -> None:
+    app = make_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}", POLICY_DIR=str(policy_copy))
+    holder = app.extensions["bindpolicy"].holder
+    saved = holder.on_load
+    calls = []
+
+    def flaky(engine: Any) -> None:
+        calls.append(engine)
+        if len(calls) == 1:
+            raise OSError("the log database is away")
+        saved(engine)
+
+    holder.on_load = flaky
+    bind = policy_copy / "v1" / "bind.yaml"
+    bind.write_text(bind.read_text().replace("must be at least 18 years old", "must be 18 or older"))
+    assert not holder.reload_if_changed() and "away" in holder.failure.error
+    assert holder.reload_if_changed()  # same files, tried again: now it serves
+    assert holder.failure is None and len(calls) == 2
