@@ -51,6 +51,7 @@ class PolicyHolder:
         self.on_load = on_load
         self.on_failure = on_failure
         self._signature = signature(self.folder)
+        self._seen = self._signature  # what the last check saw
         self.engine = self._build()  # a bad set never serves
         self.failure: ReloadFailure | None = None
         self.loaded_at = datetime.now(UTC)
@@ -59,10 +60,18 @@ class PolicyHolder:
         if on_load:
             on_load(self.engine)
 
-    def reload_if_changed(self) -> bool:
-        """Reload when the files changed; True if a new set now serves."""
+    def reload_if_changed(self, settle: bool = False) -> bool:
+        """Reload when the files changed; True if a new set now serves.
+
+        With `settle` (the watcher), a change is loaded only once the files have stayed the same
+        for one check: a file still being written is never loaded half-way.
+        """
         current = signature(self.folder)
         if current == self._signature:
+            self._seen = current
+            return False
+        if settle and current != self._seen:
+            self._seen = current
             return False
         with self._lock:
             if current == self._signature:
@@ -110,6 +119,6 @@ class PolicyHolder:
         while True:
             time.sleep(self.interval)
             try:
-                self.reload_if_changed()
+                self.reload_if_changed(settle=True)
             except Exception:  # never let the watcher die
                 log.exception("policy watcher error")

@@ -373,3 +373,12 @@ def test_a_reload_that_fails_for_the_environment_is_tried_again(tmp_path: Path, 
     assert not holder.reload_if_changed() and "away" in holder.failure.error
     assert holder.reload_if_changed()  # same files, tried again: now it serves
     assert holder.failure is None and len(calls) == 2
+
+
+def test_the_watcher_waits_for_the_files_to_settle(tmp_path: Path, policy_copy: Path) -> None:
+    app = make_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}", POLICY_DIR=str(policy_copy))
+    holder = app.extensions["bindpolicy"].holder
+    bind = policy_copy / "v1" / "bind.yaml"
+    bind.write_text(bind.read_text().replace("must be at least 18 years old", "must be 18 or older"))
+    assert not holder.reload_if_changed(settle=True)  # just changed: maybe still being written
+    assert holder.reload_if_changed(settle=True)  # unchanged since the last check: loaded
