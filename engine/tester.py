@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -195,6 +196,9 @@ def _judge(engine: Engine, request: dict[str, Any], expect: dict[str, Any], cove
     if "policy_version" in expect and got["policy"]["version"] != expect["policy_version"]:
         failures.append(f"policy version: expected {expect['policy_version']}, "
                         f"got {got['policy']['version']}")
+    if failures:  # what the author needs to see why: the rules that fired, and what they read
+        failures.extend(f"  {t.outcome} {t.id} ({t.source}) read {json.dumps(dict(t.values), default=str)}"
+                        for t in decision.explain if t.outcome in (FIRED, ERROR))
     return failures
 
 

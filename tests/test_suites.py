@@ -68,7 +68,8 @@ def test_failures_gaps_and_suite_problems_are_reported(write_policies: WriteFile
     assert not report.ok
     assert [r.passed for r in report.results] == [True, False]
     assert report.results[1].failures == ["decision: expected allow, got deny (by adult)",
-                                          "rule: expected None, got adult"]
+                                          "rule: expected None, got adult",
+                                          '  fired adult (v1/rules.yaml:2) read {"account.age": 17}']
     assert [str(p) for p in report.problems] == [
         "tests/small.yaml:19:11: no base named 'nope' in this suite [unknown_base]"]
     assert [report.coverage.rules[w][0] for w in report.coverage.never_fired()] == ["never-tested"]
@@ -93,4 +94,5 @@ def test_a_rule_that_fails_at_run_time_fails_its_case_even_when_it_denies(write_
     root = write_policies({"v1/version.yaml": VERSION_V1, "v1/rules.yaml": rules, "tests/small.yaml": suite})
     report = run_suites(Engine(load_policies(root)), root)
     assert [r.failures for r in report.results] == [
-        ["adult failed to evaluate (v1/rules.yaml:2): modulus or divide by zero"]]
+        ["adult failed to evaluate (v1/rules.yaml:2): modulus or divide by zero",
+         '  error adult (v1/rules.yaml:2) read {"account.age": 30}']]
