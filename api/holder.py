@@ -26,7 +26,12 @@ class ReloadFailure:
 
 
 def signature(folder: Path) -> Signature:
-    """Names, sizes and modification times of every policy file: cheap to take every second."""
+    """Names, sizes and modification times of every policy file: cheap to take every second.
+
+    Polling rather than inotify (watchdog): it sees files swapped in by a symlink flip (as
+    Kubernetes config maps are), works on network file systems, and costs a few dozen stat
+    calls a second per worker.
+    """
     found = []
     for path in sorted(folder.rglob("*")):
         if path.suffix in (".yaml", ".yml") and path.is_file():
