@@ -28,9 +28,9 @@ class ReloadFailure:
 def signature(folder: Path) -> Signature:
     """Names, sizes and modification times of every policy file: cheap to take every second.
 
-    Polling rather than inotify (watchdog): it sees files swapped in by a symlink flip (as
-    Kubernetes config maps are), works on network file systems, and costs a few dozen stat
-    calls a second per worker.
+    Polling rather than inotify (watchdog): `stat` follows symlinks, so a file replaced by a
+    rename or behind a re-pointed symlink is seen alike, it works on network file systems, and
+    it costs a few dozen stat calls a second per worker.
     """
     found = []
     for path in sorted(folder.rglob("*")):
