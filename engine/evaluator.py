@@ -81,7 +81,7 @@ class _Needs:
     """Collects the fields that applicable rules need and the request lacks."""
 
     def __init__(self, request: Mapping[str, Any], plan: NeedsPlan | None) -> None:
-        self.request = dict(request)
+        self.request = request  # read only: never copied
         # A complete request needs no look at all; with the `always` fields there, only the
         # expressions of rules that apply need one, and a fast one; otherwise every expression
         # is accounted for field by field.
@@ -187,7 +187,7 @@ def _values(rule: Rule, request: Mapping[str, Any]) -> dict[str, Any]:
         if expr is None:
             continue
         for path in expr.reads():
-            present, value = value_at(dict(request), path)
+            present, value = value_at(request, path)
             out[".".join(path).replace(".[]", "[]")] = value if present else "<absent>"
     return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from typing import Any
 
@@ -113,7 +113,7 @@ def timestamp_problems(request: Any, schema: Schema | None = None) -> list[Detai
     return found
 
 
-def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:
+def absent_fields(request: Mapping[str, Any], path: FieldPath) -> list[str]:
     """JSON pointers of the places where `path` is missing from the request."""
     if OPTIONAL not in path and EACH not in path:  # the common case, without recursion
         value: Any = request
@@ -146,7 +146,7 @@ def absent_fields(request: dict[str, Any], path: FieldPath) -> list[str]:
     return found
 
 
-def value_at(request: dict[str, Any], path: FieldPath) -> tuple[bool, Any]:
+def value_at(request: Mapping[str, Any], path: FieldPath) -> tuple[bool, Any]:
     """(present, value) of a field path; an EACH step gives the list of item values."""
     value: Any = request
     path = tuple(p for p in path if p != OPTIONAL)
@@ -275,7 +275,7 @@ class _Node:
         self.required = False
 
 
-def presence_check(paths: Iterable[FieldPath]) -> Callable[[dict[str, Any]], bool]:
+def presence_check(paths: Iterable[FieldPath]) -> Callable[[Mapping[str, Any]], bool]:
     """One function that says whether a request carries every path (as absent_fields reads them).
 
     The paths share prefixes (account.type, account.age...), so they are merged into a tree,
@@ -295,7 +295,7 @@ def presence_check(paths: Iterable[FieldPath]) -> Callable[[dict[str, Any]], boo
     lines.append("    return True")
     namespace: dict[str, Any] = {}
     exec(compile("\n".join(lines), "<presence check>", "exec"), namespace)  # source written above, from the schema
-    check: Callable[[dict[str, Any]], bool] = namespace["check"]
+    check: Callable[[Mapping[str, Any]], bool] = namespace["check"]
     return check
 
 
