@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 
-.PHONY: setup run test lint check-policies postgres bench bench-peers bench-service clean
+.PHONY: setup run test test-fast lint check-policies postgres bench bench-peers bench-service clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ postgres:
 test: lint check-policies postgres
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
+
+# The fast tests only: no real servers, PostgreSQL, browsers or Ray.
+test-fast: lint check-policies
+	$(VENV)/bin/bindpolicy test policies
+	$(PY) -m pytest -m "not slow"
 
 run: $(STAMP)
 	$(VENV)/bin/bindpolicy serve --policies policies --data data --port $(PORT)

@@ -56,6 +56,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same tests against both stores of the decision log."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'decisions.db'}"
+    request.applymarker(pytest.mark.slow)
     from .postgres import fresh_schema
 
     return fresh_schema(request.getfixturevalue("postgres_url"), f"t_{uuid.uuid4().hex[:12]}")

@@ -25,6 +25,8 @@ from api.decisionlog import open_store
 from .conftest import POLICIES, ROOT, bind_request
 from .postgres import free_port
 
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 TOKEN = "log-secret"
 
