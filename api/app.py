@@ -13,12 +13,12 @@ import orjson
 from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 
-from api.decisionlog import Breach, DecisionLog, Store, open_store
 from api.errors import register_error_handlers
 from api.holder import PolicyHolder, ReloadFailure
 from api.metrics import Metrics
 from api.routes import routes
 from engine.decider import Engine
+from engine.decisionlog import Breach, DecisionLog, Store, open_store
 from engine.evaluator import NATIVE
 
 TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts

@@ -12,10 +12,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from api.decisionlog import FILTERS, LogError, new_record
 from api.errors import error_response
 from api.openapi import build_openapi
 from engine.decider import new_decision_id
+from engine.decisionlog import FILTERS, LogError, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError

@@ -177,7 +177,7 @@ def _log_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from api.decisionlog import open_store
+    from engine.decisionlog import open_store
 
     url = args.database_url or str(Path(args.data) / "decisions.db")
     if not args.database_url and not Path(url).exists():
@@ -229,7 +229,7 @@ def _impact(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from api.audit import CANNOT, REPRODUCED, replay
+    from engine.replay import CANNOT, REPRODUCED, replay
 
     result = replay(_store(args), args.decision_id)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))

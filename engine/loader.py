@@ -18,6 +18,7 @@ from engine.errors import Location, PolicyLoadError, Problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.request import presence_check
 from engine.schemas import load_schema
+from engine.sources import FolderSource, PolicySource
 from engine.versions import PolicySet, parse_timestamp
 from engine.yamlpos import Key, YamlDocument, parse_yaml
 
@@ -41,18 +42,18 @@ class _Entry:
 @dataclass
 class _RawVersion:
     name: str
-    folder: Path
     meta: dict[str, Any]
     meta_doc: YamlDocument
     docs: list[YamlDocument] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def load_policies(root: Path | str) -> PolicySet:
-    """Load every version under `root`; raise PolicyLoadError listing every problem found."""
-    root = Path(root)
+def load_policies(root: Path | str | PolicySource) -> PolicySet:
+    """Load every version under `root` (a folder, or any policy source); raise PolicyLoadError
+    listing every problem found."""
+    source = FolderSource(root) if isinstance(root, Path | str) else root
     problems: list[Problem] = []
-    raws = _read_versions(root, problems)
+    raws = _read_versions(source, problems)
     if problems:
         raise PolicyLoadError(problems)
     order = _inheritance_order(raws, problems)
@@ -73,29 +74,30 @@ def load_policies(root: Path | str) -> PolicySet:
     return PolicySet(built)
 
 
-def _read_versions(root: Path, problems: list[Problem]) -> dict[str, _RawVersion]:
-    if not root.is_dir():
-        problems.append(Problem(Location(str(root)), "no_policies", "the policy folder does not exist"))
+def _read_versions(source: PolicySource, problems: list[Problem]) -> dict[str, _RawVersion]:
+    if not source.exists():
+        problems.append(Problem(Location(str(source)), "no_policies", "the policy folder does not exist"))
         return {}
     raws: dict[str, _RawVersion] = {}
-    folders = sorted(p.parent for p in root.glob(f"*/{VERSION_FILE}"))
+    names = source.names()
+    folders = sorted({name.split("/")[0] for name in names if name.endswith("/" + VERSION_FILE)})
     if not folders:
-        problems.append(Problem(Location(str(root)), "no_policies",
+        problems.append(Problem(Location(str(source)), "no_policies",
                                 f"no version folder (a folder with a {VERSION_FILE}) was found"))
     for folder in folders:
         docs: list[YamlDocument] = []
         files: dict[str, bytes] = {}
-        for path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-            name = path.relative_to(root).as_posix()
+        mine = [n for n in names if n.split("/")[0] == folder]
+        for name in [*sorted(n for n in mine if n.endswith(".yaml")), *sorted(n for n in mine if n.endswith(".yml"))]:
             try:  # read once: the digest and the rules come from the same bytes
-                files[name] = path.read_bytes()
+                files[name] = source.read(name)
                 doc, found = parse_yaml(files[name].decode("utf-8"), name)
             except (OSError, UnicodeDecodeError) as exc:
                 doc, found = None, [Problem(Location(name), "file_unreadable", f"cannot read the file: {exc}")]
             problems.extend(found)
             if doc is None:
                 continue
-            definition = "versionFile" if path.name == VERSION_FILE else "ruleFile"
+            definition = "versionFile" if name.endswith("/" + VERSION_FILE) else "ruleFile"
             if not isinstance(doc.data, dict):
                 problems.append(Problem(doc.location(), "schema",
                                         "the file must be a mapping of keys to values"))
@@ -111,7 +113,7 @@ def _read_versions(root: Path, problems: list[Problem]) -> dict[str, _RawVersion
             problems.append(Problem(meta_doc.location(("version",)), "duplicate_version",
                                     f"version '{version}' is also defined in {raws[version].meta_doc.name}"))
             continue
-        raws[version] = _RawVersion(version, folder, meta_doc.data, meta_doc,
+        raws[version] = _RawVersion(version, meta_doc.data, meta_doc,
                                     [d for d in docs if d is not meta_doc], files)
     return raws
 

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from api.decisionlog import LogError, new_record, open_store
+from engine.decisionlog import LogError, new_record, open_store
 from engine.schemas import load_schema
 
 from .conftest import bind_request, make_app

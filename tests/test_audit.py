@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from api.audit import CANNOT, DIFFERENT, REPRODUCED, replay
 from engine.cli import main
 from engine.decider import Engine
 from engine.differ import diff_versions, render
 from engine.generator import generate_requests
 from engine.impact import ALLOW_TO_DENY, DENY_TO_ALLOW, OTHER_RULE, run_impact
 from engine.loader import load_policies
+from engine.replay import CANNOT, DIFFERENT, REPRODUCED, replay
 from engine.versions import PolicySet
 
 from .conftest import NOW, POLICIES, ROOT, bind_request, make_app

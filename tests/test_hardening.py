@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from api.decisionlog import new_record, open_store
 from engine.cli import main
 from engine.decider import Engine
+from engine.decisionlog import new_record, open_store
 from engine.loader import load_policies
 
 from .conftest import NOW, POLICIES, VERSION_V1, WriteFiles, bind_request, make_app

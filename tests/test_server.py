@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from api.decisionlog import open_store
+from engine.decisionlog import open_store
 
 from .conftest import POLICIES, ROOT, bind_request
 from .postgres import free_port

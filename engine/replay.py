@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from api.decisionlog import LogRecord, Store
 from engine.decider import Engine
+from engine.decisionlog import LogRecord, Store
 from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
+from engine.sources import ArchiveSource, PolicySource, UnknownDigestError
 from engine.versions import parse_timestamp
 
 REPRODUCED, DIFFERENT, CANNOT = "reproduced", "different", "cannot_replay"
@@ -58,16 +57,17 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
     digest = policy.get("digest") or record.policy_digest
     if record.outcome == "rejected" and digest is None:
         return _replay_rejection(store, record)
-    stored = store.policy(digest) if digest else None
-    if stored is None:
+    try:
+        source = ArchiveSource(store, digest or "")
+    except UnknownDigestError:
         return ReplayResult(CANNOT, record.decision_id, [], f"the policy content {digest} is not in the log",
                             digest)
-    version, files = stored
-    unsafe = [name for name in files if not SAFE_NAME.fullmatch(name)]
-    if unsafe:  # the stored names are not under the chain's protection: never write outside the folder
+    version = source.version
+    unsafe = [name for name in source.files if not SAFE_NAME.fullmatch(name)]
+    if unsafe:  # the stored names are not under the chain's protection: only policy files are read
         return ReplayResult(CANNOT, record.decision_id, [], f"stored file names are not policy files: {unsafe}",
                             digest)
-    engine = _engine(files, policy.get("runtime") or record.runtime or "native")
+    engine = _engine(source, policy.get("runtime") or record.runtime or "native")
     judged = engine.policies.get(version)
     if judged is None or judged.digest != digest:
         return ReplayResult(CANNOT, record.decision_id, [], "the stored content does not rebuild that version",
@@ -100,13 +100,8 @@ def _replay_rejection(store: Store, record: LogRecord) -> ReplayResult:
                         "its policy content is not recorded")
 
 
-def _engine(files: dict[str, str], runtime: str) -> Engine:
-    with tempfile.TemporaryDirectory() as folder:
-        for name, text in files.items():
-            path = Path(folder) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        try:  # the logged request passed the service's own list bound: judge it with no lower one
-            return Engine(load_policies(folder), runtime=runtime, max_list_items=REPLAY_MAX_LIST_ITEMS)
-        except PolicyLoadError as exc:  # content that loaded once always loads again; say so if not
-            raise RuntimeError(f"stored policy content no longer loads: {exc}") from exc
+def _engine(source: PolicySource, runtime: str) -> Engine:
+    try:  # the logged request passed the service's own list bound: judge it with no lower one
+        return Engine(load_policies(source), runtime=runtime, max_list_items=REPLAY_MAX_LIST_ITEMS)
+    except PolicyLoadError as exc:  # content that loaded once always loads again; say so if not
+        raise RuntimeError(f"stored policy content no longer loads: {exc}") from exc
