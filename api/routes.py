@@ -19,6 +19,7 @@ from engine.decisionlog import FILTERS, LogError, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
+from engine.messages import negotiate
 from engine.model import PolicyVersion
 from engine.request import parse_json
 from engine.versions import format_timestamp, parse_timestamp
@@ -97,12 +98,22 @@ def _body() -> Any:
                         logged=raw.decode("utf-8", "replace")) from exc
 
 
-def _decide_one(raw: Any, now: datetime, explain: bool) -> tuple[int, dict[str, Any], str]:
+def _language() -> str:
+    """The language of the answer's messages: Chinese for Accept-Language zh, zh-CN, zh-Hans...; else English."""
+    return negotiate(request.headers.get("Accept-Language"))
+
+
+def _say_language(response: Response, language: str) -> None:
+    response.headers["Content-Language"] = language
+    response.vary.add("Accept-Language")
+
+
+def _decide_one(raw: Any, now: datetime, explain: bool, language: str) -> tuple[int, dict[str, Any], str]:
     service = _service()
     engine = service.holder.engine  # taken once: this request sees one whole policy set
     decision_id = new_decision_id()
     try:
-        decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain)
+        decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain, language=language)
     except RequestError as exc:
         return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
     except Exception:  # a bug of ours: answered as such, and logged like every other answer
@@ -159,7 +170,8 @@ def decide() -> Response:
         raw = _body()
     except _Rejected as exc:
         return _reject_and_log(exc)
-    status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain())
+    language = _language()
+    status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain(), language)
     record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=raw,
                         response=body, duration_us=_elapsed_us())
     failure = _commit([record])
@@ -168,6 +180,7 @@ def decide() -> Response:
     _service().metrics.latency.labels("decide").observe(time.perf_counter() - g.started)
     response = jsonify(body)
     response.status_code = status
+    _say_language(response, language)
     return response
 
 
@@ -187,10 +200,10 @@ def decide_batch() -> Response:
                             [Detail("/requests", f"has {len(raw['requests'])} requests")], logged=raw)
     except _Rejected as exc:
         return _reject_and_log(exc)
-    now, explain = datetime.now(UTC), _explain()
+    now, explain, language = datetime.now(UTC), _explain(), _language()
     answers, records = [], []
     for one in raw["requests"]:
-        status, body, outcome = _decide_one(one, now, explain)
+        status, body, outcome = _decide_one(one, now, explain, language)
         answers.append(body)
         records.append(new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
                                   response=body, duration_us=_elapsed_us()))
@@ -198,7 +211,9 @@ def decide_batch() -> Response:
     if failure is not None:
         return failure
     _service().metrics.latency.labels("batch").observe(time.perf_counter() - g.started)
-    return jsonify({"decisions": answers})
+    response = jsonify({"decisions": answers})
+    _say_language(response, language)
+    return response
 
 
 @routes.get("/v1/decisions/<decision_id>")
@@ -265,6 +280,7 @@ def show_policy(version: str) -> Response:
         "id": r.id, "actions": list(r.actions), "roles": list(r.roles) if r.roles else None,
         "effect": r.effect, "applies_when": r.applies_when.text if r.applies_when else None,
         "fires_when": r.fires_when.text, "message": r.message, "source": r.source,
+        "messages": dict(r.messages.templates) if r.messages else {"en": r.message},
         "location": r.where, "defined_in": r.defined_in} for r in found.rules]
     body["outputs"] = [{
         "name": o.name, "actions": list(o.actions), "applies_when": o.applies_when.text if o.applies_when else None,

@@ -14,6 +14,7 @@ from typing import IO, Any
 from engine.decider import Engine
 from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
+from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.request import parse_json
 from engine.tester import describe, run_suites
 
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     decide.add_argument("--jsonl", action="store_true", help="the input is JSON Lines")
     decide.add_argument("--now", metavar="RFC3339",
                         help="the time for requests without `at` (default: the clock)")
+    decide.add_argument("--lang", choices=LANGUAGES, default=DEFAULT_LANGUAGE,
+                        help="the language of the messages: en (English, the default) or zh (Simplified Chinese)")
     decide.set_defaults(handler=_decide)
 
     serve = commands.add_parser(
@@ -392,7 +395,7 @@ def _answer(engine: Engine, text: str, args: argparse.Namespace, now: datetime,
         request = parse_json(text)
         if args.policy_version and isinstance(request, dict):
             request["policy_version"] = args.policy_version
-        decision = engine.decide(request, now=now, explain=args.explain)
+        decision = engine.decide(request, now=now, explain=args.explain, language=args.lang)
     except RequestError as exc:
         body = exc.to_dict()
         if line is not None:

@@ -138,6 +138,20 @@ class CelCompiler:
                           needs_by_context=MappingProxyType(by_context), native=parsed.native)
         return expr, []
 
+    def field_problem(self, path: FieldPath) -> str | None:
+        """Why `path` (a.b.c) is not a field of the request, with a did-you-mean; None if it is."""
+        if path[0] not in self.variables:
+            return f"'{path[0]}' is not a request field or 'params'{_hint(path[0], [*self.variables, PARAMS])}"
+        schema: Schema | None = self.request_schema
+        for depth, segment in enumerate(path):
+            assert schema is not None
+            child = self.walker.child(schema, segment)
+            if child is None:
+                shown = ".".join(path[:depth]) or "the request"
+                return f"'{segment}' is not a field of {shown}{_hint(segment, self.walker.fields(schema))}"
+            schema = child
+        return None
+
     def _schema_of(self, path: FieldPath) -> Schema | None:
         schema: Schema | None = self.request_schema
         for segment in path:

@@ -12,6 +12,7 @@ from celpy import celtypes
 from engine.errors import RequestError
 from engine.evaluator import NATIVE, RUNTIMES, Activation, evaluate
 from engine.loader import load_policies
+from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, PolicyVersion
 from engine.request import CelConverter, NativeConverter, RequestChecker, default_checker, timestamp_problems
 from engine.versions import PolicySet, parse_timestamp
@@ -38,7 +39,7 @@ class Engine:
         return cls(load_policies(folder))
 
     def decide(self, raw: Any, *, now: datetime, decision_id: str | None = None,
-               explain: bool = False) -> Decision:
+               explain: bool = False, language: str = DEFAULT_LANGUAGE) -> Decision:
         """Decide one request; RequestError if it cannot be decided.
 
         `now` stands in for a missing `at`: the engine never reads a clock itself.
@@ -52,7 +53,7 @@ class Engine:
             raise RequestError("invalid_request", "the request has timestamps that cannot be used",
                                timestamp_problems(request)) from None
         return evaluate(version, request, activation, at=at,
-                        decision_id=decision_id or new_decision_id(), explain=explain)
+                        decision_id=decision_id or new_decision_id(), explain=explain, language=language)
 
     def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> Activation:
         """The variables for one request: its fields, `at` and the version's `params`."""

@@ -97,7 +97,9 @@ class VersionDiff:
 def _rule_fields(rule: Rule) -> dict[str, Any]:
     return {"actions": list(rule.actions), "roles": list(rule.roles) if rule.roles else None, "effect": rule.effect,
             "applies_when": rule.applies_when.text if rule.applies_when else None,
-            "fires_when": rule.fires_when.text, "message": rule.message, "source_section": rule.source}
+            "fires_when": rule.fires_when.text, "message": rule.message,
+            "message_zh": rule.messages.template("zh") if rule.messages else rule.message,
+            "source_section": rule.source}
 
 
 def _output_fields(output: Output) -> dict[str, Any]:

@@ -9,12 +9,18 @@ from typing import Any
 from celpy import celtypes
 
 from engine.errors import Detail, RequestError
+from engine.messages import CHINESE, ENGLISH
 from engine.model import Decision, Expression, Finding, NeedsPlan, PolicyVersion, Rule, Trace
 from engine.native import CelError
 from engine.request import absent_fields, value_at
 from engine.versions import format_timestamp
 
 PASSED, FIRED, NOT_APPLICABLE, ERROR = "passed", "fired", "not_applicable", "error"
+# What a caller reads when an expression fails (English, Chinese): the rule denies.
+_FAILED = ("rule {id} failed to evaluate, so it denies (fail closed): {error}",
+           "规则 {id} 无法求值，因此拒绝（失败即拒绝）：{error}")
+_OUTPUT_FAILED = ("output {name} failed to evaluate, so the request is denied (fail closed): {error}",
+                  "输出 {name} 无法求值，因此请求被拒绝（失败即拒绝）：{error}")
 
 
 NATIVE, CEL_PYTHON = "native", "cel-python"
@@ -118,7 +124,7 @@ class _Needs:
 
 
 def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Activation, *,
-             at: datetime, decision_id: str, explain: bool = False) -> Decision:
+             at: datetime, decision_id: str, explain: bool = False, language: str = ENGLISH) -> Decision:
     """Decide a request that already passed its checks; pure: no clock, no I/O.
 
     A field that an applicable rule needs and the request lacks is a RequestError,
@@ -143,10 +149,10 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
         except EvaluationFailure as exc:
             outcome, error = ERROR, str(exc)
         if outcome == ERROR:
-            violations.append(_finding(rule, f"rule {rule.id} failed to evaluate, so it denies "
-                                             f"(fail closed): {error}"))
+            violations.append(_finding(rule, _FAILED[language == CHINESE].format(id=rule.id, error=error)))
         elif outcome == FIRED:
-            (violations if rule.effect == "deny" else warnings).append(_finding(rule, rule.message))
+            message = rule.render(language, version.native_parameters, request)
+            (violations if rule.effect == "deny" else warnings).append(_finding(rule, message))
         if explain:
             traces.append(Trace(rule.id, rule.effect, outcome, _values(rule, request), rule.where, error))
     outputs: dict[str, Any] = {}
@@ -162,9 +168,8 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
             outputs[output.name] = to_json(run(output.value, activation))
         except EvaluationFailure as exc:
             where = f"{output.location.file}:{output.location.line}"
-            violations.append(Finding(f"output.{output.name}", f"output {output.name} failed to "
-                                      f"evaluate, so the request is denied (fail closed): {exc}",
-                                      output.defined_in, where))
+            message = _OUTPUT_FAILED[language == CHINESE].format(name=output.name, error=exc)
+            violations.append(Finding(f"output.{output.name}", message, output.defined_in, where))
     needs.raise_if_any()
     if violations:  # an output that failed denies: a denial carries no outputs
         outputs = {}
@@ -173,7 +178,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
         rule=violations[0] if violations else None, violations=tuple(violations),
         warnings=tuple(warnings), outputs=outputs, policy_version=version.name,
         policy_digest=version.digest, runtime=activation.runtime, at=format_timestamp(at),
-        explain=tuple(traces) if explain else None)
+        explain=tuple(traces) if explain else None, language=language)
 
 
 def _finding(rule: Rule, message: str) -> Finding:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from celpy.adapter import json_to_cel
 from engine.checker import schema_problems, validator
 from engine.compiler import CelCompiler
 from engine.errors import Location, PolicyLoadError, Problem
+from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.request import presence_check
 from engine.schemas import load_schema
@@ -53,6 +55,7 @@ def load_policies(root: Path | str | PolicySource) -> PolicySet:
     listing every problem found."""
     source = FolderSource(root) if isinstance(root, Path | str) else root
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     raws = _read_versions(source, problems)
     if problems:
         raise PolicyLoadError(problems)
@@ -65,13 +68,13 @@ def load_policies(root: Path | str | PolicySource) -> PolicySet:
         parent = entries.get(raw.meta.get("extends", ""))
         rules, outputs, params, files = _resolve(raw, parent, problems)
         entries[name] = (rules, outputs, params, files)
-        version = _build(raw, rules, outputs, params, files, compiler, problems)
+        version = _build(raw, rules, outputs, params, files, compiler, problems, warnings)
         if version is not None:
             built[name] = version
     _check_dates(raws, problems)
     if problems:
         raise PolicyLoadError(problems)
-    return PolicySet(built)
+    return PolicySet(built, warnings=sorted(set(warnings)))
 
 
 def _read_versions(source: PolicySource, problems: list[Problem]) -> dict[str, _RawVersion]:
@@ -193,7 +196,8 @@ def _resolve(raw: _RawVersion,
 
 
 def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params: dict[str, Any],
-           files: dict[str, bytes], compiler: CelCompiler, problems: list[Problem]) -> PolicyVersion | None:
+           files: dict[str, bytes], compiler: CelCompiler, problems: list[Problem],
+           warnings: list[Problem]) -> PolicyVersion | None:
     """Compile a resolved version; None if any expression failed (the problems say why)."""
     before = len(problems)
 
@@ -211,12 +215,13 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
     for entry in rules:
         d = entry.data
         applies, fires = expression(entry, "applies_when"), expression(entry, "fires_when")
+        messages = _message(entry, params, compiler, problems, warnings)
         if fires is None:
             continue
         built_rules.append(Rule(
             id=d["id"], actions=tuple(d["actions"]), roles=tuple(d["roles"]) if "roles" in d else None,
-            effect=d["effect"], applies_when=applies, fires_when=fires, message=d["message"],
-            source=d["source"], location=entry.location, defined_in=entry.version))
+            effect=d["effect"], applies_when=applies, fires_when=fires, message=messages.template(ENGLISH),
+            source=d["source"], location=entry.location, defined_in=entry.version, messages=messages))
     built_outputs: list[Output] = []
     for entry in outputs:
         d = entry.data
@@ -251,6 +256,52 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         cel_parameters=json_to_cel(params), native_parameters=dict(params),
         _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action),
         _presence=MappingProxyType(presence))
+
+
+def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, problems: list[Problem],
+             warnings: list[Problem]) -> Message:
+    """The rule's message in each language; every placeholder must name a parameter or a field."""
+    written = entry.data["message"]
+    messages, errors = build_message(written)
+    key = (*entry.key, "message")
+
+    def where(language: str, offset: int) -> Location:
+        text = messages.templates[language]
+        line = text.count("\n", 0, offset) + 1
+        column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        at = key if isinstance(written, str) else (*key, language)
+        return entry.doc.expression_location(at, line, column)
+
+    found = [Problem(where(e.language, e.offset), "message_placeholder", e.message) for e in errors]
+    for language, placeholder in messages.placeholders():
+        path = placeholder.path
+        problem: str | None
+        if path[0] == PARAMS_ROOT:
+            if len(path) != 2 or path[1] not in params:
+                name = path[1] if len(path) > 1 else ""
+                problem = f"'{name}' is not a parameter of this version{_hint(name, list(params))}"
+            else:
+                problem = format_problem(params[path[1]], placeholder.format)
+        else:
+            problem = compiler.field_problem(path)
+            if problem is None and placeholder.format:
+                problem = f"':{placeholder.format}' shows a duration parameter; a request field cannot use it"
+        if problem is not None:
+            found.append(Problem(where(language, placeholder.offset), "message_placeholder",
+                                 f"in the message {{{placeholder.text}}}: {problem}"))
+    problems.extend(p for p in found if p not in problems)  # inherited ones: reported once
+    if CHINESE not in messages.templates:
+        warning = Problem(entry.doc.location(key), "message_untranslated",
+                          f"{entry.data['id']} has its message in English only: write it as "
+                          "`message: {en: ..., zh: ...}` so that Chinese callers read it too")
+        if warning not in warnings:
+            warnings.append(warning)
+    return messages
+
+
+def _hint(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _needs_plan(context: tuple[str, str | None],

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from engine.errors import Location
+from engine.messages import DEFAULT_LANGUAGE, Message
 
 # A field path as an expression reads it: ("account", "kyc", "verified");
 # "[]" stands for "every item of this list" (a comprehension's loop variable).
@@ -55,6 +56,14 @@ class Rule:
     source: str  # the section of the source document
     location: Location  # where the rule is written
     defined_in: str  # the version whose files hold it
+    # The message in every language, placeholders and all (`message` is the English text).
+    messages: Message | None = field(default=None, compare=False)
+
+    def render(self, language: str, params: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+        """The message in `language`, its `{params.x}` and `{field}` placeholders filled in."""
+        if self.messages is None:
+            return self.message
+        return self.messages.render(language, params, request)
 
     @property
     def where(self) -> str:
@@ -189,6 +198,8 @@ class Decision:
     runtime: str  # which evaluator decided: part of the policy identity
     at: str
     explain: tuple[Trace, ...] | None = None
+    language: str = DEFAULT_LANGUAGE  # the language of every message in it
+
 
     @property
     def allowed(self) -> bool:
@@ -204,6 +215,7 @@ class Decision:
             "outputs": dict(self.outputs),
             "policy": {"version": self.policy_version, "digest": self.policy_digest, "runtime": self.runtime},
             "at": self.at,
+            "language": self.language,
         }
         if self.explain is not None:
             out["explain"] = [t.to_dict() for t in self.explain]

@@ -10,6 +10,7 @@ from engine.decider import Engine
 from engine.decisionlog import LogRecord, Store
 from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
+from engine.messages import DEFAULT_LANGUAGE
 from engine.sources import ArchiveSource, PolicySource, UnknownDigestError
 from engine.versions import parse_timestamp
 
@@ -76,12 +77,16 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
     now = parse_timestamp(response["at"])
     try:
         decision = engine.decide({**request, "policy_version": version} if "policy_version" not in request
-                                 else request, now=now, decision_id=record.decision_id, explain="explain" in response)
+                                 else request, now=now, decision_id=record.decision_id, explain="explain" in response,
+                                 language=response.get("language", DEFAULT_LANGUAGE))
     except RequestError as exc:  # a logged decision whose request no longer passes: say so, as a difference
         return ReplayResult(DIFFERENT, record.decision_id, [{"path": "/", "logged": response.get("decision"),
                                                              "replayed": exc.to_dict()}],
                             "the logged request is now rejected", digest)
-    differences = _differences(response, decision.to_dict())
+    replayed = decision.to_dict()
+    if "language" not in response:  # logged before responses said their language (always English then)
+        replayed.pop("language")
+    differences = _differences(response, replayed)
     return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
                         "" if not differences else f"{len(differences)} difference(s)", digest)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 
-from engine.errors import Detail, RequestError
+from engine.errors import Detail, Problem, RequestError
 from engine.model import PolicyVersion
 
 
@@ -39,8 +39,10 @@ def format_timestamp(when: datetime) -> str:
 class PolicySet:
     """Every loaded version, by name, ordered by the date it takes effect."""
 
-    def __init__(self, versions: Mapping[str, PolicyVersion]) -> None:
+    def __init__(self, versions: Mapping[str, PolicyVersion], warnings: Sequence[Problem] = ()) -> None:
         self._versions = dict(sorted(versions.items(), key=lambda kv: kv[1].effective_from))
+        # What `check` reports without refusing the set (constant conditions, untranslated messages...).
+        self.warnings: tuple[Problem, ...] = tuple(warnings)
 
     def __iter__(self) -> Iterator[PolicyVersion]:
         return iter(self._versions.values())

@@ -259,7 +259,7 @@ class TestHotReload:
         before = client.get("/v1/policies").json["versions"][1]["digest"]
         bind = policy_copy / "v1" / "bind.yaml"
         good = bind.read_text()
-        bind.write_text(good.replace("must be at least 18 years old", "must be 18 or older"))
+        bind.write_text(good.replace("at least {params.min_age} years old", "{params.min_age} or older"))
         assert holder.reload_if_changed()
         young = bind_request()
         young["account"]["age"] = 17  # type: ignore[index]
@@ -269,7 +269,7 @@ class TestHotReload:
         assert after != before
         # The new content is kept by digest, for replay.
         version, files = store_of(app).policy(after)
-        assert version == "v2" and "must be 18 or older" in files["v1/bind.yaml"]
+        assert version == "v2" and "{params.min_age} or older" in files["v1/bind.yaml"]
 
         bind.write_text(good.replace("fires_when: account.age < params.min_age", "fires_when: account.agee < 1"))
         assert not holder.reload_if_changed()
@@ -369,7 +369,7 @@ def test_a_reload_that_fails_for_the_environment_is_tried_again(tmp_path: Path, 
 
     holder.on_load = flaky
     bind = policy_copy / "v1" / "bind.yaml"
-    bind.write_text(bind.read_text().replace("must be at least 18 years old", "must be 18 or older"))
+    bind.write_text(bind.read_text().replace("at least {params.min_age} years old", "{params.min_age} or older"))
     assert not holder.reload_if_changed() and "away" in holder.failure.error
     assert holder.reload_if_changed()  # same files, tried again: now it serves
     assert holder.failure is None and len(calls) == 2
@@ -379,6 +379,6 @@ def test_the_watcher_waits_for_the_files_to_settle(tmp_path: Path, policy_copy: 
     app = make_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}", POLICY_DIR=str(policy_copy))
     holder = app.extensions["bindpolicy"].holder
     bind = policy_copy / "v1" / "bind.yaml"
-    bind.write_text(bind.read_text().replace("must be at least 18 years old", "must be 18 or older"))
+    bind.write_text(bind.read_text().replace("at least {params.min_age} years old", "{params.min_age} or older"))
     assert not holder.reload_if_changed(settle=True)  # just changed: maybe still being written
     assert holder.reload_if_changed(settle=True)  # unchanged since the last check: loaded

@@ -53,7 +53,7 @@ class TestDiff:
         assert not (diff.rules_added or diff.rules_removed or diff.parameters or diff.outputs_changed)
         kyc = diff.rules_changed[0]
         assert kyc.old_source.startswith("v1/bind.yaml:") and kyc.new_source == "v2/bind.yaml:4"
-        assert [f.field for f in kyc.changes] == ["applies_when", "message", "source_section"]
+        assert [f.field for f in kyc.changes] == ["applies_when", "message", "message_zh", "source_section"]
 
     def test_moving_and_reformatting_is_no_change(self, tmp_path: Path) -> None:
         moved = tmp_path / "moved"

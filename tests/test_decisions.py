@@ -89,7 +89,7 @@ class TestDecisions:
             "decision_id": "d-1", "decision": "allow", "rule": None, "violations": [], "warnings": [],
             "outputs": {"promotion_scope": "bound_shop_only", "unbind_not_before": "2025-07-02T00:00:00Z"},
             "policy": {"version": "v2", "digest": got["policy"]["digest"], "runtime": "native"},
-            "at": "2025-07-01T00:00:00Z",
+            "at": "2025-07-01T00:00:00Z", "language": "en",
         }
 
     def test_denial_names_the_first_rule_in_policy_order(self, engine: Engine) -> None:

@@ -207,7 +207,7 @@ def test_policy_reload_under_load(tmp_path: Path) -> None:
     original = bind.read_text()
     try:
         time.sleep(0.7)
-        bind.write_text(original.replace("must be at least 18 years old", "must be 18 or older"))
+        bind.write_text(original.replace("at least {params.min_age} years old", "{params.min_age} or older"))
         time.sleep(1.5)
         bind.write_text(original.replace("account.age < params.min_age", "account.agee < params.min_age"))
         time.sleep(1.5)
