@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,21 +83,40 @@ class _Rejected(Exception):
         self.logged = logged
 
 
-def _body() -> Any:
-    """The body's JSON (strict: see parse_json); _Rejected for a body we cannot take."""
+LOGGED_BODY_BYTES = 64 * 1024  # of a refused body, the log keeps this much, its size and its SHA-256
+
+
+def _logged_body(raw: bytes) -> Any:
+    """What the log keeps of a body it refused: the text as received, bounded."""
+    text = raw[:LOGGED_BODY_BYTES].decode("utf-8", "replace")
+    if len(raw) <= LOGGED_BODY_BYTES:
+        return text
+    return {"body_prefix": text, "body_bytes": len(raw), "body_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _bounded(value: Any, raw: bytes) -> Any:
+    """The parsed body when it is small enough to keep whole, else what _logged_body keeps."""
+    return value if len(raw) <= LOGGED_BODY_BYTES else _logged_body(raw)
+
+
+def _body() -> tuple[Any, bytes]:
+    """The body's JSON (strict: see parse_json) and its bytes; _Rejected for a body we cannot take."""
     if request.mimetype != "application/json":
         raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); any other is refused, never misread
+        raise _Rejected(415, "unsupported_media_type", f"the body must be UTF-8 JSON, not {charset[:40]}",
+                        [Detail("/headers/content-type", "charset must be utf-8 or absent")])
     try:
         raw = request.get_data(cache=False)
     except RequestEntityTooLarge as exc:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
     try:
-        return parse_json(raw)
+        return parse_json(raw), raw
     except RequestError as exc:
         # The raw text is what the log keeps of a body that is not JSON.
-        raise _Rejected(400, exc.code, "the request body is not valid JSON", exc.details,
-                        logged=raw.decode("utf-8", "replace")) from exc
+        raise _Rejected(400, exc.code, exc.message, exc.details, logged=_logged_body(raw)) from exc
 
 
 def _language() -> str:
@@ -167,13 +188,16 @@ def decide() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized()
     try:
-        raw = _body()
+        raw, received = _body()
     except _Rejected as exc:
         return _reject_and_log(exc)
     language = _language()
     status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain(), language)
-    record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=raw,
+    record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status,
+                        request=raw if status == 200 else _bounded(raw, received),
                         response=body, duration_us=_elapsed_us())
+    if record.request is raw:  # the body's exact bytes (valid UTF-8, checked by the parser)
+        record = replace(record, request_text=received.decode("utf-8"))
     failure = _commit([record])
     if failure is not None:
         return failure
@@ -189,15 +213,16 @@ def decide_batch() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized()
     try:
-        raw = _body()
+        raw, received = _body()
         if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
             raise _Rejected(400, "invalid_request", 'a batch is {"requests": [...]}',
                             [Detail("/requests", "expected an object with one field, an array of requests")],
-                            logged=raw)
+                            logged=_bounded(raw, received))
         limit = current_app.config["MAX_BATCH"]
         if len(raw["requests"]) > limit:
             raise _Rejected(413, "batch_too_large", f"a batch holds at most {limit} requests",
-                            [Detail("/requests", f"has {len(raw['requests'])} requests")], logged=raw)
+                            [Detail("/requests", f"has {len(raw['requests'])} requests")],
+                            logged=_bounded(raw, received))
     except _Rejected as exc:
         return _reject_and_log(exc)
     now, explain, language = datetime.now(UTC), _explain(), _language()

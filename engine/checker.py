@@ -61,6 +61,8 @@ def _explain(error: jsonschema.ValidationError) -> Iterator[tuple[Path, str]]:
         yield path, f"expected {_article(wanted)}, found {_json_type(value)}"
     elif kind == "format":
         yield path, f"{value!r} is not a valid {expected} (RFC 3339, e.g. 2025-06-01T12:00:00Z)"
+    elif kind == "pattern" and ("\x00" in expected or "\\u0000" in expected):
+        yield path, "must not contain the NUL character (\\u0000)"
     elif kind == "pattern":
         yield path, f"{value!r} does not match the pattern {expected}"
     elif kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):

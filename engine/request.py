@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
 from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import jsonschema_rs
 import orjson
@@ -27,16 +31,89 @@ def pointer(path: Iterable[str | int]) -> str:
 
 
 DEFAULT_MAX_ITEMS = 1000
+MAX_PROBLEMS = 20  # problems listed in one refusal; the total is counted, the rest summed up
+COUNTED_PROBLEMS = 100  # beyond this, "more than 100": counting costs too (30 µs a problem)
+
+
+MAX_DEPTH = 16  # a request nests 4 deep (account.bind_history[i].bound_at), a batch 2 more
+# Bounds known before parsing, from the bytes (strings included): what a body may cost is bounded.
+MAX_CONTAINERS = 20_000  # '{' and '[': a batch of 1000 full requests holds about 4,000
+MAX_VALUES = 40_000  # ',' + 1: a batch of 1000 full requests holds about 25,000
+SAFE_INTEGER = 2**53  # beyond it a JSON number is not the same integer in every client (IEEE doubles)
 
 
 def parse_json(data: bytes | str) -> Any:
-    """A request's JSON, strictly: no NaN or Infinity, no lone surrogates, nesting at most 1024
-    deep (orjson's rules); anything else is a RequestError naming line and column."""
+    """A request's JSON, strictly, at a cost bounded before anything is built:
+
+    at most MAX_CONTAINERS objects and arrays (counted in the bytes, before parsing) and
+    MAX_DEPTH levels; no NaN or Infinity, no lone surrogates (orjson's rules); no key twice in
+    one object; no integer beyond +-2^53 and no number that a double cannot hold as written
+    (2^64, 17.9999999999999999, 1e400). Anything else is a RequestError naming the place."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    containers, commas = raw.count(b"{") + raw.count(b"["), raw.count(b",")
+    if containers > MAX_CONTAINERS or commas >= MAX_VALUES:
+        raise RequestError("invalid_json", "the request has too many values", [Detail(
+            "", f"{containers} '{{' and '[' and {commas} ',' characters: a body holds at most {MAX_CONTAINERS} "
+                f"objects and arrays and {MAX_VALUES} values (strings included in the count)")])
     try:
-        return orjson.loads(data)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}: {exc.msg}"
         raise RequestError("invalid_json", "the request is not valid JSON", [Detail("", where)]) from exc
+    depth, values = shape(value) if isinstance(value, dict | list) else (0, 1)
+    if depth > MAX_DEPTH:
+        raise RequestError("invalid_json", f"the request nests deeper than {MAX_DEPTH} levels",
+                           [Detail("", f"objects and arrays nest at most {MAX_DEPTH} deep")])
+    if values > MAX_VALUES:
+        raise RequestError("invalid_json", "the request has too many values",
+                           [Detail("", f"{values} values, more than the {MAX_VALUES} a body may hold")])
+    if containers:
+        # Parsed again by the standard library, whose hooks see each object's keys in order and
+        # each number as written; bounded by MAX_VALUES, and orjson has checked the syntax.
+        json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_safe_integer, parse_float=_exact_number)
+    return value
+
+
+def shape(value: Any) -> tuple[int, int]:
+    """How deep objects and arrays nest in a parsed JSON value (0 for a scalar), and how many
+    values they hold in all; without recursion."""
+    deepest, count, stack = 0, 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        count += len(item)
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return deepest, count
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise RequestError("invalid_json", "the request has a key twice in one object",
+                           [Detail("", f"the key {twice!r} appears twice in one object; JSON readers "
+                                       "disagree on which one counts")])
+    return found
+
+
+def _safe_integer(text: str) -> int:
+    number = int(text)
+    if not -SAFE_INTEGER <= number <= SAFE_INTEGER:
+        raise RequestError("invalid_json", "the request has an integer too large to be exchanged exactly",
+                           [Detail("", f"{text[:40]} is beyond +-2^53")])
+    return number
+
+
+def _exact_number(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number) or Decimal(repr(number)) != Decimal(text):
+        raise RequestError("invalid_json", "the request has a number a double cannot hold as written",
+                           [Detail("", f"{text[:40]} would be read as {number!r}")])
+    return number
 
 
 def bounded_schema(max_items: int) -> Schema:
@@ -59,22 +136,99 @@ class RequestChecker:
 
     def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
         self.schema = bounded_schema(max_items)
+        self.max_items = max_items
+        self.walker = SchemaWalker(self.schema)
         self.fast = jsonschema_rs.validator_for(self.schema, validate_formats=True)
         Draft202012Validator.check_schema(self.schema)
         self.reference = Draft202012Validator(self.schema, format_checker=FormatChecker())
 
     def __call__(self, raw: Any) -> dict[str, Any]:
-        """The request itself if it keeps the contract; else RequestError with every problem."""
+        """The request itself if it keeps the contract (nulls in optional fields dropped); else a
+        RequestError listing its first MAX_PROBLEMS problems and how many there are in all."""
         if not isinstance(raw, dict):
             raise RequestError("invalid_request", "the request must be a JSON object",
                                [Detail("", "expected an object")])
         if self.fast.is_valid(raw):
             return raw
-        details = [Detail(pointer(path), message) for path, message in schema_problems(self.reference, raw)]
-        if not details:  # the two validators disagree: refused all the same, in jsonschema-rs's words
-            details = [Detail(pointer(e.instance_path), e.message) for e in self.fast.iter_errors(raw)]
-        raise RequestError("invalid_request", f"the request breaks the contract in {len(details)} "
-                           f"place{'s' if len(details) != 1 else ''}", details)
+        request = self.drop_nulls(raw)
+        if request is not raw and self.fast.is_valid(request):
+            return request
+        too_long = _long_lists(request, self.max_items)
+        if too_long:  # their items are not checked one by one: that is the cost to bound
+            raise RequestError("invalid_request", f"the request has {len(too_long)} list"
+                               f"{'s' if len(too_long) != 1 else ''} longer than {self.max_items} items",
+                               too_long[:MAX_PROBLEMS])
+        errors = list(itertools.islice(self.fast.iter_errors(request), COUNTED_PROBLEMS + 1))
+        total = len(errors)
+        details: list[Detail] = []
+        if total <= MAX_PROBLEMS:
+            # Few enough for the reference's words (and its best branch of each oneOf).
+            details = [Detail(pointer(path), message) for path, message in schema_problems(self.reference, request)]
+            total = len(details) or total
+        if not details or len(details) > MAX_PROBLEMS:
+            details = [Detail(pointer(e.instance_path), _fast_problem(e)) for e in errors[:MAX_PROBLEMS]]
+        total = max(total, len(details))
+        counted = f"more than {COUNTED_PROBLEMS}" if total > COUNTED_PROBLEMS else str(total)
+        if total > len(details):
+            details = details[:MAX_PROBLEMS]
+            details.append(Detail("", f"... and {counted} problems in all; the first {len(details)} are listed"))
+            message = f"the request breaks the contract in {counted} places; the first {MAX_PROBLEMS} are listed"
+        else:
+            message = f"the request breaks the contract in {total} place{'s' if total != 1 else ''}"
+        raise RequestError("invalid_request", message, details)
+
+    def drop_nulls(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The request with every null that stands for an absent field removed (a copy, or the
+        request itself if it has none): protobuf's JSON mapping reads null in an optional field as
+        absent, and so do we; where the contract says "or null", null stays a value."""
+        return cast(dict[str, Any], self._drop(raw, self.schema))
+
+    def _drop(self, value: Any, schema: Schema) -> Any:
+        if isinstance(value, dict):
+            kept: dict[str, Any] = {}
+            for name, item in value.items():
+                child = self.walker.child(schema, name)
+                if item is None and child is not None and "null" not in self._null_types(child):
+                    continue
+                kept[name] = item if child is None else self._drop(item, child)
+            same = len(kept) == len(value) and all(kept[k] is value[k] for k in kept)
+            return value if same else kept
+        if isinstance(value, list) and len(value) <= self.max_items:
+            child = self.walker.child(schema, EACH)
+            if child is None:
+                return value
+            items = [self._drop(item, child) for item in value]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+        return value
+
+    def _null_types(self, schema: Schema) -> set[str]:
+        schema = self.walker.resolve(schema)
+        branches = schema.get("oneOf") or schema.get("anyOf") or [schema]
+        return {b.get("type") for b in branches if isinstance(b.get("type"), str)}
+
+
+def _long_lists(value: Any, limit: int) -> list[Detail]:
+    """Every list longer than `limit`, by pointer (objects and arrays are bounded by parse_json)."""
+    found: list[Detail] = []
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, list):
+            if len(item) > limit:
+                found.append(Detail(pointer(at), f"has {len(item)} items, more than the {limit} allowed"))
+                continue
+            stack.extend((child, (*at, i)) for i, child in enumerate(item) if isinstance(child, dict | list))
+        elif isinstance(item, dict):
+            stack.extend((child, (*at, k)) for k, child in item.items() if isinstance(child, dict | list))
+    return sorted(found, key=lambda d: d.path)
+
+
+def _fast_problem(error: Any) -> str:
+    """jsonschema-rs's message, without the whole offending value in it (a list of 100,000 items)."""
+    if type(error.kind).__name__ == "MaxItems" and isinstance(error.instance, list):
+        return f"has {len(error.instance)} items, more than the {error.kind.limit} allowed"
+    message = str(error.message)
+    return message if len(message) <= 200 else message[:200] + "..."
 
 
 @cache
