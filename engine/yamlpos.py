@@ -93,9 +93,26 @@ def _walk(node: yaml.Node, key: Key, marks: dict[Key, Mark], problems: list[Prob
     return constructor.construct_object(node, deep=True)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: `*name` repeats a node, and nested repeats ("a
+    billion laughs") grow exponentially; a policy file never needs one."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise AliasRefused(None, None, f"the alias *{event.anchor} is not allowed: policy files write "
+                               "every value out (aliases can make a file expand without bound)", event.start_mark)
+        node: yaml.Node | None = super().compose_node(parent, index)
+        return node
+
+
+class AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
 def parse_yaml(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]]:
     """Parse one YAML document; syntax errors come back as problems with their position."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -103,6 +120,10 @@ def parse_yaml(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]
         problems: list[Problem] = []
         marks: dict[Key, Mark] = {}
         data = _walk(node, (), marks, problems, name, loader)
+    except AliasRefused as exc:
+        mark = exc.problem_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return None, [Problem(Location(name, line, column), "yaml_alias", str(exc.problem))]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
