@@ -52,11 +52,43 @@ class _Parsed:
     reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
 
 
+_ENVIRONMENT: list[Any] = []
+
+
+def _environment() -> Any:
+    """The one cel-python environment (its parser is a process-wide singleton anyway)."""
+    if not _ENVIRONMENT:
+        _ENVIRONMENT.append(celpy.Environment(runner_class=celpy.InterpretedRunner))
+    return _ENVIRONMENT[0]
+
+
+def parse_program(text: str) -> tuple[Any, Any, Any]:
+    """The parse tree, cel-python's program and the native closure (None if outside the subset)."""
+    env = _environment()
+    tree = env.compile(text)
+    program = env.program(tree)
+    try:
+        native = compile_native(tree)
+    except Unsupported:
+        native = None
+    return tree, program, native
+
+
+def compile_expression(text: str, location: Location | None = None) -> Expression:
+    """One expression on its own, over any variables (no request schema): `eval`, conformance.
+
+    Parse errors raise celpy's CELParseError, with line and column.
+    """
+    _, program, native = parse_program(text)
+    return Expression(text=text, program=program, location=location or Location("<expression>", 1, 1),
+                      needs=(), tests=(), native=native)
+
+
 class CelCompiler:
     """Parses and programs CEL text (cached by text), and checks its field reads per version."""
 
     def __init__(self, request_schema: Schema) -> None:
-        self.env = celpy.Environment(runner_class=celpy.InterpretedRunner)
+        self.env = _environment()
         self.walker = SchemaWalker(request_schema)
         self.request_schema = request_schema
         self.variables = frozenset(request_schema["properties"])
@@ -66,14 +98,9 @@ class CelCompiler:
         cached = self._cache.get(text)
         if cached is None:
             try:
-                tree = self.env.compile(text)
-                program = self.env.program(tree)
+                tree, program, native = parse_program(text)
                 reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
                 _collect(tree, {}, reads, {})
-                try:
-                    native = compile_native(tree)
-                except Unsupported:
-                    native = None
                 cached = _Parsed(tree, program, native, tuple(reads))
             except CELParseError as exc:
                 cached = exc
