@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Load every policy version: schema, inheritance, CEL compilation and field "
                     "checks. Prints every problem with file:line:column; exit 0 if none, 1 if any.")
     check.add_argument("policies", nargs="?", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    check.add_argument("--prove", action="store_true",
+                       help="also prove every rule can fire and decide (fail on dead or shadowed rules)")
     check.set_defaults(handler=_check)
 
     test = commands.add_parser(
@@ -169,6 +171,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="share of requests with a field removed (default 0)")
     generate.add_argument("-o", "--output", metavar="FILE")
     generate.set_defaults(handler=_generate)
+
+    from engine.prover.commands import add_parsers as add_prove_parsers
+
+    add_prove_parsers(commands, DEFAULT_POLICIES)
     return parser
 
 
@@ -207,6 +213,9 @@ def _diff(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
     assert old is not None and new is not None
     result = diff_versions(old, new)
+    from engine.prover.diff import prove_diff
+
+    result.proof = prove_diff(old_set, old, new, new_policies=new_set)
     _write(render(result, args.format), args.output)
     return 0 if result.empty else 1
 
@@ -333,6 +342,10 @@ def _check(args: argparse.Namespace) -> int:
     for version in policies:
         print(f"ok {version.name}: {len(version.rules)} rules, {len(version.outputs)} outputs, "
               f"in force from {version.effective_from.isoformat()}, {version.digest}")
+    if args.prove:
+        from engine.prover.commands import check_rules
+
+        return check_rules(policies)
     return 0
 
 

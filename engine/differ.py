@@ -67,6 +67,7 @@ class VersionDiff:
     outputs_added: list[Entry] = field(default_factory=list)
     outputs_removed: list[Entry] = field(default_factory=list)
     outputs_changed: list[EntryChange] = field(default_factory=list)
+    proof: Any = None  # engine.prover.diff.DiffProof: what can change, for every request
 
     @property
     def empty(self) -> bool:
@@ -91,6 +92,7 @@ class VersionDiff:
             "outputs": {"added": [entry(e) for e in self.outputs_added],
                         "removed": [entry(e) for e in self.outputs_removed],
                         "changed": [change(c) for c in self.outputs_changed]},
+            **({"what_can_change": self.proof.to_dict()} if self.proof is not None else {}),
         }
 
 
@@ -285,7 +287,19 @@ def render(diff: VersionDiff, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(diff.to_dict(), indent=2, ensure_ascii=False) + "\n"
     if fmt == "markdown":
-        return render_markdown(diff)
+        return _with_proof(render_markdown(diff), diff, fmt)
     if fmt == "html":
-        return render_html(diff)
-    return render_text(diff)
+        return _with_proof(render_html(diff), diff, fmt)
+    return _with_proof(render_text(diff), diff, fmt)
+
+
+def _with_proof(text: str, diff: VersionDiff, fmt: str) -> str:
+    """The semantic diff followed by what the change can do to decisions (engine/prover/diff.py)."""
+    if diff.proof is None:
+        return text
+    from engine.prover.diff import html_section, markdown_lines, text_lines
+
+    if fmt == "html":
+        return text.replace("</body>", html_section(diff.proof) + "</body>", 1)
+    lines = markdown_lines(diff.proof) if fmt == "markdown" else text_lines(diff.proof)
+    return text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
