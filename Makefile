@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 
-.PHONY: setup run test test-fast lint check-policies postgres bench bench-peers bench-service clean
+.PHONY: setup run test test-fast lint check-policies prove-policies postgres bench bench-peers bench-service clean
 
 setup: $(STAMP)
 
@@ -22,12 +22,16 @@ lint: $(STAMP)
 check-policies: $(STAMP)
 	$(VENV)/bin/bindpolicy check policies
 
+# Proofs over every request the contract accepts: no rule may be dead or shadowed (engine/prover/).
+prove-policies: $(STAMP)
+	$(VENV)/bin/bindpolicy check --prove policies
+
 # The suite starts its own PostgreSQL (initdb into a temp folder): the server must be installed.
 postgres:
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
 
-test: lint check-policies postgres
+test: lint prove-policies postgres
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
 

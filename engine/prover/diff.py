@@ -155,7 +155,7 @@ def prove_diff(policies: PolicySet, old: PolicyVersion, new: PolicyVersion, with
     if exact:
         condition = _join(pieces)
         text = cel.show(condition)
-        wrong = _prove_equal(text, checks)
+        wrong = _prove_equal(text, condition, checks)
         if wrong:
             proof.bugs.append(f"the condition printed is not exact: {wrong}")
             proof.condition = None
@@ -210,12 +210,29 @@ def _join(pieces: list[tuple[str, str | None, cel.Node]]) -> cel.Node:
     return joined
 
 
-def _prove_equal(text: str, checks: list[tuple[Context, DecisionModel, DecisionModel]]) -> str | None:
-    """None if the printed condition holds exactly where the decisions differ, in every context."""
-    node = cel.parse(text)
+def _prove_equal(text: str, condition: cel.Node,
+                 checks: list[tuple[Context, DecisionModel, DecisionModel]]) -> str | None:
+    """None if the printed condition holds exactly where the decisions differ, in every context.
+
+    The text must read back as the very tree proved; in each context only the disjuncts guarded
+    by its action are encoded (`false && x` is false in CEL, even where x fails).
+    """
+    if cel.parse(text) != condition:
+        return "the printed text does not read back as the condition proved"
+    disjuncts: list[cel.Node] = []
+    node = condition
+    while isinstance(node, cel.Or):
+        disjuncts.insert(0, node.right)
+        node = node.left
+    disjuncts.insert(0, node)
     for ctx, m_old, m_new in checks:
-        value, err = Encoder(ctx.domain).encode(node)
-        truth = z3.And(value.v, z3.Not(err)) if isinstance(value, SBool) else z3.BoolVal(False)
+        mine = [d for d in disjuncts if _action_of(d) in (None, ctx.action)]
+        encoder = Encoder(ctx.domain)
+        truths = []
+        for part in mine:
+            value, err = encoder.encode(part)
+            truths.append(z3.And(value.v, z3.Not(err)) if isinstance(value, SBool) else z3.BoolVal(False))
+        truth = z3.Or(z3.BoolVal(False), *truths)
         ctx.solver.push()
         ctx.solver.add(*ctx.domain.assertions())
         ctx.solver.add(z3.Xor(truth, z3.Xor(m_old.deny, m_new.deny)))
@@ -223,6 +240,16 @@ def _prove_equal(text: str, checks: list[tuple[Context, DecisionModel, DecisionM
         ctx.solver.pop()
         if result != z3.unsat:
             return f"for {ctx.action}{'/' + ctx.role if ctx.role else ''} ({result})"
+    return None
+
+
+def _action_of(node: cel.Node) -> str | None:
+    """The action a disjunct's guard names (`action == "bind" && ...`), None if it has none."""
+    while isinstance(node, cel.And):
+        node = node.left
+    if isinstance(node, cel.Binary) and node.op == "==" and node.left == cel.Var("action") \
+            and isinstance(node.right, cel.Lit) and isinstance(node.right.value, str):
+        return node.right.value
     return None
 
 

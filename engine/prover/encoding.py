@@ -155,6 +155,7 @@ class Domain:
         self.strings: list[StringVar] = []
         self.slen = z3.Function("slen", z3.IntSort(), z3.IntSort())
         self._names: dict[str, int] = {}
+        self.encoded: dict[tuple[str, str], Condition] = {}
         self.root = ObjectNode(self, self.schema, "")
 
     def intern(self, text: str) -> int:
@@ -252,19 +253,22 @@ class Domain:
     def assertions(self) -> list[Z]:
         """Every constraint of the contract on the variables made so far."""
         out = list(self.constraints)
+        country = z3.Function("country", z3.IntSort(), z3.BoolSort())
+        count = len(self.literals)
         for text, index in self.literals.items():
             out.append(self.slen(index) == len(text))
+            out.append(country(index) == bool(re.fullmatch(COUNTRY[1:-1], text)))
         for var in self.strings:
-            low = max(var.schema.get("minLength", 0), 1)
+            low = var.schema.get("minLength", 0)
             high = var.schema.get("maxLength", 10**6)
-            country = var.schema.get("pattern") == COUNTRY
-            if country:
+            pattern = var.schema.get("pattern") == COUNTRY
+            if pattern:
                 low = high = 2
-            fits = [index for text, index in self.literals.items()
-                    if var.schema.get("minLength", 0) <= len(text) <= high
-                    and (not country or re.fullmatch(COUNTRY[1:-1], text))]
-            fresh = z3.And(var.id < 0, self.slen(var.id) >= low, self.slen(var.id) <= high)
-            out.append(z3.Or(fresh, *[var.id == i for i in fits]))
+            # a string no policy writes, or one of the literals that fits the schema
+            literal = z3.And(var.id < count, self.slen(var.id) >= low, self.slen(var.id) <= high,
+                             country(var.id) if pattern else TRUE)
+            fresh = z3.And(self.slen(var.id) >= max(low, 1), self.slen(var.id) <= high)
+            out.append(z3.If(var.id < 0, fresh, literal))
         return out
 
 
@@ -631,8 +635,17 @@ class DecisionModel:
 
 
 def condition(encoder: Encoder, expr: Expression | None, params: Mapping[str, Any]) -> Condition | None:
+    """An expression encoded once per domain (two versions share what they both say)."""
     if expr is None:
         return None
+    key = (expr.text, repr(sorted((k, repr(v)) for k, v in params.items() if k in expr.text)))
+    found = encoder.domain.encoded.get(key)
+    if found is None:
+        found = encoder.domain.encoded[key] = _condition(encoder, expr, params)
+    return Condition(expr, found.node, found.true, found.failed, found.uncovered)
+
+
+def _condition(encoder: Encoder, expr: Expression, params: Mapping[str, Any]) -> Condition:
     try:
         node = cel.parse(expr.text, params)
         value, err = encoder.encode(node)
