@@ -189,11 +189,7 @@ def flips_against_condition(policies: PolicySet, proof: DiffProof, count: int) -
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["v1-v2", *MUTATIONS])
 def test_condition_is_exact_on_generated_requests(tmp_path: Path, policies: PolicySet, name: str) -> None:
-    if name == "v1-v2":
-        pair = policies, "v1", "v2"
-    else:
-        pair = v3_set(tmp_path, name), "v2", "v3"
-    chosen, old, new = pair
+    chosen, old, new = (policies, "v1", "v2") if name == "v1-v2" else (v3_set(tmp_path, name), "v2", "v3")
     old_version, new_version = chosen.get(old), chosen.get(new)
     assert old_version is not None and new_version is not None
     proof = prove_diff(chosen, old_version, new_version)

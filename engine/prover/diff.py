@@ -118,6 +118,12 @@ def prove_diff(policies: PolicySet, old: PolicyVersion, new: PolicyVersion, with
                 proof.reasons.append(f"--within: {exc}")
                 within_holds = None
         ctx = open_context(domain, action, role, any_role, [m_old, m_new])
+        if not ctx.sane:
+            proof.bugs += ctx.bugs
+            proof.allow_to_deny = _merge(proof.allow_to_deny, UNKNOWN)
+            proof.deny_to_allow = _merge(proof.deny_to_allow, UNKNOWN)
+            exact, within_holds = False, None
+            continue
         checks.append((ctx, m_old, m_new))
         uncovered = m_old.uncovered() + m_new.uncovered()
         differ = z3.Xor(m_old.deny, m_new.deny)
@@ -404,12 +410,20 @@ def _rule(rule_id: str | None) -> str:
     return rule_id or "allowed"
 
 
+def split_condition(condition: str | None) -> list[str]:
+    """The condition one (action, role) a line (still CEL: line breaks are spaces to it)."""
+    if condition is None:
+        return ["unknown"]
+    return condition.replace(' || action == "', '\n|| action == "').splitlines()
+
+
 def text_lines(proof: DiffProof) -> list[str]:
     lines = [f"what can change, {proof.old} -> {proof.new}, for every request the contract accepts "
              f"(lists up to {proof.bound} items):",
              f"  allow -> deny: {proof.allow_to_deny}",
              f"  deny -> allow: {proof.deny_to_allow}"]
-    lines.append(f"  decisions differ exactly when: {proof.condition if proof.condition is not None else 'unknown'}")
+    lines.append("  decisions differ exactly when:")
+    lines += [f"    {line}" for line in split_condition(proof.condition)]
     for w in proof.witnesses:
         lines.append(f"  witness {w['kind'].replace('_', ' ')} ({_rule(w['old_rule'])} -> {_rule(w['new_rule'])}): "
                      f"{json.dumps(w['request'], ensure_ascii=False)}")
@@ -428,8 +442,7 @@ def markdown_lines(proof: DiffProof) -> list[str]:
     lines = ["## What can change", "",
              f"For every request the contract accepts (lists up to {proof.bound} items):", "",
              f"- allow → deny: **{proof.allow_to_deny}**", f"- deny → allow: **{proof.deny_to_allow}**", "",
-             "Decisions differ exactly when:", "", "```cel",
-             proof.condition if proof.condition is not None else "unknown", "```"]
+             "Decisions differ exactly when:", "", "```cel", *split_condition(proof.condition), "```"]
     for w in proof.witnesses:
         lines += ["", f"Witness, {w['kind'].replace('_', ' ')} (`{_rule(w['old_rule'])}` → `{_rule(w['new_rule'])}`):",
                   "", f"```json\n{json.dumps(w['request'], ensure_ascii=False)}\n```"]
@@ -445,7 +458,7 @@ def html_section(proof: DiffProof) -> str:
         f"<pre>{e(json.dumps(w['request'], indent=1, ensure_ascii=False))}</pre>" for w in proof.witnesses)
     notes = "".join(f"<p>unknown because: {e(r)}</p>" for r in proof.reasons) + \
         "".join(f"<p><strong>BUG</strong>: {e(b)}</p>" for b in proof.bugs)
-    condition = proof.condition if proof.condition is not None else "unknown"
+    condition = "\n".join(split_condition(proof.condition))
     return (f"<section><h2>What can change</h2><p>For every request the contract accepts (lists up to "
             f"{proof.bound} items):</p><ul><li>allow → deny: <strong>{e(proof.allow_to_deny)}</strong></li>"
             f"<li>deny → allow: <strong>{e(proof.deny_to_allow)}</strong></li></ul>"

@@ -29,6 +29,7 @@ TS_MAX = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
 DURATION_MAX = 315_576_000_000  # CEL: about 10,000 years either way
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 COUNTRY = "^[A-Z]{2}$"
+NO_NUL = "^[^\\u0000]*$"  # every string the policies write and the prover makes up is without NUL
 _DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
 
 Z = Any  # a z3 expression (z3 ships no type hints)
@@ -156,6 +157,7 @@ class Domain:
         self.slen = z3.Function("slen", z3.IntSort(), z3.IntSort())
         self._names: dict[str, int] = {}
         self.encoded: dict[tuple[str, str], Condition] = {}
+        self.preferences: list[Z] = []  # witnesses read better with these, where they can hold
         self.root = ObjectNode(self, self.schema, "")
 
     def intern(self, text: str) -> int:
@@ -221,7 +223,7 @@ class Domain:
             self.constraints.append(z3.And(var >= TS_MIN, var <= TS_MAX))
             return STime(var)
         if kind == "string":
-            if schema.get("pattern") not in (None, COUNTRY):
+            if schema.get("pattern") not in (None, COUNTRY, NO_NUL):
                 raise Uncovered(f"the pattern of {where}")
             var = z3.Int(name)
             self.strings.append(StringVar(var, schema))
@@ -255,9 +257,11 @@ class Domain:
         out = list(self.constraints)
         country = z3.Function("country", z3.IntSort(), z3.BoolSort())
         count = len(self.literals)
+        nul = z3.Function("has_nul", z3.IntSort(), z3.BoolSort())
         for text, index in self.literals.items():
             out.append(self.slen(index) == len(text))
             out.append(country(index) == bool(re.fullmatch(COUNTRY[1:-1], text)))
+            out.append(nul(index) == ("\0" in text))
         for var in self.strings:
             low = var.schema.get("minLength", 0)
             high = var.schema.get("maxLength", 10**6)
@@ -266,7 +270,7 @@ class Domain:
                 low = high = 2
             # a string no policy writes, or one of the literals that fits the schema
             literal = z3.And(var.id < count, self.slen(var.id) >= low, self.slen(var.id) <= high,
-                             country(var.id) if pattern else TRUE)
+                             country(var.id) if pattern else TRUE, z3.Not(nul(var.id)))
             fresh = z3.And(self.slen(var.id) >= max(low, 1), self.slen(var.id) <= high)
             out.append(z3.If(var.id < 0, fresh, literal))
         return out
@@ -749,8 +753,10 @@ def pin_context(domain: Domain, action: str, role: str | None, free_role: bool) 
         domain.constraints += [present, role_value.id == domain.intern(role)]
     elif not free_role:
         domain.constraints.append(z3.Not(present))
-    at_present, _ = domain.root.field("at")
+    at_present, at = domain.root.field("at")
     domain.constraints.append(at_present)  # always sent in a witness
+    assert isinstance(at, STime)
+    domain.preferences.append(at.v == int(datetime(2025, 7, 1, tzinfo=UTC).timestamp()))
 
 
 def list_bound(*versions: PolicyVersion) -> int:

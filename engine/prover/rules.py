@@ -35,6 +35,7 @@ class Context:
     role: str | None
     solver: Any
     bugs: list[str]
+    sane: bool = True  # some request of this (action, role) is decided: else the encoding is wrong
 
     def check(self, *assumptions: Any) -> Any:
         return self.solver.check(*assumptions)
@@ -45,6 +46,8 @@ class Context:
 
         With `describe`, what the model claims (which rules decide) goes to `verify` and the claim.
         """
+        if not self.sane:
+            return Claim(UNKNOWN, reason="BUG: no request of this action and role fits the encoding")
         self.solver.push()
         try:
             self.solver.add(query)
@@ -53,6 +56,8 @@ class Context:
                 return Claim(IMPOSSIBLE)
             if result != z3.sat:
                 return Claim(UNKNOWN, reason=f"the solver gave up ({self.solver.reason_unknown()})")
+            if self.domain.preferences and self.solver.check(*self.domain.preferences) != z3.sat:
+                self.solver.check()
             model = self.solver.model()
             request = build_request(self.domain, model)
             info = describe(model) if describe is not None else {}
@@ -78,7 +83,12 @@ def open_context(domain: Domain, action: str, role: str | None, any_role: bool,
     solver.add(*domain.assertions())
     for model in models:
         solver.add(model.decidable)
-    return Context(domain, action, role, solver, [])
+    ctx = Context(domain, action, role, solver, [])
+    if solver.check() != z3.sat:
+        ctx.sane = False
+        ctx.bugs.append(f"no request for {action}{'/' + role if role else ''} fits the encoding: "
+                        "the contract or the rules are encoded wrong")
+    return ctx
 
 
 @dataclass
