@@ -92,6 +92,9 @@ class TestDiff:
         assert [c["id"] for c in body["rules"]["changed"]] == ["personal.kyc", "personal.min-followers"]
         page = client.get("/v1/policies/v1/diff/v2?format=html")
         assert page.mimetype == "text/html" and "<h1>Policy diff: v1 → v2</h1>" in page.get_data(as_text=True)
+        proved = body["what_can_change"]  # engine/prover: for every request, not only those seen
+        assert (proved["allow_to_deny"], proved["deny_to_allow"]) == ("impossible", "possible")
+        assert "<h2>What can change</h2>" in page.get_data(as_text=True)
         assert client.get("/v1/policies/v1/diff/v9").status_code == 404
         assert client.get("/v1/policies/v1/diff/v2?format=pdf").status_code == 400
 

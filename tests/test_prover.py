@@ -75,32 +75,31 @@ def v3_set(tmp_path: Path, name: str) -> PolicySet:
 
 
 class TestRules:
-    @pytest.mark.slow  # `make test` proves the bundled rules with `check --prove` too
-    def test_bundled_rules_can_all_fire_and_decide(self, policies: PolicySet,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-        assert main(["prove", "rules", "v2", "--policies", str(POLICIES), "--format", "json"]) == 0
-        body = json.loads(capsys.readouterr().out)
-        assert body["version"] == "v2" and body["findings"] == [] and body["bugs"] == []
-        kyc = [r for r in body["rules"] if r["id"] == "personal.kyc"]
-        assert {(r["action"], r["role"]) for r in kyc} == {("bind", "official"), ("bind", "channel")}
-        for entry in kyc:
-            assert (entry["fires"], entry["decides"], entry["passes"]) == (POSSIBLE,) * 3
-            witness = entry["witness"]
-            assert witness["shop"]["market"] != "US"  # v2 exempts US shops
-            decision = Engine(policies).decide({**witness, "policy_version": "v2"}, now=NOW)
-            assert decision.rule is not None and decision.rule.id == "personal.kyc"
-        music = next(r for r in body["rules"] if r["id"] == "upgrade.music-muted")
-        assert music["passes"] == IMPOSSIBLE and music["fires"] == POSSIBLE  # `true`: it always warns
-        four = next(r for r in body["rules"] if r["id"] == "channel.max-four")
-        assert four["action"] == "bind" and four["role"] == "channel" and four["shadowed_by"] == []
-        assert len(four["witness"]["shop"]["channel_accounts"]) >= 4
-
     def test_a_dead_and_a_shadowed_rule_are_found(self, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
         extra = "description: mutations\nrules:\n" + rule("mutation.dead", "account.age < 0") + rule(
             "mutation.shadowed", "account.age < 16", 'account.type == "personal"')
         folder = mutate(tmp_path, {"v1/zz_mutation.yaml": extra})
         shutil.rmtree(folder / "v2")
+        assert main(["prove", "rules", "--policies", str(folder), "--format", "json"]) == 1
+        body = json.loads(capsys.readouterr().out)
+        assert body["version"] == "v1" and body["bugs"] == []
+        assert body["findings"] == [{"kind": "dead", "id": "mutation.dead", "source": "v1/zz_mutation.yaml:3"},
+                                    {"kind": "shadowed by personal.min-age", "id": "mutation.shadowed",
+                                     "source": "v1/zz_mutation.yaml:9"}]
+        for entry in (r for r in body["rules"] if r["id"] == "mutation.shadowed"):
+            assert (entry["fires"], entry["decides"], entry["shadowed_by"]) == (POSSIBLE, IMPOSSIBLE,
+                                                                                ["personal.min-age"])
+            assert entry["witness"]["account"]["age"] < 16
+        four = next(r for r in body["rules"] if r["id"] == "channel.max-four")
+        assert four["action"] == "bind" and four["role"] == "channel" and four["shadowed_by"] == []
+        assert {four["fires"], four["decides"], four["passes"]} == {POSSIBLE}
+        assert len(four["witness"]["shop"]["channel_accounts"]) >= 4
+        music = next(r for r in body["rules"] if r["id"] == "upgrade.music-muted")
+        assert music["passes"] == IMPOSSIBLE and music["fires"] == POSSIBLE  # `true`: it always warns
+        kyc = next(r for r in body["rules"] if r["id"] == "personal.kyc")
+        decision = Engine(load_policies(folder)).decide({**kyc["witness"], "policy_version": "v1"}, now=NOW)
+        assert decision.rule is not None and decision.rule.id == "personal.kyc"
         assert main(["check", str(folder), "--prove"]) == 1
         out = capsys.readouterr().out
         assert "v1/zz_mutation.yaml:3: mutation.dead is dead [prove]" in out
