@@ -7,6 +7,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from engine.decider import Engine
+from engine.evaluator import FALLBACKS
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -30,6 +31,13 @@ class Metrics:
         self.reload_failures = Counter("bindpolicy_policy_reload_failures", "Policy reloads refused", registry=r)
         self.log_failures = Counter("bindpolicy_decision_log_write_failures", "Decision log writes that failed",
                                     registry=r)
+        self.native_fallbacks = Counter(
+            "bindpolicy_native_fallbacks", "Expressions the native runtime handed to cel-python, by why: "
+            "unsupported (outside it), deferred (it said so), native_bug (it failed: a bug)", ["kind"], registry=r)
+        FALLBACKS.subscribe(self)
+
+    def native_fallback(self, kind: str) -> None:
+        self.native_fallbacks.labels(kind).inc()
 
     def policies_loaded(self, engine: Engine, in_force: str | None) -> None:
         current = {(v.name, v.digest): 2 if v.name == in_force else 1 for v in engine.policies}

@@ -19,6 +19,7 @@ from engine.request import parse_json
 from engine.tester import describe, run_suites
 
 EXIT_ALLOW, EXIT_DENY, EXIT_BAD_INPUT, EXIT_BAD_POLICY = 0, 1, 2, 3
+EXIT_EVAL_ERROR, EXIT_EVAL_CHECK = 1, 2  # `eval`: an evaluation error; a parse or check error
 DEFAULT_POLICIES = "policies"
 
 
@@ -161,6 +162,22 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     listing.add_argument("-o", "--output", metavar="FILE")
     listing.set_defaults(handler=_log_list)
+
+    evaluate = commands.add_parser(
+        "eval", help="print the value and CEL type of one expression against one request",
+        description="Evaluate EXPR as a rule would be (the same checks of the fields it reads, the "
+                    "same runtime) against the request in FILE (optional when EXPR reads no request "
+                    "field), with the parameters of the version in force at its `at` or of "
+                    "--policy-version. Exit 0 with the value, 1 on an evaluation error, 2 on a parse "
+                    "or check error (or a bad request file), 3 if the policies do not load.")
+    evaluate.add_argument("expr", metavar="EXPR", help="a CEL expression, e.g. 'account.age >= params.min_age'")
+    evaluate.add_argument("--request", metavar="FILE", default=None, help="the request, JSON (- for stdin)")
+    evaluate.add_argument("--policy-version", default=None, metavar="V", help="the version whose params to use")
+    evaluate.add_argument("--format", choices=("text", "json"), default="text",
+                          help='text: `value (type)`; json: {"value": ..., "type": ...} or {"error": ...}')
+    evaluate.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    evaluate.add_argument("--now", default=None, metavar="RFC3339", help="the time a request without `at` is at")
+    evaluate.set_defaults(handler=_eval)
 
     generate = commands.add_parser(
         "generate", help="write realistic requests (JSON Lines), deterministic for a seed",
@@ -420,6 +437,67 @@ def _answer(engine: Engine, text: str, args: argparse.Namespace, now: datetime,
             body["line"] = line
         return EXIT_BAD_INPUT, body
     return (EXIT_ALLOW if decision.allowed else EXIT_DENY), decision.to_dict()
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """One expression against one request: its value and CEL type, through the decision path."""
+    from celpy.celparser import CELParseError
+
+    from engine.compiler import CelCompiler
+    from engine.evaluator import EvaluationFailure, run, to_json
+    from engine.native import to_native, type_name
+    from engine.schemas import load_schema
+    from engine.versions import parse_timestamp
+    from engine.yamlpos import Mark, YamlDocument
+
+    def answer(body: dict[str, Any], code: int) -> int:
+        if args.format == "json":
+            print(json.dumps(body, ensure_ascii=False))
+        elif "error" in body:
+            print(f"{body['error']['code']}: {body['error']['message']}", file=sys.stderr)
+        else:
+            print(f"{json.dumps(body['value'], ensure_ascii=False)} ({body['type']})")
+        return code
+
+    engine = _load(args.policies)
+    if engine is None:
+        return EXIT_BAD_POLICY
+    request: dict[str, Any] = {}
+    if args.request is not None:
+        try:
+            with sys.stdin if args.request == "-" else open(args.request, encoding="utf-8") as stream:
+                raw = parse_json(stream.read())
+            request = engine.check(raw)
+        except OSError as exc:
+            return answer({"error": {"code": "bad_request_file", "message": f"cannot read {args.request}: "
+                                                                            f"{exc.strerror}"}}, EXIT_BAD_INPUT)
+        except RequestError as exc:
+            return answer(exc.to_dict(), EXIT_BAD_INPUT)
+    try:
+        now = _parse_now(args.now)
+        at = parse_timestamp(request["at"]) if "at" in request else now
+        version = engine.policies.select(at, args.policy_version or request.get("policy_version"))
+    except ValueError as exc:
+        return answer({"error": {"code": "invalid_request", "message": str(exc)}}, EXIT_BAD_INPUT)
+    except RequestError as exc:
+        return answer(exc.to_dict(), EXIT_BAD_INPUT)
+    # The expression is checked as a policy's would be: syntax, then every field it reads.
+    doc = YamlDocument("<expression>", args.expr, {"expr": args.expr}, {("expr",): Mark(1, 1)})
+    try:
+        expr, problems = CelCompiler(load_schema("request")).compile(args.expr, doc, ("expr",), version.parameters)
+    except CELParseError as exc:  # compile() reports these as problems; kept as a guard
+        return answer({"error": {"code": "cel_syntax", "message": str(exc)}}, EXIT_EVAL_CHECK)
+    if expr is None or problems:
+        first = problems[0] if problems else None
+        message = "; ".join(f"{p.location.line}:{p.location.column}: {p.message}" for p in problems)
+        return answer({"error": {"code": first.code if first else "cel_syntax", "message": message}},
+                      EXIT_EVAL_CHECK)
+    activation = engine.activation(request, version, at)
+    try:
+        value = to_native(run(expr, activation))
+    except EvaluationFailure as exc:
+        return answer({"error": {"code": "evaluation_error", "message": str(exc)}}, EXIT_EVAL_ERROR)
+    return answer({"value": to_json(value), "type": type_name(value)}, EXIT_ALLOW)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class _Parsed:
     program: Any
     native: Any
     reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
+    unsupported: str | None = None  # why the native runtime cannot take it
 
 
 _ENVIRONMENT: list[Any] = []
@@ -62,16 +63,15 @@ def _environment() -> Any:
     return _ENVIRONMENT[0]
 
 
-def parse_program(text: str) -> tuple[Any, Any, Any]:
-    """The parse tree, cel-python's program and the native closure (None if outside the subset)."""
+def parse_program(text: str) -> tuple[Any, Any, Any, str | None]:
+    """The parse tree, cel-python's program, the native closure, and why there is none (or None)."""
     env = _environment()
     tree = env.compile(text)
     program = env.program(tree)
     try:
-        native = compile_native(tree)
-    except Unsupported:
-        native = None
-    return tree, program, native
+        return tree, program, compile_native(tree), None
+    except Unsupported as exc:
+        return tree, program, None, str(exc)
 
 
 def compile_expression(text: str, location: Location | None = None) -> Expression:
@@ -79,7 +79,7 @@ def compile_expression(text: str, location: Location | None = None) -> Expressio
 
     Parse errors raise celpy's CELParseError, with line and column.
     """
-    _, program, native = parse_program(text)
+    _, program, native, _ = parse_program(text)
     return Expression(text=text, program=program, location=location or Location("<expression>", 1, 1),
                       needs=(), tests=(), native=native)
 
@@ -98,10 +98,10 @@ class CelCompiler:
         cached = self._cache.get(text)
         if cached is None:
             try:
-                tree, program, native = parse_program(text)
+                tree, program, native, unsupported = parse_program(text)
                 reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
                 _collect(tree, {}, reads, {})
-                cached = _Parsed(tree, program, native, tuple(reads))
+                cached = _Parsed(tree, program, native, tuple(reads), unsupported)
             except CELParseError as exc:
                 cached = exc
             except Exception as exc:  # lark or celpy internals: still a problem of the text
@@ -128,6 +128,12 @@ class CelCompiler:
         if isinstance(parsed, Exception):
             return None, [Problem(doc.location(key), "cel_syntax", f"CEL cannot compile this: {parsed}")]
         problems: list[Problem] = []
+        if parsed.unsupported is not None:
+            # Outside the native runtime, only cel-python could evaluate it, with its departures
+            # from the specification: refused, rather than judged by other semantics.
+            problems.append(Problem(doc.location(key), "cel_unsupported", (
+                f"bindpolicy's CEL does not take this: {parsed.unsupported} (uint and bytes values, "
+                "protobuf messages and extension libraries are outside it; no request carries them)")))
         for token, read in _null_inequalities(parsed.tree):
             path = self._path(read, {})
             schema = self._schema_of(path) if path else None

@@ -10,7 +10,7 @@ from typing import Any
 from celpy import celtypes
 
 from engine.errors import RequestError
-from engine.evaluator import NATIVE, RUNTIMES, Activation, evaluate
+from engine.evaluator import NATIVE, NATIVE_WITH_REFERENCE, RUNTIMES, Activation, evaluate
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, PolicyVersion
@@ -26,6 +26,8 @@ class Engine:
     """Decides requests against one loaded, immutable policy set."""
 
     def __init__(self, policies: PolicySet, runtime: str = NATIVE, max_list_items: int | None = None) -> None:
+        if runtime == NATIVE_WITH_REFERENCE:  # a recorded decision that cel-python helped: replayed natively
+            runtime = NATIVE
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}")
         self.policies = policies

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from celpy import celtypes
 
 from engine.errors import Detail, RequestError
 from engine.messages import CHINESE, ENGLISH
 from engine.model import Decision, Expression, Finding, NeedsPlan, PolicyVersion, Rule, Trace
-from engine.native import CelError
+from engine.native import CelError, CelType, Defer, format_duration
 from engine.request import absent_fields, value_at
 from engine.versions import format_timestamp
 
@@ -25,6 +29,16 @@ _OUTPUT_FAILED = ("output {name} failed to evaluate, so the request is denied (f
 
 NATIVE, CEL_PYTHON = "native", "cel-python"
 RUNTIMES = (NATIVE, CEL_PYTHON)
+# What `policy.runtime` says when the native runtime handed an expression of the decision to
+# cel-python: the decision was not native alone.
+NATIVE_WITH_REFERENCE = "native+cel-python"
+
+# Why the native runtime did not answer an expression: it said so (the expression is outside
+# it, or a value is), or it failed in a way it should not (a bug: counted, logged, and the
+# reference decides).
+UNSUPPORTED, DEFERRED, NATIVE_BUG = "unsupported", "deferred", "native_bug"
+
+log = logging.getLogger("bindpolicy.runtime")
 
 
 class EvaluationFailure(Exception):
@@ -39,7 +53,7 @@ class Activation:
     def __init__(self, native: dict[str, Any], build_cel: Callable[[], dict[str, Any]],
                  runtime: str = NATIVE) -> None:
         self.native = native
-        self.runtime = runtime
+        self.runtime = runtime  # the runtime asked for; NATIVE_WITH_REFERENCE once cel-python helped
         self._build_cel = build_cel
         self._cel: dict[str, Any] | None = None
 
@@ -50,28 +64,93 @@ class Activation:
         return self._cel
 
 
-def run(expr: Expression, activation: Activation) -> Any:
-    """Evaluate one compiled expression; any failure becomes EvaluationFailure.
+class Runtime(Protocol):
+    """One way to evaluate a compiled expression (as cel-python's Runner classes are)."""
 
-    The native closures answer where they can; where they defer (or the expression is
-    outside their subset), cel-python, the reference, evaluates it.
-    """
-    if expr.native is not None and activation.runtime == NATIVE:
+    name: str
+
+    def evaluate(self, expr: Expression, activation: Activation) -> Any:
+        """The expression's value; EvaluationFailure for a CEL error."""
+
+
+class ReferenceRuntime:
+    """cel-python's evaluator: the reference for whatever the native runtime does not cover."""
+
+    name = CEL_PYTHON
+
+    def evaluate(self, expr: Expression, activation: Activation) -> Any:
+        try:
+            return expr.program.evaluate(activation.cel)
+        except Exception as exc:  # celpy raises CELEvalError, and at times plain Python errors
+            raise EvaluationFailure(_describe(exc)) from exc
+
+
+class NativeRuntime:
+    """The native closures (engine/native.py); Defer (or Unsupported at load) is their only way out."""
+
+    name = NATIVE
+
+    def evaluate(self, expr: Expression, activation: Activation) -> Any:
+        if expr.native is None:
+            raise Defer
         try:
             return expr.native(activation.native)
         except CelError as exc:
             raise EvaluationFailure(str(exc)) from exc
-        except Exception:  # Defer, or anything unforeseen: the reference decides
-            pass
-    return _reference(expr, activation)
 
 
-def _reference(expr: Expression, activation: Activation) -> Any:
-    """cel-python's evaluation of the expression: the reference semantics."""
-    try:
-        return expr.program.evaluate(activation.cel)
-    except Exception as exc:  # celpy raises CELEvalError, and at times plain Python errors
-        raise EvaluationFailure(_describe(exc)) from exc
+class FallbackListener(Protocol):
+    def native_fallback(self, kind: str) -> None: ...
+
+
+class FallbackEvents:
+    """Counts every expression the native runtime did not answer, by why; subscribers (metrics) hear each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()  # an app's metrics go with the app
+
+    def subscribe(self, listener: FallbackListener) -> None:
+        self._listeners.add(listener)
+
+    def record(self, kind: str, expr: Expression, exc: BaseException | None = None) -> None:
+        self.counts[kind] += 1
+        for listener in list(self._listeners):
+            listener.native_fallback(kind)
+        if kind == NATIVE_BUG:
+            log.error("native runtime bug on %r (%s): %s: %s; cel-python decided", expr.text, expr.location,
+                      type(exc).__name__, exc)
+        else:
+            log.info("native runtime %s %r (%s); cel-python decided", kind, expr.text, expr.location)
+
+
+REFERENCE, FAST = ReferenceRuntime(), NativeRuntime()
+FALLBACKS = FallbackEvents()
+
+
+def run(expr: Expression, activation: Activation) -> Any:
+    """Evaluate one compiled expression; any failure becomes EvaluationFailure.
+
+    The native runtime answers; it hands the expression to cel-python only when it says it
+    must (Defer, or an expression it could not compile). Any other exception from it is a bug:
+    counted and logged, and cel-python decides. Either way the decision's runtime says so.
+    """
+    if activation.runtime == CEL_PYTHON:
+        return REFERENCE.evaluate(expr, activation)
+    native = expr.native
+    if native is not None:
+        try:
+            return native(activation.native)
+        except CelError as exc:
+            raise EvaluationFailure(str(exc)) from exc
+        except Defer:
+            FALLBACKS.record(DEFERRED, expr)
+        except Exception as exc:  # a bug of the native runtime: counted, and the reference decides
+            FALLBACKS.record(NATIVE_BUG, expr, exc)
+    else:
+        FALLBACKS.record(UNSUPPORTED, expr)
+    activation.runtime = NATIVE_WITH_REFERENCE
+    return REFERENCE.evaluate(expr, activation)
 
 
 def run_condition(expr: Expression, activation: Activation) -> bool:
@@ -202,17 +281,23 @@ def to_json(value: Any) -> Any:
     if isinstance(value, celtypes.TimestampType | datetime):
         return format_timestamp(value)
     if isinstance(value, celtypes.DurationType | timedelta):
-        return f"{int(value.total_seconds())}s"
+        return format_duration(timedelta(days=value.days, seconds=value.seconds, microseconds=value.microseconds))
     if isinstance(value, celtypes.BoolType | bool):
         return bool(value)
     if isinstance(value, celtypes.IntType | celtypes.UintType | int):
         return int(value)
     if isinstance(value, celtypes.DoubleType | float):
-        return float(value)
+        number = float(value)
+        if number != number or number in (math.inf, -math.inf):  # as protobuf's JSON mapping writes them
+            return "NaN" if number != number else ("Infinity" if number > 0 else "-Infinity")
+        return number
     if isinstance(value, str):
         return str(value)
+    if isinstance(value, CelType):
+        return value.name
     if isinstance(value, Mapping):
-        return {str(k): to_json(v) for k, v in value.items()}
+        return {(("true" if k else "false") if isinstance(k, bool) else str(k)): to_json(v)
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     return value

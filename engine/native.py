@@ -915,7 +915,7 @@ def _h_ident_arg(kids: list[Any]) -> Closure:
     if name == "matches" and len(compiled) == 2:
         text_fn, pattern_fn = compiled
         return lambda env: _matches(text_fn(env), pattern_fn(env))
-    raise Unsupported(f"function {name}()")
+    return _unknown_function(name)
 
 
 def _matches(text: Any, pattern: Any) -> bool:
@@ -973,7 +973,31 @@ def _h_member_dot_arg(kids: list[Any]) -> Closure:
         if zone is None:
             return lambda env: _part(name, target(env))
         return lambda env: _part(name, target(env), zone(env))
-    raise Unsupported(f"method .{name}()")
+    target_args = [_compile(a) for a in args]  # evaluated first: their errors come first, as in CEL
+    unknown = _unknown_function(f".{name}")
+
+    def call_unknown(env: Env) -> Any:
+        target(env)
+        for argument in target_args:
+            argument(env)
+        return unknown(env)
+
+    return call_unknown
+
+
+# Functions cel-python offers and the native runtime does not: left to cel-python (Unsupported).
+_REFERENCE_ONLY = frozenset({"uint", "bytes"})
+
+
+def _unknown_function(name: str) -> Closure:
+    """A function CEL does not define: an error when evaluated (as the spec says), never a guess."""
+    if name.lstrip(".") in _REFERENCE_ONLY:
+        raise Unsupported(f"function {name}()")
+
+    def unknown(env: Env) -> Any:
+        raise CelError(f"unknown function {name}()")
+
+    return unknown
 
 
 # Per macro, per number of arguments: how many of them name loop variables.

@@ -74,6 +74,7 @@ class Outcome:
     case: Case
     status: str  # "passed", "failed" or "skipped"
     reason: str = ""
+    runtime: str = ""  # what evaluated it: native, or native+cel-python where the native runtime deferred
 
 
 @cache
@@ -238,16 +239,16 @@ def run_case(case: Case) -> Outcome:
         result = to_native(run(expr, activation))
     except EvaluationFailure as exc:
         if matcher in ("eval_error", "any_eval_errors"):
-            return Outcome(case, "passed")
-        return Outcome(case, "failed", f"error: {exc}")
+            return Outcome(case, "passed", runtime=activation.runtime)
+        return Outcome(case, "failed", f"error: {exc}", activation.runtime)
     except Exception as exc:  # a crash of the engine is a failure of the test, not of the run
-        return Outcome(case, "failed", f"crash: {type(exc).__name__}: {exc}")
+        return Outcome(case, "failed", f"crash: {type(exc).__name__}: {exc}", activation.runtime)
     if matcher in ("eval_error", "any_eval_errors"):
-        return Outcome(case, "failed", f"expected an error, got {result!r}")
+        return Outcome(case, "failed", f"expected an error, got {result!r}", activation.runtime)
     expected = value_of(test.value) if matcher == "value" else True
     if same(result, expected):
-        return Outcome(case, "passed")
-    return Outcome(case, "failed", f"expected {expected!r}, got {result!r}")
+        return Outcome(case, "passed", runtime=activation.runtime)
+    return Outcome(case, "failed", f"expected {expected!r}, got {result!r}", activation.runtime)
 
 
 def run_all() -> list[Outcome]:
@@ -271,6 +272,9 @@ def table(outcomes: list[Outcome]) -> str:
             total[key] += row[key]
     lines.append(f"| {'all':<16} | {total['total']:>5} | {total['skipped']:>7} | {total['passed']:>6} "
                  f"| {total['failed']:>6} |")
+    helped = sum(1 for o in outcomes if o.status != "skipped" and o.runtime != "native")
+    lines.append(f"\n{total['total'] - total['skipped']} evaluated, {helped} of them with cel-python's help "
+                 "(the native runtime deferred)")
     return "\n".join(lines)
 
 

@@ -117,8 +117,64 @@ def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 @pytest.mark.parametrize("command", [[], ["check"], ["test"], ["decide"], ["serve"], ["diff"], ["impact"],
-                                     ["replay"], ["log"], ["log", "verify"], ["log", "list"], ["generate"]])
+                                     ["replay"], ["log"], ["log", "verify"], ["log", "list"], ["generate"],
+                                     ["eval"]])
 def test_help_on_every_command(command: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "engine.cli", *command, "--help"],
                             capture_output=True, text=True, cwd=ROOT, check=False)
     assert result.returncode == 0 and "usage: bindpolicy" in result.stdout
+
+
+# --- eval: one expression, its value and CEL type ------------------------------------------------
+
+
+def eval_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, object]:
+    code, out, _ = run(["eval", *args, "--policies", str(POLICIES), "--format", "json"], capsys)
+    return code, json.loads(out)
+
+
+@pytest.mark.parametrize(("expr", "value", "kind"), [
+    ("account.age >= params.min_age", True, "bool"),
+    ("account.age", 30, "int"),
+    ("account.age + 0.5", "error", None),  # int + double: no such overload, as CEL says
+    ("double(account.age) / 4.0", 7.5, "double"),
+    ("shop.channel_accounts", [], "list"),
+    ("{'age': account.age, 'kyc': account.kyc}", {"age": 30, "kyc": {"verified": True}}, "map"),
+    ("at", "2025-07-01T00:00:00Z", "google.protobuf.Timestamp"),
+    ("at - timestamp('2025-06-30T23:59:58.5Z')", "1.5s", "google.protobuf.Duration"),
+    ("type(shop)", "map", "type"),
+    ("account.name.startsWith('ac') && account.age == 30.0", True, "bool"),
+])
+def test_eval_prints_value_and_type(tmp_path: Path, capsys: pytest.CaptureFixture[str], expr: str,
+                                    value: object, kind: str | None) -> None:
+    request = write_json(tmp_path, "r.json", bind_request())
+    code, body = eval_json([expr, "--request", request], capsys)
+    if value == "error":
+        assert code == 1 and body["error"]["code"] == "evaluation_error"  # type: ignore[index]
+    else:
+        assert (code, body) == (0, {"value": value, "type": kind})
+
+
+def test_eval_without_a_request_and_with_a_pinned_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert eval_json(["[1, 'a', null, 1.0 == 1]"], capsys) == (0, {"value": [1, "a", None, True], "type": "list"})
+    assert eval_json(["null"], capsys) == (0, {"value": None, "type": "null_type"})
+    assert eval_json(["params.min_age", "--policy-version", "v1"], capsys) == (0, {"value": 18, "type": "int"})
+    code, body = eval_json(["params.min_age", "--policy-version", "v9"], capsys)
+    assert code == 2 and "v9" in json.dumps(body)
+
+
+def test_eval_exit_codes_and_text_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert eval_json(["1 / 0"], capsys) == (1, {"error": {"code": "evaluation_error",
+                                                          "message": "modulus or divide by zero"}})
+    code, body = eval_json(["1 +"], capsys)
+    assert code == 2 and body["error"]["code"] == "cel_syntax"  # type: ignore[index]
+    code, body = eval_json(["account.agee > 1"], capsys)
+    assert code == 2 and "did you mean 'age'" in body["error"]["message"]  # type: ignore[index]
+    code, out, _ = run(["eval", "0.0 / 0.0 != 0.0 / 0.0", "--policies", str(POLICIES)], capsys)
+    assert (code, out) == (0, "true (bool)\n")
+    code, _, err = run(["eval", "account.age", "--policies", str(POLICIES)], capsys)  # no request: no account
+    assert code == 1 and err.startswith("evaluation_error: ")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    code, body = eval_json(["true", "--request", str(bad)], capsys)
+    assert code == 2 and "error" in body  # type: ignore[operator]

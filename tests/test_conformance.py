@@ -58,3 +58,8 @@ def test_a_wrong_expectation_fails() -> None:
     assert celspec.run_case(case).status == "passed"
     case.test.value.int64_value += 1
     assert celspec.run_case(case).status == "failed"
+
+
+def test_the_native_runtime_answers_every_core_test_itself(outcomes: list[celspec.Outcome]) -> None:
+    helped = [f"{o.case.id}: {o.case.expr!r}" for o in outcomes if o.status != "skipped" and o.runtime != "native"]
+    assert not helped, "\n".join(helped)

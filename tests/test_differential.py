@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,12 +22,13 @@ from hypothesis import strategies as st
 from engine.checker import validator
 from engine.decider import Engine
 from engine.errors import RequestError
-from engine.evaluator import CEL_PYTHON, NATIVE
+from engine.evaluator import CEL_PYTHON, FALLBACKS, NATIVE, NATIVE_BUG, NATIVE_WITH_REFERENCE
 from engine.generator import generate_requests
+from engine.loader import load_policies
 from engine.native import CelError, Unsupported, compile_native, to_native
 from engine.request import default_checker
 from engine.tester import _build, find_suites
-from engine.versions import PolicySet
+from engine.versions import PolicySet, parse_timestamp
 from engine.yamlpos import read_yaml
 
 from .conftest import NOW, POLICIES
@@ -217,9 +219,54 @@ def test_each_known_deviation_of_cel_python(name: str) -> None:
 
 
 def test_outside_the_native_runtime_is_unsupported_not_guessed() -> None:
-    for text in ("1u == 1", "s.lowerAscii()", "b'abc' == b'abc'"):
+    for text in ("1u == 1", "uint(i) == 1", "b'abc' == b'abc'"):
         with pytest.raises(Unsupported):
             compile_native(ENV.compile(text))
+
+
+def test_no_fallback_and_no_native_bug_over_every_suite_case_and_the_corpus(engines: tuple[Engine, Engine]) -> None:
+    native, _ = engines
+    before = dict(FALLBACKS.counts)
+    decided = 0
+    for request in [*suite_requests(), *generate_requests(1500, seed=2024, broken=0.03)]:
+        try:
+            decision = native.decide(copy.deepcopy(request), now=NOW, explain=True)
+        except RequestError:
+            continue
+        assert decision.runtime == NATIVE, json.dumps(request)
+        decided += 1
+    assert decided > 1000
+    assert dict(FALLBACKS.counts) == before  # not one expression handed to cel-python
+
+
+def test_a_native_bug_is_counted_logged_and_said_and_the_reference_decides(
+        engines: tuple[Engine, Engine], caplog: pytest.LogCaptureFixture) -> None:
+    from api.metrics import Metrics
+
+    broken_policies = load_policies(POLICIES)
+    broken, reference = Engine(broken_policies), engines[1]
+    request = next(r for r in suite_requests() if r["action"] == "bind" and r.get("role") == "channel")
+    version = broken_policies.select(parse_timestamp(request["at"]), request.get("policy_version"))
+    rules = version.rules_for("bind", "channel")
+
+    def raises(env: dict[str, Any]) -> Any:
+        raise KeyError("a bug")
+
+    for rule in rules:  # as if the native runtime were wrong everywhere
+        for expr in (rule.applies_when, rule.fires_when):
+            if expr is not None:
+                object.__setattr__(expr, "native", raises)
+    metrics = Metrics()
+    before = FALLBACKS.counts[NATIVE_BUG]
+    with caplog.at_level(logging.ERROR, logger="bindpolicy.runtime"):
+        decision = broken.decide(copy.deepcopy(request), now=NOW, decision_id="same", explain=True)
+    bugs = FALLBACKS.counts[NATIVE_BUG] - before
+    assert bugs >= len(rules) > 5  # every rule's fires_when at least
+    assert decision.runtime == NATIVE_WITH_REFERENCE
+    logged = [r.getMessage() for r in caplog.records if "native runtime bug" in r.getMessage()]
+    assert len(logged) == bugs and all("KeyError: 'a bug'; cel-python decided" in line for line in logged)
+    assert metrics.native_fallbacks.labels(NATIVE_BUG)._value.get() == bugs
+    assert outcome(broken, request) == outcome(reference, request)  # still decided, by the reference
 
 
 def test_the_bundled_policies_are_all_native(policies: PolicySet) -> None:
