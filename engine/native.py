@@ -1016,7 +1016,16 @@ def _pairs(collection: Any, two: bool) -> list[tuple[Any, ...]]:
     raise _no_overload("comprehension", collection)
 
 
+def _items(collection: Any) -> Any:
+    """What a one-variable macro iterates: a list's items, or a map's keys."""
+    if type(collection) is list or type(collection) is dict:
+        return collection
+    raise _no_overload("comprehension", collection)
+
+
 def _macro(name: str, target: Closure, names: list[str], bodies: list[Closure]) -> Closure:
+    if len(names) == 1 and name in ("exists", "all"):
+        return _quantifier(name == "exists", target, names[0], bodies[0])
     two = len(names) == 2
 
     def each(env: Env) -> Iterator[tuple[Env, tuple[Any, ...]]]:
@@ -1056,22 +1065,52 @@ def _macro(name: str, target: Closure, names: list[str], bodies: list[Closure]) 
 
     if name == "filter":
         (body,) = bodies
-        return lambda env: [values[0] for inner, values in each(env) if test(body, inner)]
+        variable = names[0]
 
-    if name == "map":
-        keep = bodies[0] if len(bodies) == 2 else None
-        transform = bodies[-1]
-        return lambda env: [transform(inner) for inner, _ in each(env) if keep is None or test(keep, inner)]
+        def keep_matching(env: Env) -> list[Any]:
+            inner, kept = dict(env), []
+            for item in _items(target(env)):
+                inner[variable] = item
+                if test(body, inner):
+                    kept.append(item)
+            return kept
+
+        return keep_matching
 
     keep = bodies[0] if len(bodies) == 2 else None
     transform = bodies[-1]
-    if name == "transformList":
+    if name in ("map", "transformList"):
         return lambda env: [transform(inner) for inner, _ in each(env) if keep is None or test(keep, inner)]
 
     def transform_map(env: Env) -> dict[Any, Any]:
         return {values[0]: transform(inner) for inner, values in each(env) if keep is None or test(keep, inner)}
 
     return transform_map
+
+
+def _quantifier(decisive: bool, target: Closure, variable: str, body: Closure) -> Closure:
+    """all() and exists() over one variable: errors absorbed by a decisive item, as CEL says."""
+
+    answer: bool = decisive
+
+    def quantifier(env: Env) -> bool:
+        inner, error = dict(env), None
+        for item in _items(target(env)):
+            inner[variable] = item
+            try:
+                result = body(inner)
+            except CelError as exc:
+                error = exc
+                continue
+            if result is decisive:
+                return answer
+            if type(result) is not bool:
+                error = _no_overload("exists" if decisive else "all", result)
+        if error is not None:
+            raise error
+        return not decisive
+
+    return quantifier
 
 
 _HANDLERS: dict[str, Callable[[list[Any]], Closure]] = {
