@@ -844,7 +844,7 @@ def _index(value: Any, key: Any) -> Any:
     kind = type(value)
     if kind is list:
         position = key
-        if type(key) is float and key == int(key) if type(key) is float and math.isfinite(key) else False:
+        if type(key) is float and math.isfinite(key) and key == int(key):  # [7, 8][dyn(0.0)] is 7
             position = int(key)
         if type(position) is not int:
             raise _no_overload("_[_]", value, key)
