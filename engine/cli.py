@@ -359,6 +359,10 @@ def _check(args: argparse.Namespace) -> int:
     for version in policies:
         print(f"ok {version.name}: {len(version.rules)} rules, {len(version.outputs)} outputs, "
               f"in force from {version.effective_from.isoformat()}, {version.digest}")
+    if policies.warnings:
+        count = len(policies.warnings)
+        print(f"{count} warning{'s' if count != 1 else ''} (the policies load; worth a look)")
+        print("\n".join(f"  {w}" for w in policies.warnings))
     if args.prove:
         from engine.prover.commands import check_rules
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -16,6 +17,7 @@ from engine.errors import Location, Problem
 from engine.model import EACH, OPTIONAL, Expression, FieldPath
 from engine.native import Unsupported, compile_native
 from engine.schemas import Schema, SchemaWalker
+from engine.typecheck import TypeEnvironment, TypeProblem, check_types
 from engine.yamlpos import Key, YamlDocument
 
 # Comprehension macros: the first argument names a loop variable bound to each item.
@@ -26,6 +28,8 @@ BUILTIN_NAMES = frozenset({"int", "uint", "double", "bool", "string", "bytes", "
 PARAMS = "params"
 # Variables the engine always binds (a request without `at` is judged at the caller's now).
 ALWAYS_BOUND = frozenset({"at"})
+# The policy fields that are conditions: they must give a bool.
+CONDITIONS = frozenset({"applies_when", "fires_when"})
 # Facts known before evaluation: the request's action and role.
 Context = tuple[str, str | None]
 Facts = Mapping[str, str | None]
@@ -51,6 +55,10 @@ class _Parsed:
     native: Any
     reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
     unsupported: str | None = None  # why the native runtime cannot take it
+
+
+# A check run on a parsed expression: (parsed, text, parameters, is a condition) -> problems.
+Stage = Callable[[_Parsed, str, Mapping[str, Any], bool], list[TypeProblem]]
 
 
 _ENVIRONMENT: list[Any] = []
@@ -93,6 +101,20 @@ class CelCompiler:
         self.request_schema = request_schema
         self.variables = frozenset(request_schema["properties"])
         self._cache: dict[str, _Parsed | CELParseError | Exception] = {}
+        self._types: dict[tuple[str, bool, int], list[TypeProblem]] = {}
+        # The checks after parsing and field resolution, in order, each a named seam.
+        self.stages: tuple[tuple[str, Stage], ...] = (("check_types", self._check_types),)
+        self.timings: dict[str, float] = {}  # seconds spent in each stage, for bench/bench_check.py
+
+    def _check_types(self, parsed: _Parsed, text: str, parameters: Mapping[str, Any],
+                     condition: bool) -> list[TypeProblem]:
+        """Types from the schema and the parameters (engine/typecheck.py); cached per version's parameters."""
+        cache_key = (text, condition, id(parameters))
+        found = self._types.get(cache_key)
+        if found is None:
+            env = TypeEnvironment(self.walker, self.request_schema, parameters)
+            found = self._types[cache_key] = check_types(parsed.tree, env, condition)
+        return found
 
     def _parse(self, text: str) -> _Parsed | CELParseError | Exception:
         cached = self._cache.get(text)
@@ -157,6 +179,14 @@ class CelCompiler:
                 needs.append(path)
         if problems:
             return None, problems
+        for name, stage in self.stages:
+            started = time.perf_counter()
+            found = stage(parsed, text, parameters, key[-1] in CONDITIONS)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+            problems.extend(Problem(doc.expression_location(key, p.line, p.column), p.code, p.message, p.severity)
+                            for p in found)
+        if any(not p.is_warning for p in problems):
+            return None, problems
         by_context: dict[Context, tuple[FieldPath, ...]] = {}
         for context in contexts:
             reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
@@ -169,7 +199,7 @@ class CelCompiler:
         expr = Expression(text=text, program=parsed.program, location=doc.location(key),
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
                           needs_by_context=MappingProxyType(by_context), native=parsed.native)
-        return expr, []
+        return expr, problems  # warnings only
 
     def field_problem(self, path: FieldPath) -> str | None:
         """Why `path` (a.b.c) is not a field of the request, with a did-you-mean; None if it is."""

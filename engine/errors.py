@@ -31,14 +31,21 @@ class Problem:
     location: Location
     code: str
     message: str
+    severity: str = "error"  # or "warning": reported by `check`, never refuses the set
 
     def __str__(self) -> str:
         where = str(self.location)
         return f"{where}: {self.message} [{self.code}]" if where else f"{self.message} [{self.code}]"
 
+    @property
+    def is_warning(self) -> bool:
+        return self.severity == "warning"
+
     def to_dict(self) -> dict[str, object]:
         loc = self.location
         out: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.is_warning:
+            out["severity"] = self.severity
         if loc.file:
             out.update(file=loc.file, line=loc.line, column=loc.column)
         if loc.pointer:

@@ -208,7 +208,10 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         roles = entry.data.get("roles", [None, "official", "channel"])
         contexts = [(action, role) for action in entry.data["actions"] for role in roles]
         expr, found = compiler.compile(text, entry.doc, (*entry.key, field_name), params, contexts)
-        problems.extend(p for p in found if p not in problems)  # inherited ones: reported once
+        for problem in found:  # inherited ones: reported once
+            into = warnings if problem.is_warning else problems
+            if problem not in into:
+                into.append(problem)
         return expr
 
     built_rules: list[Rule] = []

@@ -174,7 +174,7 @@ FAILING = {
           - id: not-a-boolean
             actions: [login]
             effect: deny
-            fires_when: account.id
+            fires_when: dyn(account.id)  # dyn: past the type checker, so it fails at run time
             message: never shown
             source: test
         """,
