@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 
-.PHONY: setup run test test-fast lint check-policies prove-policies postgres bench bench-peers bench-service clean
+.PHONY: setup run test test-fast lint check-policies prove-policies postgres chromium vendor bench bench-peers bench-service clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,17 @@ postgres:
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
 
-test: lint prove-policies postgres
+# The console's browser tests drive Debian's chromium (Playwright's own browser download is not
+# reachable); a CJK font so that the Chinese pages render (and their screenshots read).
+chromium:
+	@command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk" || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null)
+
+# Rebuild the console's vendored front-end files (CodeMirror, axe-core) from npm; not needed to run or test.
+vendor:
+	vendor/build.sh
+
+test: lint prove-policies postgres chromium
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
 
@@ -41,6 +51,7 @@ test-fast: lint check-policies
 	$(PY) -m pytest -m "not slow"
 
 run: $(STAMP)
+	@echo "console: http://$${BINDPOLICY_HOST:-127.0.0.1}:$(PORT)/console/"
 	$(VENV)/bin/bindpolicy serve --policies policies --data data --port $(PORT)
 
 bench: $(STAMP)

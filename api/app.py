@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -13,6 +14,9 @@ import orjson
 from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 
+from api.auditing import auditing
+from api.authoring import authoring
+from api.console import console
 from api.errors import register_error_handlers
 from api.holder import PolicyHolder, ReloadFailure
 from api.metrics import Metrics
@@ -34,6 +38,11 @@ DEFAULTS: dict[str, Any] = {
     "RUNTIME": NATIVE,
     "LOG_TOKENS": "",  # comma-separated bearer tokens that may read the decision log
     "DECISION_TOKENS": "",  # if set, deciding needs one of these bearer tokens too
+    "BIND": "127.0.0.1:8080",  # where the service listens (set by `bindpolicy serve`)
+    "SCRATCH": "auto",  # scratch policies in the console: on, off, or auto (on when BIND is loopback)
+    "SCRATCH_MAX_BYTES": 512 * 1024,  # one scratch copy, all files together
+    "SCRATCH_MAX_SECONDS": 10.0,  # the work on one scratch copy, or on one impact over the corpus
+    "CORPUS": "examples/requests.jsonl",  # the requests that impact is judged over in the console
 }
 
 ENVIRONMENT = {  # configuration key -> environment variable
@@ -47,6 +56,11 @@ ENVIRONMENT = {  # configuration key -> environment variable
     "RUNTIME": "BINDPOLICY_RUNTIME",
     "LOG_TOKENS": "BINDPOLICY_LOG_TOKENS",
     "DECISION_TOKENS": "BINDPOLICY_DECISION_TOKENS",
+    "BIND": "BINDPOLICY_BIND",
+    "SCRATCH": "BINDPOLICY_SCRATCH",
+    "SCRATCH_MAX_BYTES": "BINDPOLICY_SCRATCH_MAX_BYTES",
+    "SCRATCH_MAX_SECONDS": "BINDPOLICY_SCRATCH_MAX_SECONDS",
+    "CORPUS": "BINDPOLICY_CORPUS",
 }
 
 
@@ -64,6 +78,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             raw = os.environ[variable]
             app.config[key] = type(default)(raw) if isinstance(default, int | float) else raw
     app.config.update(config or {})
+    app.config["SCRATCH_ENABLED"] = scratch_enabled(str(app.config["SCRATCH"]), str(app.config["BIND"]))
     metrics = Metrics()
     store = open_store(app.config["DATABASE_URL"] or str(Path(app.config["DATA_DIR"]) / "decisions.db"))
 
@@ -81,7 +96,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                           max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed)
     tokens = {key: tuple(t.strip() for t in str(app.config[key]).split(",") if t.strip())
               for key in ("LOG_TOKENS", "DECISION_TOKENS")}
-    service = Service(holder, store, metrics, tokens)
+    service = Service(holder, store, metrics, tokens, Path(app.config["CORPUS"]))
     # The chain's tail is checked at start: an altered log is reported (readyz, logs), not extended silently.
     service.chain_breach = store.verify(store.tail(TAIL_CHECKED))
     if service.chain_breach is not None:
@@ -89,8 +104,30 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             "event": "chain_broken", "seq": service.chain_breach.seq, "problem": service.chain_breach.problem})
     app.extensions["bindpolicy"] = service
     app.register_blueprint(routes)
+    app.register_blueprint(authoring)
+    app.register_blueprint(auditing)
+    app.register_blueprint(console)
     register_error_handlers(app)
     return app
+
+
+def scratch_enabled(setting: str, bind: str) -> bool:
+    """SCRATCH on or off as said; auto: on only when the service listens on a loopback address
+    (or a Unix socket), where no one but this machine's users can send policies to compile."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"BINDPOLICY_SCRATCH must be auto, on or off, not {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    if bind.startswith("unix:"):
+        return True
+    host = bind.rsplit(":", 1)[0] if bind.count(":") == 1 or bind.startswith("[") else bind
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class OrjsonProvider(DefaultJSONProvider):
@@ -115,10 +152,28 @@ class Service:
     """What the routes need: the policies in service, the decision log, the metrics."""
 
     def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics,
-                 tokens: Mapping[str, tuple[str, ...]]) -> None:
+                 tokens: Mapping[str, tuple[str, ...]], corpus: Path | None = None) -> None:
         self.holder = holder
         self.log: DecisionLog = store  # what deciding needs: the one write method
         self.store = store  # what reading needs: records, the chain, policy contents
         self.metrics = metrics
         self.tokens = tokens  # LOG_TOKENS, DECISION_TOKENS: the bearer tokens each accepts
         self.chain_breach: Breach | None = None
+        self.corpus_path = corpus
+        self._corpus: list[Any] | None = None
+        self.console_cache: dict[Any, Any] = {}  # what the console asks for again and again (examples)
+
+    def corpus(self) -> list[Any]:
+        """The requests impact is judged over (read once; a line that is not JSON is judged as bad input)."""
+        if self._corpus is None:
+            lines = []
+            if self.corpus_path is not None and self.corpus_path.is_file():
+                with self.corpus_path.open(encoding="utf-8") as file:
+                    for line in file:
+                        if line.strip():
+                            try:
+                                lines.append(orjson.loads(line))
+                            except orjson.JSONDecodeError:
+                                lines.append(None)
+            self._corpus = lines
+        return self._corpus

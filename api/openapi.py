@@ -35,6 +35,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {400: "The request cannot be decided: every offending field, by JSON pointer",
              401: "A bearer token is missing or not accepted", 404: "Not found",
+             403: "Scratch policies are off on this service (see BINDPOLICY_SCRATCH)",
              413: "The body or the batch is larger than allowed", 415: "The body is not application/json",
              503: "Not ready, or the decision log cannot commit: nothing was decided"}
     return {str(s): _json(_ref("response.error"), words[s]) for s in statuses}
@@ -132,6 +133,7 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
                             **{kind: {"schema": {"type": "string"}}
                                for kind in ("text/plain", "text/markdown", "text/html")}}},
                             **_errors(400, 404)}}},
+            **_console_paths(explain, bearer),
             "/healthz": {"get": {"operationId": "health", "summary": "The process is alive",
                                  "responses": {"200": _json({"type": "object"}, "Alive")}}},
             "/readyz": {"get": {"operationId": "ready", "summary": "Policies loaded and the log writable",
@@ -145,3 +147,63 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
         },
     }
 
+
+
+def _console_paths(explain: dict[str, Any], bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """What the console calls besides the decision and policy endpoints: authors' and auditors' tools."""
+    files = {"type": "object", "description": "A scratch copy: {'v1/bind.yaml': text, 'tests/x_test.yaml': text}",
+             "additionalProperties": {"type": "string"}}
+
+    def scratch(operation: str, summary: str, properties: dict[str, Any], answer: str,
+                parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"post": {
+            "operationId": operation, "summary": summary, "parameters": parameters or [],
+            "requestBody": {"required": True, "content": {JSON: {"schema": {
+                "type": "object", "required": ["files"], "additionalProperties": False,
+                "properties": {"files": files, **properties}}}}},
+            "responses": {"200": _json({"type": "object"}, answer), **_errors(400, 403, 413, 415)}}}
+
+    version = {"in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "/v1/sources": {"get": {"operationId": "getSources",
+                                "summary": "The policy files of the set in force and the suites beside them",
+                                "responses": {"200": _json({"type": "object", "required": ["files"], "properties": {
+                                    "files": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                                    "Files by path")}}},
+        "/v1/examples": {"get": {"operationId": "getExamples",
+                                 "summary": "Generated requests to start from, per action and role and outcome",
+                                 "responses": {"200": _json({"type": "object"}, "Examples")}}},
+        "/v1/scratch": {"get": {"operationId": "getScratchSettings",
+                                "summary": "Whether scratch policies are on here, and their bounds",
+                                "responses": {"200": _json({"type": "object"}, "Settings")}}},
+        "/v1/scratch/check": scratch("checkScratch", "Load a scratch copy; every problem with file, line, column",
+                                     {}, "ok, the problems, the versions it builds"),
+        "/v1/scratch/decisions": scratch("decideScratch", "Decide one request against a scratch copy (not logged)",
+                                         {"request": _ref("DecisionRequest")}, "The decision", [explain]),
+        "/v1/scratch/tests": scratch("testScratch", "Run a scratch copy's suites (tests/*.yaml) against it",
+                                     {}, "Every case, problems and coverage gaps"),
+        "/v1/scratch/diff": scratch("diffScratch",
+                                    "Semantic diff from the set in force to a scratch copy, and its impact on "
+                                    "the corpus", {}, "Diffs by version and the impact"),
+        "/v1/decisions/{decision_id}/replay": {"post": {
+            "operationId": "replayDecision", "security": bearer,
+            "summary": "Decide a logged request again under the policy content that judged it, and compare",
+            "parameters": [{"name": "decision_id", **version}],
+            "responses": {"200": _json({"type": "object", "required": ["status", "differences"], "properties": {
+                "status": {"enum": ["reproduced", "different", "cannot_replay"]},
+                "differences": {"type": "array"}, "message": {"type": "string"},
+                "policy_digest": {"type": ["string", "null"]}, "decision_id": {"type": "string"}}},
+                "reproduced, or every difference"), **_errors(401, 404)}}},
+        "/v1/log/chain": {"get": {
+            "operationId": "getChain", "security": bearer,
+            "summary": "The chain's head and a verification of its most recent records",
+            "parameters": [{"name": "recent", "in": "query", "required": False,
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,6}$"}}],
+            "responses": {"200": _json({"type": "object"}, "Head, records checked, intact or the breach"),
+                          **_errors(400, 401)}}},
+        "/v1/policies/{old}/impact/{new}": {"get": {
+            "operationId": "impactPolicies",
+            "summary": "The corpus judged under two versions: the decisions that flip, by rule",
+            "parameters": [{"name": "old", **version}, {"name": "new", **version}],
+            "responses": {"200": _json({"type": "object"}, "The impact"), **_errors(400, 404)}}},
+    }

@@ -72,15 +72,28 @@ class ImpactReport:
 
 def judge(engine: Engine, old: str, new: str, requests: Iterable[Any], now: datetime) -> ImpactReport:
     """The impact over some requests, in this process."""
-    report = ImpactReport(old, new)
+    return judge_engines((engine, old), (engine, new), requests, now)
+
+
+def judge_engines(old: tuple[Engine, str | None], new: tuple[Engine, str | None], requests: Iterable[Any],
+                  now: datetime, *, labels: tuple[str, str] | None = None) -> ImpactReport:
+    """The impact between two (engine, version) sides; a version None judges each request by the
+    version it selects itself (its `at`, or its pin), as that engine would serve it."""
+    report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
+
+    def decide(side: tuple[Engine, str | None], request: dict[str, Any]) -> Any:
+        engine, version = side
+        pinned = request if version is None else {**request, "policy_version": version}
+        return engine.decide(pinned, now=now, decision_id="impact")
+
     for request in requests:
         report.total += 1
         if not isinstance(request, dict):
             report.rejected += 1
             continue
         try:
-            before = engine.decide({**request, "policy_version": old}, now=now, decision_id="impact")
-            after = engine.decide({**request, "policy_version": new}, now=now, decision_id="impact")
+            before = decide(old, request)
+            after = decide(new, request)
         except RequestError:
             report.rejected += 1
             continue

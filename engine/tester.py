@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,10 +12,10 @@ from typing import Any
 
 from engine.checker import schema_problems, validator
 from engine.decider import Engine
-from engine.errors import Problem, RequestError
+from engine.errors import Location, Problem, RequestError
 from engine.evaluator import ERROR, FIRED, PASSED
 from engine.model import Decision
-from engine.yamlpos import YamlDocument, read_yaml
+from engine.yamlpos import YamlDocument, parse_yaml, read_yaml
 
 SUITE_FOLDER = "tests"
 # A case without `at` is judged at this moment, so that suites never depend on the clock.
@@ -68,15 +68,32 @@ def find_suites(root: Path) -> list[Path]:
 
 def run_suites(engine: Engine, root: Path, paths: list[Path] | None = None) -> SuiteReport:
     """Run every suite under root/tests (or the given files); coverage spans all of them."""
+    documents = []
+    for path in paths if paths is not None else find_suites(root):
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        documents.append(read_yaml(path, name))
+    return _run_documents(engine, documents)
+
+
+def run_suite_files(engine: Engine, files: Mapping[str, bytes]) -> SuiteReport:
+    """Run the suites among files held in memory (`tests/*.yaml`, by relative path)."""
+    documents = []
+    for name in sorted(n for n in files if n.startswith(f"{SUITE_FOLDER}/") and n.endswith((".yaml", ".yml"))):
+        try:
+            documents.append(parse_yaml(files[name].decode("utf-8"), name))
+        except UnicodeDecodeError as exc:
+            documents.append((None, [Problem(Location(name), "file_unreadable", f"cannot read the file: {exc}")]))
+    return _run_documents(engine, documents)
+
+
+def _run_documents(engine: Engine, documents: list[tuple[YamlDocument | None, list[Problem]]]) -> SuiteReport:
     coverage = Coverage()
     for version in engine.policies:
         for rule in version.rules:
             coverage.rules.setdefault(rule.where, (rule.id, rule.effect))
     results: list[CaseResult] = []
     problems: list[Problem] = []
-    for path in paths if paths is not None else find_suites(root):
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        doc, found = read_yaml(path, name)
+    for doc, found in documents:
         problems.extend(found)
         if doc is None:
             continue
