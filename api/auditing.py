@@ -7,11 +7,11 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from engine.replay import replay
 from api.errors import error_response
 from api.routes import _authorized, _service, _unauthorized
 from engine.errors import Detail, RequestError
 from engine.impact import judge_engines
+from engine.replay import replay
 from engine.scratch import Deadline
 
 auditing = Blueprint("auditing", __name__)

@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 
 from api.app import scratch_enabled
 from api.console import STATIC
-from engine.errors import PolicyLoadError, RequestError
+from engine.errors import RequestError
 from engine.impact import run_impact
 from engine.loader import load_policies
 from engine.scratch import ScratchLimits, scratch_files

@@ -221,6 +221,8 @@ def test_switch_to_chinese(page: Page, browser: Any, server: str) -> None:
         q.click("#decide")
         q.wait_for_selector("#result .decision")
         assert q.locator("#result .badge").first.inner_text() == "拒绝"
+        message = q.locator(".deciding-rule").inner_text()
+        assert re.search(r"[\u4e00-\u9fff]", message)  # the rule's message, in Chinese too
     finally:
         chinese.close()
 
