@@ -230,7 +230,7 @@ class TestOpenAPI:
             request["$defs"]["account"]["properties"]["age"]
         assert {"/v1/decisions", "/v1/decisions/batch", "/v1/decisions/{decision_id}", "/v1/policies",
                 "/v1/policies/{version}", "/v1/policies/{old}/diff/{new}", "/healthz", "/readyz", "/metrics",
-                "/openapi.json"} == set(doc["paths"])
+                "/openapi.json"} <= set(doc["paths"])  # the console's endpoints too (tests/test_console.py)
 
     def test_every_ref_resolves(self, client: FlaskClient) -> None:
         doc = client.get("/openapi.json").json
