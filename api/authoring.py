@@ -89,12 +89,12 @@ def _limits() -> ScratchLimits:
 
 
 def _scratch_body(*extra: str) -> tuple[dict[str, Any], dict[str, bytes], Deadline]:
-    body = _body()  # _Rejected (413, 415, broken JSON): answered by _rejected below, unlogged
+    body, _ = _body()  # _Rejected (413, 415, broken JSON): answered by _rejected below, unlogged
     allowed = ("files", *extra)
     if not isinstance(body, dict) or "files" not in body or set(body) - set(allowed):
+        unknown = [str(k) for k in body if k not in allowed] if isinstance(body, dict) else []
         raise RequestError("invalid_request", f"a scratch request is an object with {', '.join(allowed)}",
-                           [Detail(f"/{k}", "unknown field") for k in (body if isinstance(body, dict) else {})
-                            if k not in allowed] or [Detail("/files", "required")])
+                           [Detail(f"/{k}", "unknown field") for k in unknown] or [Detail("/files", "required")])
     limits = _limits()
     return body, scratch_files(body["files"], limits), Deadline(limits.seconds)
 
