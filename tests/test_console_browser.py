@@ -104,6 +104,7 @@ def test_each_view_loads(page: Page) -> None:
     assert p.locator("table.rules tbody tr").count() == 40
     assert p.locator("table.rules").get_by_text("inherited from v1").count() > 0
     assert p.locator("table.rules").get_by_text("overrides v1").count() == 2  # personal.kyc, personal.min-followers
+    p.evaluate("document.querySelector('table.rules').scrollIntoView()")
     page.shot("versions")
     p = page.open("compare/v1/v2", "compare")
     assert p.locator("ul.diff li.changed").count() == 2
@@ -211,6 +212,8 @@ def test_switch_to_chinese(page: Page, browser: Any, server: str) -> None:
     assert p.locator("html").get_attribute("lang") == "zh-CN"
     assert p.locator("#nav-versions").inner_text() == "版本"
     assert p.locator("h1").inner_text() == "策略版本"
+    assert re.search(r"[\u4e00-\u9fff]", p.locator("table.rules td.message > div").first.inner_text())
+    p.evaluate("document.querySelector('table.rules').scrollIntoView()")
     page.shot("versions-zh")
     p.select_option("#lang", "en")
     page.wait("versions")

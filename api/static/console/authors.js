@@ -72,7 +72,7 @@ export async function versionsView(main, name) {
     version.rules.map((r) => h("tr", { id: `rule-${r.id}` },
       h("td", {}, h("code", {}, r.id)), h("td", {}, h("span", { class: `effect ${r.effect}` }, r.effect)),
       h("td", {}, r.actions.join(", "), r.roles ? h("div", { class: "muted" }, r.roles.join(", ")) : null),
-      h("td", {}, conditions(r)), h("td", { class: "message" }, pickMessage(r)),
+      h("td", {}, conditions(r)), h("td", { class: "message" }, bothMessages(r)),
       h("td", {}, sourceLink(r.location)), h("td", { class: "section" }, r.source),
       h("td", {}, origin(r.defined_in, r.id, parentIds)))), { class: "rules" }),
     h("h2", {}, `${t("versions.outputs")} (${version.outputs.length})`),
@@ -80,6 +80,14 @@ export async function versionsView(main, name) {
       version.outputs.map((o) => h("tr", {},
         h("td", {}, h("code", {}, o.name)), h("td", {}, o.actions.join(", ")), h("td", {}, conditions(o)),
         h("td", { class: "section" }, o.source), h("td", {}, origin(o.defined_in, o.name, parentOutputs))))));
+}
+
+// A rule's message in the chosen language, and beneath it the other language's where there is one.
+function bothMessages(rule) {
+  const chosen = pickMessage(rule);
+  const other = Object.entries(rule.messages || {}).find(([lang, text]) => text && text !== chosen);
+  return [h("div", {}, chosen),
+    other ? h("div", { class: "muted other-language", lang: other[0] === "zh" ? "zh-CN" : other[0] }, other[1]) : null];
 }
 
 // --- a form from the request schema ------------------------------------------------------------------
