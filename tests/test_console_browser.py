@@ -109,6 +109,8 @@ def test_each_view_loads(page: Page) -> None:
     p = page.open("compare/v1/v2", "compare")
     assert p.locator("ul.diff li.changed").count() == 2
     assert p.locator(".impact").get_by_text("2000 requests judged").count() == 1
+    proof = p.locator("dl.proof").inner_text()  # the prover's answer over every request, beside the corpus's
+    assert "deny→allow\npossible" in proof and "allow→deny\nimpossible" in proof
     link = p.locator("ul.diff li.changed a.where").nth(1)
     assert link.inner_text() == "v2/bind.yaml:4"
     page.shot("compare")

@@ -28,6 +28,18 @@ export function renderDiff(diff, { oldLink = sourceLink, newLink = sourceLink, o
     parts.push(h("h4", {}, t(`diff.${kind}`)), h("ul", { class: "diff" }, items));
   }
   if (!parts.length) parts.push(h("p", { class: "muted" }, t("diff.none")));
+  const proof = diff.what_can_change;
+  if (proof) {  // proved over every request the contract accepts (the prover), not only the corpus
+    parts.push(h("h4", {}, t("diff.proof")),
+      h("dl", { class: "facts proof" },
+        h("dt", {}, "allow→deny"), h("dd", {}, String(proof.allow_to_deny)),
+        h("dt", {}, "deny→allow"), h("dd", {}, String(proof.deny_to_allow)),
+        proof.condition ? [h("dt", {}, t("diff.proof.condition")),
+          h("dd", {}, h("pre", { class: "json" }, text(proof.condition)))] : null,
+        proof.unknown_because ? [h("dt", {}, t("diff.proof.unknown")), h("dd", {}, text(proof.unknown_because))] : null),
+      proof.witnesses && Object.keys(proof.witnesses).length
+        ? h("details", {}, h("summary", {}, t("diff.proof.witnesses")), jsonBlock(proof.witnesses)) : null);
+  }
   return h("section", { class: "diff-version" },
     h("h3", {}, t("diff.version", { o: `${diff.old.version}${oldLabel}`, n: `${diff.new.version}${newLabel}` })), parts);
 }
