@@ -12,7 +12,7 @@ the test suite: tests/celspec.py).
 
 Two ways out to cel-python remain, both explicit:
 - an expression using CEL outside this runtime (uint and bytes literals, message
-  construction...) is not compiled at all (`Unsupported`);
+  construction...) is not compiled at all (`Unsupported`): the loader refuses it in a policy;
 - at run time, a value outside the native types (which no request carries) raises `Defer`.
 Errors CEL defines (a missing key, division by zero, overflow, no such overload) raise `CelError`.
 """
@@ -37,7 +37,7 @@ INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class Unsupported(Exception):
-    """The expression uses CEL outside the native subset: cel-python evaluates it."""
+    """The expression uses CEL outside the native runtime: a policy may not hold it (the loader says so)."""
 
 
 class Defer(Exception):
