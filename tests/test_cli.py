@@ -136,14 +136,14 @@ def eval_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
 @pytest.mark.parametrize(("expr", "value", "kind"), [
     ("account.age >= params.min_age", True, "bool"),
     ("account.age", 30, "int"),
-    ("account.age + 0.5", "error", None),  # int + double: no such overload, as CEL says
+    ("dyn(account.age) + 0.5", "error", None),  # int + double: no such overload, as CEL says
     ("double(account.age) / 4.0", 7.5, "double"),
     ("shop.channel_accounts", [], "list"),
     ("{'age': account.age, 'kyc': account.kyc}", {"age": 30, "kyc": {"verified": True}}, "map"),
     ("at", "2025-07-01T00:00:00Z", "google.protobuf.Timestamp"),
     ("at - timestamp('2025-06-30T23:59:58.5Z')", "1.5s", "google.protobuf.Duration"),
     ("type(shop)", "map", "type"),
-    ("account.name.startsWith('ac') && account.age == 30.0", True, "bool"),
+    ("account.name.startsWith('ac') && dyn(account.age) == 30.0", True, "bool"),  # checked: dyn() to mix
 ])
 def test_eval_prints_value_and_type(tmp_path: Path, capsys: pytest.CaptureFixture[str], expr: str,
                                     value: object, kind: str | None) -> None:
@@ -156,7 +156,10 @@ def test_eval_prints_value_and_type(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_eval_without_a_request_and_with_a_pinned_version(capsys: pytest.CaptureFixture[str]) -> None:
-    assert eval_json(["[1, 'a', null, 1.0 == 1]"], capsys) == (0, {"value": [1, "a", None, True], "type": "list"})
+    assert eval_json(["[dyn(1), dyn('a'), null, dyn(dyn(1.0) == 1)]"], capsys) == (
+        0, {"value": [1, "a", None, True], "type": "list"})
+    code, body = eval_json(["1.0 == 1"], capsys)  # the checker, as for a rule: exit 2
+    assert code == 2 and body["error"]["code"] == "mismatch"  # type: ignore[index]
     assert eval_json(["null"], capsys) == (0, {"value": None, "type": "null_type"})
     assert eval_json(["params.min_age", "--policy-version", "v1"], capsys) == (0, {"value": 18, "type": "int"})
     code, body = eval_json(["params.min_age", "--policy-version", "v9"], capsys)
