@@ -22,10 +22,10 @@ from engine.loader import load_policies
 from engine.native import CelError, Defer, compile_native
 from engine.prover import cel
 from engine.prover.diff import DiffProof, prove_diff
-from engine.prover.rules import IMPOSSIBLE, POSSIBLE
+from engine.prover.rules import IMPOSSIBLE, POSSIBLE, prove_rules
 from engine.versions import PolicySet, parse_timestamp
 
-from .conftest import POLICIES
+from .conftest import POLICIES, VERSION_V1
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
 
@@ -203,3 +203,34 @@ def test_condition_is_exact_on_generated_requests(tmp_path: Path, policies: Poli
 def test_within_must_be_cel() -> None:
     with pytest.raises(Exception):  # noqa: B017 - celpy's parse error
         cel.parse("shop.(")
+
+
+def test_uncovered_cel_is_unknown_never_guessed(write_policies: Any) -> None:
+    folder = write_policies({"v1/version.yaml": VERSION_V1, "v1/login.yaml": """\
+        rules:
+          - id: login.name-prefix
+            actions: [login]
+            effect: deny
+            fires_when: account.name.startsWith("zz")
+            message: m
+            source: s
+          - id: login.otp
+            actions: [login]
+            effect: deny
+            fires_when: login.method != "otp"
+            message: m
+            source: s
+        """})
+    policies = load_policies(folder)
+    v1 = policies.get("v1")
+    assert v1 is not None
+    report = prove_rules(policies, v1)
+    assert report.bugs == []
+    prefix = next(a for a in report.rules if a.id == "login.name-prefix")
+    otp = next(a for a in report.rules if a.id == "login.otp")
+    for claim in (prefix.fires, prefix.passes, otp.decides):
+        assert claim.answer in (POSSIBLE, "unknown")  # never "impossible": the free value covers it
+        if claim.answer == "unknown":
+            assert claim.reason is not None and "startsWith" in claim.reason
+    assert otp.fires.answer == POSSIBLE  # it does not depend on the uncovered rule
+    assert "unknown" in (prefix.fires.answer, prefix.passes.answer)
