@@ -23,7 +23,6 @@ from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
 from engine.messages import negotiate
 from engine.model import PolicyVersion
-from engine.prover.diff import cached_proof
 from engine.request import parse_json
 from engine.versions import format_timestamp, parse_timestamp
 
@@ -326,6 +325,8 @@ def diff_policies(old: str, new: str) -> Response:
         raise RequestError("invalid_query", "unknown format",
                            [Detail("?format", "expected json, text, markdown or html")])
     result = diff_versions(policies.get(old), policies.get(new))
+    from engine.prover.diff import cached_proof  # z3 is loaded by the first diff, not by every worker
+
     result.proof = cached_proof(policies, policies.get(old), policies.get(new))
     if fmt == "json":
         return jsonify(result.to_dict())

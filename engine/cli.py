@@ -230,9 +230,9 @@ def _diff(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
     assert old is not None and new is not None
     result = diff_versions(old, new)
-    from engine.prover.diff import prove_diff
+    from engine.prover.diff import cached_proof
 
-    result.proof = prove_diff(old_set, old, new, new_policies=new_set)
+    result.proof = cached_proof(old_set, old, new, new_policies=new_set)
     _write(render(result, args.format), args.output)
     return 0 if result.empty else 1
 

@@ -386,7 +386,12 @@ def cached_proof(policies: PolicySet, old: PolicyVersion, new: PolicyVersion,
     if key not in _CACHE:
         if len(_CACHE) > 64:
             _CACHE.clear()
-        _CACHE[key] = prove_diff(policies, old, new, new_policies=new_policies)
+        try:
+            _CACHE[key] = prove_diff(policies, old, new, new_policies=new_policies)
+        except Exception as exc:  # the semantic diff still answers; the failure is shown as a bug
+            failed = DiffProof(old.name, new.name, 0, UNKNOWN, UNKNOWN, condition=None)
+            failed.bugs.append(f"the prover failed: {type(exc).__name__}: {exc}")
+            return failed
     return _CACHE[key]
 
 
