@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from api.routes import routes
 from engine.decider import Engine
 from engine.decisionlog import Breach, DecisionLog, Store, open_store
 from engine.evaluator import NATIVE
+from engine.sources import LAST_GOOD, SET_VERSION, ArchiveSource, PolicySource, UnknownDigestError
 
 TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts
 
@@ -82,18 +84,36 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     metrics = Metrics()
     store = open_store(app.config["DATABASE_URL"] or str(Path(app.config["DATA_DIR"]) / "decisions.db"))
 
+    last_good_file = Path(app.config["DATA_DIR"]) / LAST_GOOD
+
     def loaded(engine: Engine) -> None:
         in_force = engine.policies.in_force(datetime.now(UTC))
         metrics.policies_loaded(engine, in_force.name if in_force else None)
+        metrics.from_archive.set(0)
         for version in engine.policies:  # keep every content ever served, for exact replay
             store.save_policy(version.digest, version.name, dict(version.sources))
+        # The whole set too, under its own digest: what a worker serves if it starts on broken files.
+        files = {name: text for version in engine.policies for name, text in version.sources.items()}
+        digest = set_digest(files)
+        store.save_policy(digest, SET_VERSION, files)
+        _write_atomically(last_good_file, digest)
+
+    def last_good() -> PolicySource | None:
+        try:
+            digest = last_good_file.read_text().strip()
+            source = ArchiveSource(store, digest)
+        except (OSError, UnknownDigestError):
+            return None
+        metrics.from_archive.set(1)
+        return source
 
     def failed(_: ReloadFailure) -> None:
         metrics.reload_failures.inc()
 
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
                           interval=float(app.config["RELOAD_INTERVAL"]),
-                          max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed)
+                          max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed,
+                          last_good=last_good)
     tokens = {key: tuple(t.strip() for t in str(app.config[key]).split(",") if t.strip())
               for key in ("LOG_TOKENS", "DECISION_TOKENS")}
     service = Service(holder, store, metrics, tokens, Path(app.config["CORPUS"]))
@@ -128,6 +148,21 @@ def scratch_enabled(setting: str, bind: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def set_digest(files: Mapping[str, str]) -> str:
+    """A whole policy set's digest: SHA-256 over its file names and texts, in name order."""
+    hashed = hashlib.sha256()
+    for name in sorted(files):
+        hashed.update(f"{name}\0{len(files[name].encode())}\0".encode() + files[name].encode())
+    return "set:sha256:" + hashed.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 class OrjsonProvider(DefaultJSONProvider):

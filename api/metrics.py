@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -10,6 +11,18 @@ from engine.decider import Engine
 from engine.evaluator import FALLBACKS
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of worker processes that are gone (a worker replaced after a crash):
+    granian has no hook when a worker exits, so each new worker does it as it starts."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            multiprocess.mark_process_dead(int(pid), folder)  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -28,6 +41,9 @@ class Metrics:
                             "Policy versions: in force now (2), loaded (1), replaced by a reload (0)",
                             ["version", "digest"], registry=r, multiprocess_mode="liveall")
         self._shown: set[tuple[str, str]] = set()
+        self.from_archive = Gauge("bindpolicy_policy_from_archive",
+                                  "1 while a worker serves the last good set from the log's archive, because the "
+                                  "policy files did not load when it started", registry=r, multiprocess_mode="liveall")
         self.reload_failures = Counter("bindpolicy_policy_reload_failures", "Policy reloads refused", registry=r)
         self.log_failures = Counter("bindpolicy_decision_log_write_failures", "Decision log writes that failed",
                                     registry=r)

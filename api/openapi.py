@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.generator import generate_requests
 from engine.schemas import load_schema
 
 JSON = "application/json"
@@ -39,6 +40,12 @@ def _errors(*statuses: int) -> dict[str, Any]:
              413: "The body or the batch is larger than allowed", 415: "The body is not application/json",
              503: "Not ready, or the decision log cannot commit: nothing was decided"}
     return {str(s): _json(_ref("response.error"), words[s]) for s in statuses}
+
+
+def _examples() -> dict[str, Any]:
+    """Requests the contract accepts, from the corpus generator: fuzzers start from these, so that
+    what they try reaches decisions, not only the refusals."""
+    return {f"generated-{i}": {"value": request} for i, request in enumerate(generate_requests(24, seed=1))}
 
 
 def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +91,8 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
         "paths": {
             "/v1/decisions": {
                 "post": {"operationId": "decide", "summary": "Decide one request", "parameters": [explain],
-                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DecisionRequest")}}},
+                         "requestBody": {"required": True, "content": {JSON: {
+                             "schema": _ref("DecisionRequest"), "examples": _examples()}}},
                          "responses": {"200": _json(_ref("response.decision"), "The decision"),
                                        **_errors(400, 401, 413, 415, 503)}},
                 "get": {"operationId": "listDecisions", "summary": "Query the decision log", "security": bearer,
@@ -99,7 +107,9 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
             "/v1/decisions/batch": {
                 "post": {"operationId": "decideBatch", "summary": f"Decide up to {max_batch} requests, in order",
                          "parameters": [explain],
-                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("BatchRequest")}}},
+                         "requestBody": {"required": True, "content": {JSON: {
+                             "schema": _ref("BatchRequest"),
+                             "examples": {"generated": {"value": {"requests": list(generate_requests(8, seed=2))}}}}}},
                          "responses": {"200": _json(_ref("response.batch"), "One answer per request, in order"),
                                        **_errors(400, 401, 413, 415, 503)}}},
             "/v1/decisions/{decision_id}": {

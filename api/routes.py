@@ -69,6 +69,14 @@ def _unauthorized() -> Response:
     return response
 
 
+def _unauthorized_and_logged() -> Response:
+    """A decision request without a valid token: refused and logged like any other rejection."""
+    response = _reject_and_log(_Rejected(401, "unauthorized", "a valid bearer token is required"))
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 def _explain() -> bool:
     return request.args.get("explain", "false").lower() in ("1", "true", "yes")
 
@@ -186,7 +194,7 @@ def _elapsed_us() -> int:
 @routes.post("/v1/decisions")
 def decide() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
-        return _unauthorized()
+        return _unauthorized_and_logged()
     try:
         raw, received = _body()
     except _Rejected as exc:
@@ -211,7 +219,7 @@ def decide() -> Response:
 @routes.post("/v1/decisions/batch")
 def decide_batch() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
-        return _unauthorized()
+        return _unauthorized_and_logged()
     try:
         raw, received = _body()
         if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
@@ -359,7 +367,9 @@ def readyz() -> Response:
         body["decision_log_head"] = {"seq": seq, "hash": head}  # to notice records removed from the end
     if holder.failure is not None:
         body["last_reload"] = {"status": "refused", "at": holder.failure.at, "error": holder.failure.error,
-                               "serving": "the last good policy set"}
+                               "serving": holder.fallback or "the last good policy set"}
+    if holder.fallback is not None:
+        body["policies_from"] = holder.fallback  # the files on disk did not load when this worker started
     response = jsonify(body)
     response.status_code = 200 if ready else 503
     return response

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.request import parse_json
+from engine.sources import LAST_GOOD
 from engine.tester import describe, run_suites
 
 EXIT_ALLOW, EXIT_DENY, EXIT_BAD_INPUT, EXIT_BAD_POLICY = 0, 1, 2, 3
@@ -80,9 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     decide.set_defaults(handler=_decide)
 
     serve = commands.add_parser(
-        "serve", help="run the decision service (gunicorn)",
-        description="Start the HTTP service with gunicorn on the given policies. Every option can also "
-                    "come from its environment variable (shown in brackets).")
+        "serve", help="run the decision service (granian)",
+        description="Start the HTTP service (granian, reading each request whole before a Python thread "
+                    "takes it) on the given policies. Every option can also come from its environment "
+                    "variable (shown in brackets).")
     env = os.environ.get
     serve.add_argument("--policies", default=env("BINDPOLICY_POLICIES", DEFAULT_POLICIES),
                        help="policy folder [BINDPOLICY_POLICIES] (default: policies)")
@@ -97,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="worker processes [BINDPOLICY_WORKERS] (default: 2)")
     serve.add_argument("--threads", type=int, default=int(env("BINDPOLICY_THREADS", "8")),
                        help="threads per worker [BINDPOLICY_THREADS] (default: 8)")
+    serve.add_argument("--header-timeout", type=float, default=float(env("BINDPOLICY_HEADER_TIMEOUT", "10")),
+                       help="seconds a client has to send its request line and headers "
+                            "[BINDPOLICY_HEADER_TIMEOUT] (default: 10)")
+    serve.add_argument("--body-timeout", type=float, default=float(env("BINDPOLICY_BODY_TIMEOUT", "10")),
+                       help="seconds a client has to send its body, once the headers are in "
+                            "[BINDPOLICY_BODY_TIMEOUT] (default: 10)")
     serve.set_defaults(handler=_serve)
 
     diff = commands.add_parser(
@@ -326,19 +335,33 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Check the policies, then become gunicorn (exec: signals reach it directly)."""
+    """Check the policies, then become granian (exec: signals reach it directly).
+
+    granian's Rust front reads request lines and headers (with a timeout) and the ASGI front of
+    api/front.py reads bodies on the event loop: no Python thread waits on a slow client.
+    """
     engine = _load(args.policies)
-    if engine is None:
-        return 1
     data = Path(args.data)
+    if engine is None and not (data / LAST_GOOD).exists():
+        return 1
+    if engine is None:
+        print(f"serving the last good policy set kept in the log ({data / LAST_GOOD})", file=sys.stderr)
     data.mkdir(parents=True, exist_ok=True)
     os.environ.update({
         "BINDPOLICY_POLICIES": str(args.policies), "BINDPOLICY_DATA": str(data),
-        "BINDPOLICY_DATABASE_URL": args.database_url, "BINDPOLICY_BIND": f"{args.host}:{args.port}",
-        "BINDPOLICY_WORKERS": str(args.workers), "BINDPOLICY_THREADS": str(args.threads),
-        "PROMETHEUS_MULTIPROC_DIR": str(data / "metrics")})
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    os.execv(gunicorn, [gunicorn, "--config", "python:api.gunicorn_conf", "api.wsgi:app"])
+        "BINDPOLICY_DATABASE_URL": args.database_url, "BINDPOLICY_THREADS": str(args.threads),
+        "BINDPOLICY_BODY_TIMEOUT": str(args.body_timeout), "PROMETHEUS_MULTIPROC_DIR": str(data / "metrics")})
+    shutil.rmtree(data / "metrics", ignore_errors=True)  # metrics of earlier runs would be summed in
+    (data / "metrics").mkdir()
+    granian = str(Path(sys.executable).with_name("granian"))
+    os.execv(granian, [
+        granian, "--interface", "asgi", "--host", args.host, "--port", str(args.port),
+        "--workers", str(args.workers), "--http", "1", "--no-ws", "--loop", "asyncio",
+        "--http1-header-read-timeout", str(max(1, int(args.header_timeout * 1000))),
+        "--http1-buffer-size", str(64 * 1024),  # bounds the request line and headers too
+        "--respawn-failed-workers", "--workers-kill-timeout", "15",
+        "--log-level", "warning", "--no-access-log",  # the app writes one JSON line per request itself
+        "api.asgi:app"])
     return 0  # not reached
 
 

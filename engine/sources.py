@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+LAST_GOOD = "last-good-policies"  # in the data folder: the digest of the last set that loaded
+SET_VERSION = "(set)"  # the archive's version name for a whole set kept under its own digest
 
 
 class PolicySource(Protocol):

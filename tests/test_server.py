@@ -1,4 +1,4 @@
-"""The real service: gunicorn started from the project's own files, called over HTTP on loopback."""
+"""The real service: granian started from the project's own files, called over HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ def call(url: str, body: Any = None, token: str | None = None, timeout: float = 
 
 
 def start_server(tmp: Path, *, policies: Path | None = None, data: Path | None = None,
-                 database_url: str = "", workers: int = 2) -> Server:
+                 database_url: str = "", workers: int = 2, env: dict[str, str] | None = None) -> Server:
     """`bindpolicy serve` in its own process group; returns once /readyz answers 200."""
     if policies is None:
         policies = tmp / "policies"
@@ -68,7 +69,7 @@ def start_server(tmp: Path, *, policies: Path | None = None, data: Path | None =
     data = data or tmp / "data"
     port = free_port()
     output = tmp / f"server-{port}.log"
-    env = {**os.environ, "BINDPOLICY_LOG_TOKENS": TOKEN, "BINDPOLICY_RELOAD_INTERVAL": "0.2"}
+    env = {**os.environ, "BINDPOLICY_LOG_TOKENS": TOKEN, "BINDPOLICY_RELOAD_INTERVAL": "0.2", **(env or {})}
     with open(output, "wb") as log:
         process = subprocess.Popen(
             [str(BIN / "bindpolicy"), "serve", "--policies", str(policies), "--data", str(data), "--port", str(port),
@@ -133,9 +134,15 @@ def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(serve
          # ("SystemError: AST constructor recursion depth mismatch"), never on a response of ours.
          "--max-examples", "60", "--phases", "examples,fuzzing", "--seed", "1",
          "--header", f"Authorization: Bearer {TOKEN}",
-         "--generation-database", "none", "--workers", "2", "--request-timeout", "10"],
+         "--generation-database", "none", "--workers", "2", "--request-timeout", "10",
+         # Requests with the NUL-free string patterns are slow to generate, not wrong.
+         "--suppress-health-check", "too_slow"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    # The examples of the document are requests the contract accepts: the run reaches decisions.
+    outcomes = Counter(r.outcome for r in open_store(f"sqlite:///{server.data / 'decisions.db'}").query())
+    print(f"\nschemathesis: {dict(outcomes)}")
+    assert outcomes["decided"] >= 20 and outcomes["rejected"] >= 20 and outcomes["failed"] == 0, outcomes
 
 
 def load(url: str, answered: list[str], failures: list[str], stop: threading.Event,
@@ -180,6 +187,16 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
         again.stop()
 
 
+def wait_for(probe: Any, done: Any, seconds: float = 20) -> Any:
+    """Probe until `done(result)` or the time is out (a loaded machine reloads slowly); the last result."""
+    deadline = time.monotonic() + seconds
+    result = probe()
+    while not done(result) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        result = probe()
+    return result
+
+
 def test_policy_reload_under_load(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     young = bind_request()
@@ -210,8 +227,7 @@ def test_policy_reload_under_load(tmp_path: Path) -> None:
         bind.write_text(original.replace("at least {params.min_age} years old", "{params.min_age} or older"))
         time.sleep(1.5)
         bind.write_text(original.replace("account.age < params.min_age", "account.agee < params.min_age"))
-        time.sleep(1.5)
-        _, ready = call(server.url + "/readyz")
+        ready = wait_for(lambda: call(server.url + "/readyz")[1], lambda r: "last_reload" in r)
         bind.write_text(original)
         time.sleep(1.5)
     finally:
@@ -228,7 +244,8 @@ def test_policy_reload_under_load(tmp_path: Path) -> None:
         assert all(len(m) == 1 for m in messages.values()), messages
         assert ready["last_reload"]["status"] == "refused" and "'agee' is not a field" in ready["last_reload"]["error"]
         # Every worker ends up on the same set: the original one.
-        digests = {call(server.url + "/v1/decisions", young)[1]["policy"]["digest"] for _ in range(20)}
+        digests = wait_for(lambda: {call(server.url + "/v1/decisions", young)[1]["policy"]["digest"]
+                                    for _ in range(20)}, lambda d: d == {seen[0][0]})
         assert digests == {seen[0][0]}
         with urllib.request.urlopen(server.url + "/metrics") as response:
             metrics = response.read().decode()

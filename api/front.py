@@ -1,0 +1,147 @@
+"""The front: reads each request whole, off the Python threads, before the WSGI app sees it.
+
+granian (Rust, tokio) accepts connections and reads request lines and headers, with a header
+timeout; this ASGI app then reads the body on the event loop, with a deadline and the byte
+limit, however it is framed (Content-Length or chunked), and only a complete body is handed
+to a thread of the pool that runs the Flask app. A slow client costs a coroutine, not a thread:
+sixty-four clients that send one byte a minute hold no thread that others need.
+
+Why not granian's own WSGI interface: it calls the app as soon as the headers are in and
+reads the body when the app asks, from the app's thread (measured: a slow body holds it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("bindpolicy.front")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "details": []}})
+
+
+class BufferedFront:
+    """ASGI to WSGI, buffering: the body is read before a thread is taken."""
+
+    def __init__(self, app: WSGIApp, *, max_body: int, body_timeout: float, threads: int) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body, over = await self._read_body(receive)
+        except TimeoutError:
+            await self._answer(send, 408, "request_timeout",
+                               f"the body did not arrive within {self.body_timeout:g} seconds")
+            return
+        if body is None:  # the client went away
+            return
+        environ = self._environ(scope, body, over)
+        loop = asyncio.get_running_loop()
+        status, headers, chunks = await loop.run_in_executor(self.pool, self._run, environ)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": chunks})
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, bool]:
+        """The whole body, or (None, _) if the client left; past the limit, reading stops and the
+        app is told the body is too large (it answers 413 and logs the refusal)."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return b"", True
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts), False
+
+    def _environ(self, scope: Scope, body: bytes, over: bool) -> dict[str, Any]:
+        server = scope.get("server") or ("127.0.0.1", 80)
+        client = scope.get("client") or ("", 0)
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": scope["method"], "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin1"),
+            "PATH_INFO": scope["path"].encode().decode("latin1"),
+            "QUERY_STRING": scope.get("query_string", b"").decode("latin1"),
+            "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
+            "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+            "REMOTE_ADDR": str(client[0]), "REMOTE_PORT": str(client[1]),
+            "wsgi.version": (1, 0), "wsgi.url_scheme": scope.get("scheme", "http"),
+            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+            "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
+            # Whatever the framing, the app sees the length it was given: one over the limit, if so.
+            "CONTENT_LENGTH": str(self.max_body + 1 if over else len(body)),
+        }
+        for name, value in scope.get("headers", []):
+            key = name.decode("latin1").upper().replace("-", "_")
+            text = value.decode("latin1")
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = text
+            elif key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+                continue
+            else:
+                key = f"HTTP_{key}"
+                environ[key] = f"{environ[key]},{text}" if key in environ else text
+        return environ
+
+    def _run(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Call the WSGI app in a pool thread; the answer comes back whole (bodies are small)."""
+        started: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            started["status"], started["headers"] = status, headers
+
+        try:
+            result = self.app(environ, start_response)
+            try:
+                body = b"".join(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        except Exception:  # the app's own handlers answer every error; this is the last resort
+            log.exception("the application failed")
+            return 500, [(b"content-type", b"application/json")], error_body(
+                "internal_error", "the server failed to answer; the error is logged")
+        status = int(str(started["status"]).split(" ", 1)[0])
+        headers = [(k.lower().encode("latin1"), v.encode("latin1")) for k, v in started["headers"]]
+        return status, headers, body
+
+    async def _answer(self, send: Send, status: int, code: str, message: str) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": error_body(code, message)})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.pool.shutdown(wait=True)  # requests in flight finish (their records commit)
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,172 @@
+"""Attacks on the running service (issue 8, items 2, 3, 6, 8): slow clients, bodies framed to slip
+past the limit, malformed HTTP, a worker killed while the files are broken. Real servers: slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.decisionlog import open_store
+
+from ..conftest import bind_request
+from ..test_server import TOKEN, Server, call, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def raw_http(server: Server, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; the status, headers and body of the answer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def _length(answer: bytes) -> int:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin1").lower()
+    for line in head.split("\r\n"):
+        if line.startswith("content-length:"):
+            return int(line.split(":")[1])
+    return 0
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    running = start_server(tmp_path, env={"BINDPOLICY_BODY_TIMEOUT": "3"})
+    yield running  # type: ignore[misc]
+    running.stop()
+
+
+def latencies(url: str, count: int, clients: int = 4) -> list[float]:
+    found: list[float] = []
+
+    def one() -> None:
+        for _ in range(count // clients):
+            started = time.perf_counter()
+            status, _ = call(url + "/v1/decisions", bind_request(), timeout=20)
+            found.append(time.perf_counter() - started if status == 200 else float("inf"))
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return found
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+# Item 2: slow clients hold no thread; the others barely notice them.
+def test_64_slow_clients_leave_the_others_p99_within_twice(server: Server) -> None:
+    latencies(server.url, 40)  # warm up
+    before = latencies(server.url, 200)
+    host, port = server.url.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(64):
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        slow.append(sock)
+    try:
+        time.sleep(0.3)
+        during = latencies(server.url, 200)
+        health = call(server.url + "/healthz", timeout=2)
+    finally:
+        answers = []
+        for sock in slow:  # after the body timeout (3 s here), each gets a JSON 408
+            sock.settimeout(10)
+            answers.append(sock.recv(4096))
+            sock.close()
+    ratio = p99(during) / p99(before)
+    print(f"\nslow clients: p99 {p99(before) * 1000:.1f} ms alone, {p99(during) * 1000:.1f} ms beside 64 slow "
+          f"connections: x{ratio:.2f}")
+    assert health[0] == 200 and max(during) < float("inf")
+    # The goal is 2x; a shared machine adds noise, so the test allows 1 ms more before it fails.
+    assert p99(during) <= 2 * p99(before) + 0.001, ratio
+    assert all(a.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in a for a in answers), answers[:2]
+
+
+# Item 6: however the body is framed, past the limit it is a 413.
+def test_a_chunked_body_over_the_limit_is_a_413_not_cut(server: Server) -> None:
+    body = b'{"action": "login"}' + b" " * (1024 * 1024) + b"garbage"
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in
+                      (body[i:i + 65536] for i in range(0, len(body), 65536))) + b"0\r\n\r\n"
+    status, _, answer = raw_http(server, b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                       b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+    assert status == 413 and json.loads(answer)["error"]["code"] == "payload_too_large"
+    record = call(f"{server.url}/v1/decisions/{json.loads(answer)['decision_id']}", token=TOKEN)[1]["record"]
+    assert record["status"] == 413
+
+
+# Item 8: errors are JSON, the framing odd or not.
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"DELETE /v1/decisions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["length-and-chunked", "404", "405", "415"])
+def test_errors_are_json(server: Server, request_bytes: bytes) -> None:
+    status, headers, body = raw_http(server, request_bytes)
+    assert 400 <= status < 500 and headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"]
+
+
+def test_a_broken_request_line_is_refused_without_a_page(server: Server) -> None:
+    status, _, body = raw_http(server, b"GARBAGE\r\n\r\n")
+    assert status == 400 and b"<html" not in body.lower()  # hyper's own answer: no body at all
+
+
+def test_a_refused_token_is_logged_with_its_decision_id(tmp_path: Path) -> None:
+    running = start_server(tmp_path, env={"BINDPOLICY_DECISION_TOKENS": "decide-secret"})
+    try:
+        status, body = call(running.url + "/v1/decisions", bind_request())
+        assert status == 401 and body["decision_id"]
+        record = call(f"{running.url}/v1/decisions/{body['decision_id']}", token=TOKEN)[1]["record"]
+        assert record["status"] == 401 and record["outcome"] == "rejected"
+    finally:
+        running.stop()
+
+
+# Item 3: broken files plus a worker killed: the port stays open and the last good set serves.
+def test_a_worker_killed_while_the_files_are_broken_is_replaced_on_the_last_good_set(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        assert call(server.url + "/v1/decisions", bind_request())[0] == 200
+        with open(server.policies / "v2" / "bind.yaml", "a") as broken:
+            broken.write("  - id: [\n")
+        time.sleep(1.0)  # the watchers refuse the change; the good set keeps serving
+        workers = [int(p) for p in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+                   .read_text().split()]
+        os.kill(workers[0], signal.SIGKILL)
+        deadline, statuses, from_archive = time.monotonic() + 30, [], False
+        while time.monotonic() < deadline and not from_archive:
+            statuses.append(call(server.url + "/v1/decisions", bind_request(), timeout=10)[0])
+            ready = call(server.url + "/readyz")[1]
+            from_archive = "archive" in ready.get("policies_from", "")
+            time.sleep(0.1)
+        assert from_archive, "no worker said it serves the archived set"
+        assert set(statuses) == {200} and server.process.poll() is None
+    finally:
+        server.stop()
+    store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
+    assert store.verify() is None
