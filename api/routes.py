@@ -23,7 +23,7 @@ from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
 from engine.messages import negotiate
 from engine.model import PolicyVersion
-from engine.request import parse_json
+from engine.request import parse_json, strict_json
 from engine.versions import format_timestamp, parse_timestamp
 
 routes = Blueprint("bindpolicy", __name__)
@@ -107,6 +107,14 @@ def _bounded(value: Any, raw: bytes) -> Any:
     return value if len(raw) <= LOGGED_BODY_BYTES else _logged_body(raw)
 
 
+def _decidable(value: Any) -> bool:
+    """Whether a body may be decided: a batch, or a request the contract's fast check accepts."""
+    if isinstance(value, dict) and set(value) == {"requests"}:
+        return True
+    check = _service().holder.engine.check
+    return isinstance(value, dict) and (check.fast.is_valid(value) or check.fast.is_valid(check.drop_nulls(value)))
+
+
 def _body() -> tuple[Any, bytes]:
     """The body's JSON (strict: see parse_json) and its bytes; _Rejected for a body we cannot take."""
     if request.mimetype != "application/json":
@@ -121,7 +129,10 @@ def _body() -> tuple[Any, bytes]:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
     try:
-        return parse_json(raw), raw
+        value = parse_json(raw, strict=False)
+        if _decidable(value):  # the strict reading costs a call per object: only for what may be decided
+            strict_json(raw)
+        return value, raw
     except RequestError as exc:
         # The raw text is what the log keeps of a body that is not JSON.
         raise _Rejected(400, exc.code, exc.message, exc.details, logged=_logged_body(raw)) from exc

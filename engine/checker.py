@@ -32,6 +32,17 @@ def schema_problems(check: Draft202012Validator, instance: Any) -> list[tuple[Pa
     return sorted(set(found), key=lambda item: ([str(p) for p in item[0]], item[1]))
 
 
+def first_problems(check: Draft202012Validator, instance: Any, limit: int) -> list[tuple[Path, str]]:
+    """Like schema_problems, but stops once `limit` are found: the validator is lazy, so a request
+    with 100,000 problems costs no more than one with `limit`."""
+    found: set[tuple[Path, str]] = set()
+    for error in check.iter_errors(instance):
+        found.update(_explain(error))
+        if len(found) >= limit:
+            break
+    return sorted(found, key=lambda item: ([str(p) for p in item[0]], item[1]))
+
+
 def _explain(error: jsonschema.ValidationError) -> Iterator[tuple[Path, str]]:
     if error.validator in ("oneOf", "anyOf") and error.context:
         # Report the branch that came closest rather than "is not valid under any of".

@@ -16,7 +16,7 @@ from celpy import celtypes
 from celpy.adapter import json_to_cel
 from jsonschema import Draft202012Validator, FormatChecker
 
-from engine.checker import schema_problems
+from engine.checker import first_problems
 from engine.errors import Detail, RequestError
 from engine.model import EACH, OPTIONAL, FieldPath
 from engine.schemas import Schema, SchemaWalker, load_schema
@@ -32,17 +32,17 @@ def pointer(path: Iterable[str | int]) -> str:
 
 DEFAULT_MAX_ITEMS = 1000
 MAX_PROBLEMS = 20  # problems listed in one refusal; the total is counted, the rest summed up
-COUNTED_PROBLEMS = 100  # beyond this, "more than 100": counting costs too (30 µs a problem)
+COUNTED_PROBLEMS = 100  # beyond this, "more than 100": counting costs too (about 50 µs a problem)
 
 
 MAX_DEPTH = 16  # a request nests 4 deep (account.bind_history[i].bound_at), a batch 2 more
 # Bounds known before parsing, from the bytes (strings included): what a body may cost is bounded.
-MAX_CONTAINERS = 20_000  # '{' and '[': a batch of 1000 full requests holds about 4,000
-MAX_VALUES = 40_000  # ',' + 1: a batch of 1000 full requests holds about 25,000
+MAX_CONTAINERS = 20_000  # '{' and '[': a batch of 1000 generated requests holds about 11,000
+MAX_VALUES = 60_000  # ',' + 1: a batch of 1000 generated requests holds about 37,000
 SAFE_INTEGER = 2**53  # beyond it a JSON number is not the same integer in every client (IEEE doubles)
 
 
-def parse_json(data: bytes | str) -> Any:
+def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
     """A request's JSON, strictly, at a cost bounded before anything is built:
 
     at most MAX_CONTAINERS objects and arrays (counted in the bytes, before parsing) and
@@ -60,33 +60,34 @@ def parse_json(data: bytes | str) -> Any:
     except orjson.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}: {exc.msg}"
         raise RequestError("invalid_json", "the request is not valid JSON", [Detail("", where)]) from exc
-    depth, values = shape(value) if isinstance(value, dict | list) else (0, 1)
-    if depth > MAX_DEPTH:
+    if (shape(value) if isinstance(value, dict | list) else 0) > MAX_DEPTH:
         raise RequestError("invalid_json", f"the request nests deeper than {MAX_DEPTH} levels",
                            [Detail("", f"objects and arrays nest at most {MAX_DEPTH} deep")])
-    if values > MAX_VALUES:
-        raise RequestError("invalid_json", "the request has too many values",
-                           [Detail("", f"{values} values, more than the {MAX_VALUES} a body may hold")])
-    if containers:
-        # Parsed again by the standard library, whose hooks see each object's keys in order and
-        # each number as written; bounded by MAX_VALUES, and orjson has checked the syntax.
-        json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_safe_integer, parse_float=_exact_number)
+    if strict:
+        strict_json(raw)
     return value
 
 
-def shape(value: Any) -> tuple[int, int]:
-    """How deep objects and arrays nest in a parsed JSON value (0 for a scalar), and how many
-    values they hold in all; without recursion."""
-    deepest, count, stack = 0, 0, [(value, 1)]
+def strict_json(raw: bytes) -> None:
+    """RequestError for a key twice in one object, an integer beyond +-2^53 or a number a double
+    cannot hold as written. The standard library parses again, its hooks seeing each object's keys
+    in order and each number as written: a Python call per object and number, so the service
+    runs it only on a body it is about to decide (parse_json has bounded its size and syntax)."""
+    json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_safe_integer, parse_float=_exact_number)
+
+
+def shape(value: Any) -> int:
+    """How deep objects and arrays nest in a parsed JSON value, without recursion (parse_json has
+    bounded how many there are)."""
+    deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
         deepest = max(deepest, depth)
-        count += len(item)
         for child in item.values() if type(item) is dict else item:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
-    return deepest, count
+    return deepest
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -138,6 +139,8 @@ class RequestChecker:
         self.schema = bounded_schema(max_items)
         self.max_items = max_items
         self.walker = SchemaWalker(self.schema)
+        self._fields: dict[tuple[str, ...], bool] = {}
+        self._field_map(self.schema, (), self._fields)
         self.fast = jsonschema_rs.validator_for(self.schema, validate_formats=True)
         Draft202012Validator.check_schema(self.schema)
         self.reference = Draft202012Validator(self.schema, format_checker=FormatChecker())
@@ -158,20 +161,16 @@ class RequestChecker:
             raise RequestError("invalid_request", f"the request has {len(too_long)} list"
                                f"{'s' if len(too_long) != 1 else ''} longer than {self.max_items} items",
                                too_long[:MAX_PROBLEMS])
-        errors = list(itertools.islice(self.fast.iter_errors(request), COUNTED_PROBLEMS + 1))
-        total = len(errors)
-        details: list[Detail] = []
-        if total <= MAX_PROBLEMS:
-            # Few enough for the reference's words (and its best branch of each oneOf).
-            details = [Detail(pointer(path), message) for path, message in schema_problems(self.reference, request)]
-            total = len(details) or total
-        if not details or len(details) > MAX_PROBLEMS:
-            details = [Detail(pointer(e.instance_path), _fast_problem(e)) for e in errors[:MAX_PROBLEMS]]
-        total = max(total, len(details))
+        problems = first_problems(self.reference, request, COUNTED_PROBLEMS + 1)
+        details = [Detail(pointer(path), message) for path, message in problems]
+        if not details:  # the two validators disagree: refused all the same, in jsonschema-rs's words
+            details = [Detail(pointer(e.instance_path), _fast_problem(e))
+                       for e in itertools.islice(self.fast.iter_errors(request), MAX_PROBLEMS)]
+        total = len(details)
         counted = f"more than {COUNTED_PROBLEMS}" if total > COUNTED_PROBLEMS else str(total)
-        if total > len(details):
+        if total > MAX_PROBLEMS:
             details = details[:MAX_PROBLEMS]
-            details.append(Detail("", f"... and {counted} problems in all; the first {len(details)} are listed"))
+            details.append(Detail("", f"... and {counted} problems in all; the first {MAX_PROBLEMS} are listed"))
             message = f"the request breaks the contract in {counted} places; the first {MAX_PROBLEMS} are listed"
         else:
             message = f"the request breaks the contract in {total} place{'s' if total != 1 else ''}"
@@ -181,25 +180,36 @@ class RequestChecker:
         """The request with every null that stands for an absent field removed (a copy, or the
         request itself if it has none): protobuf's JSON mapping reads null in an optional field as
         absent, and so do we; where the contract says "or null", null stays a value."""
-        return cast(dict[str, Any], self._drop(raw, self.schema))
+        return cast(dict[str, Any], self._drop(raw, ()))
 
-    def _drop(self, value: Any, schema: Schema) -> Any:
-        if isinstance(value, dict):
+    def _drop(self, value: Any, at: tuple[str, ...]) -> Any:
+        if type(value) is dict:
             kept: dict[str, Any] = {}
             for name, item in value.items():
-                child = self.walker.child(schema, name)
-                if item is None and child is not None and "null" not in self._null_types(child):
+                path = (*at, name)
+                known = self._fields.get(path)
+                if item is None and known is False:
                     continue
-                kept[name] = item if child is None else self._drop(item, child)
+                kept[name] = item if known is None or item is None else self._drop(item, path)
             same = len(kept) == len(value) and all(kept[k] is value[k] for k in kept)
             return value if same else kept
-        if isinstance(value, list) and len(value) <= self.max_items:
-            child = self.walker.child(schema, EACH)
-            if child is None:
-                return value
-            items = [self._drop(item, child) for item in value]
+        if type(value) is list and len(value) <= self.max_items and (*at, EACH) in self._fields:
+            items = [self._drop(item, (*at, EACH)) for item in value]
             return value if all(a is b for a, b in zip(items, value, strict=True)) else items
         return value
+
+    def _field_map(self, schema: Schema, at: tuple[str, ...], found: dict[tuple[str, ...], bool]) -> None:
+        """Every field path of the schema (EACH for list items): True where null is a value of its own."""
+        for name in self.walker.fields(schema):
+            child = self.walker.child(schema, name)
+            if child is None or (*at, name) in found:
+                continue
+            found[(*at, name)] = "null" in self._null_types(child)
+            self._field_map(child, (*at, name), found)
+        items = self.walker.child(schema, EACH)
+        if items is not None and (*at, EACH) not in found:
+            found[(*at, EACH)] = True
+            self._field_map(items, (*at, EACH), found)
 
     def _null_types(self, schema: Schema) -> set[str]:
         schema = self.walker.resolve(schema)

@@ -14,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from engine.decisionlog import open_store
+from engine.errors import RequestError
 from engine.request import MAX_DEPTH, MAX_PROBLEMS, check_request, parse_json
 
 from ..conftest import bind_request, make_app
@@ -82,14 +83,17 @@ def test_a_list_past_its_bound_is_refused_without_checking_its_items(client: Fla
 
 
 # Item 9: JSON read strictly, as the client wrote it.
+def valid_with(field: str, text: str) -> str:
+    """The text of an allowed bind request with one more account field, written as `text`."""
+    return orjson.dumps(bind_request()).decode()[:-2] + f',"{field}":{text}' + "}}"
+
+
 @pytest.mark.parametrize(("body", "words"), [
-    ('{"action": "bind", "action": "login"}', "the key 'action' appears twice"),
-    ('{"action": "login", "account": {"id": "a", "id": "b"}}', "the key 'id' appears twice"),
-    ('{"action": "login", "account": {"id": "a", "followers": 18446744073709551616}}', "beyond +-2^53"),
-    ('{"action": "login", "account": {"id": "a", "followers": -9007199254740993}}', "beyond +-2^53"),
-    ('{"action": "upgrade_confirm", "account": {"id": "a", "upgrade": {"state": "trial", '
-     '"unwithdrawn_earnings": 17.9999999999999999}}}', "would be read as 18.0"),
-    ('{"action": "login", "x": 1e-400}', "would be read as 0.0"),
+    ('{"action": "login", ' + orjson.dumps(bind_request()).decode()[1:], "the key 'action' appears twice"),
+    (valid_with("upgrade", '{"state": "trial", "state": "none"}'), "the key 'state' appears twice"),
+    (valid_with("upgrade", '{"state": "none", "unwithdrawn_earnings": 17.9999999999999999}'),
+     "17.9999999999999999 would be read as 18.0"),
+    (valid_with("upgrade", '{"state": "none", "unwithdrawn_earnings": 1e-400}'), "would be read as 0.0"),
     ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), f"at most {MAX_DEPTH} deep"),
     ('{"a": ' + "[" * 1000 + "]" * 1000 + "}", f"at most {MAX_DEPTH} deep"),
     ("[" + "{}," * 25_000 + "{}]", "a body holds at most"),
@@ -98,6 +102,24 @@ def test_json_is_read_strictly(client: FlaskClient, body: str, words: str) -> No
     response = post(client, body)
     assert response.status_code == 400 and response.json["error"]["code"] == "invalid_json", response.json
     assert words in response.json["error"]["details"][0]["problem"]
+
+
+def test_the_same_requests_without_the_trap_are_decided(client: FlaskClient) -> None:
+    for body in (valid_with("upgrade", '{"state": "none"}'),
+                 valid_with("upgrade", '{"state": "none", "unwithdrawn_earnings": 17.99}')):
+        assert post(client, body).status_code == 200
+
+
+@pytest.mark.parametrize("text", ["18446744073709551616", "9007199254740993", "-9007199254740993"])
+def test_integers_beyond_2_53_are_refused(text: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_json('{"n": ' + text + "}")
+    assert caught.value.details[0].problem == f"{text} is beyond +-2^53"
+
+
+def test_a_huge_integer_in_a_request_is_refused_never_rounded(client: FlaskClient) -> None:
+    response = post(client, valid_with("violation_points", "18446744073709551616"))
+    assert response.status_code == 400 and response.json["error"]["details"][0]["path"] == "/account/violation_points"
 
 
 def test_numbers_that_survive_exactly_are_kept() -> None:
