@@ -160,12 +160,18 @@ def test_a_worker_killed_while_the_files_are_broken_is_replaced_on_the_last_good
         os.kill(workers[0], signal.SIGKILL)
         deadline, statuses, from_archive = time.monotonic() + 30, [], False
         while time.monotonic() < deadline and not from_archive:
-            statuses.append(call(server.url + "/v1/decisions", bind_request(), timeout=10)[0])
-            ready = call(server.url + "/readyz")[1]
+            try:
+                statuses.append(call(server.url + "/v1/decisions", bind_request(), timeout=10)[0])
+                ready = call(server.url + "/readyz")[1]
+            except OSError:  # a connection the killed worker had accepted
+                statuses.append(0)
+                continue
             from_archive = "archive" in ready.get("policies_from", "")
             time.sleep(0.1)
         assert from_archive, "no worker said it serves the archived set"
-        assert set(statuses) == {200} and server.process.poll() is None
+        # Only what the killed worker held may be lost; the port stays open and the rest is decided.
+        assert statuses.count(0) <= 2 and set(statuses) <= {0, 200}, statuses
+        assert statuses[-1] == 200 and server.process.poll() is None
     finally:
         server.stop()
     store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
