@@ -1,4 +1,4 @@
-"""The WSGI entry point for gunicorn: `gunicorn api.wsgi:app` (configured from the environment)."""
+"""A plain WSGI entry point (`api.wsgi:app`) for other servers; `bindpolicy serve` runs granian over api.asgi."""
 
 from __future__ import annotations
 
