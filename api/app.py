@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import hashlib
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping

@@ -26,7 +26,7 @@ def forget_dead_workers() -> None:
 
 
 class Metrics:
-    """One set per app; under gunicorn, PROMETHEUS_MULTIPROC_DIR makes them span the workers."""
+    """One set per app; with several workers, PROMETHEUS_MULTIPROC_DIR makes them span the workers."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

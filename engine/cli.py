@@ -350,6 +350,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.update({
         "BINDPOLICY_POLICIES": str(args.policies), "BINDPOLICY_DATA": str(data),
         "BINDPOLICY_DATABASE_URL": args.database_url, "BINDPOLICY_THREADS": str(args.threads),
+        "BINDPOLICY_BIND": f"{args.host}:{args.port}",  # what the app knows of where it listens (SCRATCH=auto)
         "BINDPOLICY_BODY_TIMEOUT": str(args.body_timeout), "PROMETHEUS_MULTIPROC_DIR": str(data / "metrics")})
     shutil.rmtree(data / "metrics", ignore_errors=True)  # metrics of earlier runs would be summed in
     (data / "metrics").mkdir()
