@@ -155,9 +155,23 @@ def _parser() -> argparse.ArgumentParser:
     verify = log_commands.add_parser(
         "verify", help="check the hash chain of the whole log",
         description="Walk every record's hash and its link to the one before. Exit 0 if the chain holds, "
-                    "1 naming the first record altered, removed or inserted.")
+                    "1 naming the first record altered, removed or inserted. With --export, check an export "
+                    "folder on its own (no database needed).")
     _log_options(verify)
+    verify.add_argument("--export", metavar="DIR", help="verify this log export instead of the database")
     verify.set_defaults(handler=_log_verify)
+    export = log_commands.add_parser(
+        "export", help="write the log to day partitions (Parquet or JSON Lines) with its chain fields",
+        description="Stream the log (or the window [--since, --until), taken as one unbroken piece of the chain) "
+                    "into DIR/day=YYYY-MM-DD/part-N.parquet (or .jsonl), every column included (request and "
+                    "response as the hashed JSON text, prev_hash, hash), with the policy contents the records "
+                    "name (policies.jsonl) and a manifest.json. `log verify --export DIR` checks it on its own.")
+    _log_options(export)
+    export.add_argument("--since", help="from the first record logged at or after (RFC 3339)")
+    export.add_argument("--until", help="up to the first record logged at or after (RFC 3339)")
+    export.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    export.add_argument("-o", "--output", metavar="DIR", required=True, help="a new (or empty) folder")
+    export.set_defaults(handler=_log_export)
     listing = log_commands.add_parser(
         "list", help="records, filtered, as a table, JSON Lines or CSV",
         description="List decision log records in log order, filtered by time range, action, decision, "
@@ -275,6 +289,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _log_verify(args: argparse.Namespace) -> int:
+    if args.export:
+        return _verify_export(args.export)
     store = _store(args)
     breach = store.verify()
     if breach is None:
@@ -284,6 +300,46 @@ def _log_verify(args: argparse.Namespace) -> int:
     print(f"BROKEN at record {breach.seq}" + (f" ({breach.decision_id})" if breach.decision_id else "")
           + f": {breach.problem}")
     return 1
+
+
+def _verify_export(folder: str) -> int:
+    from engine.logexport import ExportError, verify_export
+
+    try:
+        check = verify_export(folder)
+    except ExportError as exc:
+        print(f"cannot verify: {exc}", file=sys.stderr)
+        return 2
+    if check.ok:
+        print(f"ok: the chain holds over the {check.records} records of the export {folder}")
+        return 0
+    if check.breach is not None:
+        breach = check.breach
+        print(f"BROKEN at record {breach.seq}" + (f" ({breach.decision_id})" if breach.decision_id else "")
+              + f": {breach.problem}")
+    for problem in check.problems:
+        print(f"BROKEN: {problem}")
+    return 1
+
+
+def _log_export(args: argparse.Namespace) -> int:
+    from engine.logexport import ExportError, export_log
+
+    try:
+        for name in ("since", "until"):
+            if getattr(args, name) is not None:
+                _parse_now(getattr(args, name))
+    except ValueError as exc:
+        print(f"--since/--until: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        manifest = export_log(_store(args), args.output, since=args.since, until=args.until,
+                              file_format=args.format)
+    except ExportError as exc:
+        print(f"cannot export: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(manifest.describe(args.output))
+    return 0
 
 
 def _log_list(args: argparse.Namespace) -> int:
