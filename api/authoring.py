@@ -7,10 +7,11 @@ It is allowed when the service listens on loopback, otherwise only if configured
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from api.errors import error_response
 from api.routes import _body, _explain, _language, _Rejected, _say_language, _service
@@ -80,7 +81,20 @@ def _scratch_allowed() -> Response | None:
         return error_response(403, "scratch_disabled",
                               "scratch policies are off: the service does not listen on loopback "
                               "(set BINDPOLICY_SCRATCH=on to allow them)")
+    # auto also wants the caller on this machine: a server started without BINDPOLICY_BIND (say
+    # `gunicorn -b 0.0.0.0:80`) is taken for loopback, and the caller's address says otherwise.
+    if current_app.config["SCRATCH"] == "auto" and not _loopback(request.remote_addr or ""):
+        return error_response(403, "scratch_disabled",
+                              "scratch policies are only taken from this machine's own users "
+                              "(set BINDPOLICY_SCRATCH=on to allow them from elsewhere)")
     return None
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _limits() -> ScratchLimits:

@@ -98,6 +98,15 @@ def test_scratch_off_is_a_json_403_and_said_by_its_settings(tmp_path: Path, file
         make_app(tmp_path / "c", f"sqlite:///{tmp_path / 'c.db'}", SCRATCH="maybe")
 
 
+def test_auto_takes_scratch_copies_from_this_machine_only(client: FlaskClient, files: dict[str, str]) -> None:
+    remote = client.post("/v1/scratch/check", data=json.dumps({"files": files}), content_type="application/json",
+                         environ_base={"REMOTE_ADDR": "10.0.0.5"})
+    assert remote.status_code == 403 and remote.json["error"]["code"] == "scratch_disabled"  # type: ignore[index]
+    local = client.post("/v1/scratch/check", data=json.dumps({"files": files}), content_type="application/json",
+                        environ_base={"REMOTE_ADDR": "::1"})
+    assert local.status_code == 200
+
+
 def test_the_files_in_force_check_clean(client: FlaskClient, files: dict[str, str]) -> None:
     assert {"v1/bind.yaml", "v2/version.yaml", "tests/bind_personal_test.yaml"} <= set(files)
     answer = _post(client, "/v1/scratch/check", {"files": files})
