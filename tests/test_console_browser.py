@@ -34,7 +34,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("console")
-    app = make_app(tmp, f"sqlite:///{tmp / 'decisions.db'}", BIND="127.0.0.1:0")
+    app = make_app(tmp, f"sqlite:///{tmp / 'decisions.db'}", BIND="127.0.0.1:0", SCRATCH_MAX_SECONDS=300.0)
     http = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
