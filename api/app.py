@@ -25,9 +25,11 @@ from api.routes import routes
 from engine.decider import Engine
 from engine.decisionlog import Breach, DecisionLog, Store, open_store
 from engine.evaluator import NATIVE
+from engine.logcheck import LogWatch
+from engine.logkeys import MacKeyring, read_mac_keys, read_signing_key
 from engine.sources import LAST_GOOD, SET_VERSION, ArchiveSource, PolicySource, UnknownDigestError
 
-TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts
+TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts, and at every check
 
 DEFAULTS: dict[str, Any] = {
     "POLICY_DIR": "policies",
@@ -45,6 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "SCRATCH_MAX_BYTES": 512 * 1024,  # one scratch copy, all files together
     "SCRATCH_MAX_SECONDS": 10.0,  # the work on one scratch copy, or on one impact over the corpus
     "CORPUS": "examples/requests.jsonl",  # the requests that impact is judged over in the console
+    "LOG_MAC_KEY_FILE": "",  # hex keys, one a line (the first writes): the chain's HMAC; empty: unkeyed
+    "CHECKPOINT_KEY_FILE": "",  # Ed25519 private key (PEM) that signs checkpoints; empty: none written
+    "CHECKPOINT_DIR": "",  # empty: <DATA_DIR>/checkpoints
+    "CHECKPOINT_INTERVAL": 60.0,  # seconds between signed checkpoints
+    "LOG_CHECK_INTERVAL": 5.0,  # seconds between the service's checks of its own log; 0: only at start
 }
 
 ENVIRONMENT = {  # configuration key -> environment variable
@@ -63,6 +70,11 @@ ENVIRONMENT = {  # configuration key -> environment variable
     "SCRATCH_MAX_BYTES": "BINDPOLICY_SCRATCH_MAX_BYTES",
     "SCRATCH_MAX_SECONDS": "BINDPOLICY_SCRATCH_MAX_SECONDS",
     "CORPUS": "BINDPOLICY_CORPUS",
+    "LOG_MAC_KEY_FILE": "BINDPOLICY_LOG_MAC_KEY_FILE",
+    "CHECKPOINT_KEY_FILE": "BINDPOLICY_CHECKPOINT_KEY_FILE",
+    "CHECKPOINT_DIR": "BINDPOLICY_CHECKPOINT_DIR",
+    "CHECKPOINT_INTERVAL": "BINDPOLICY_CHECKPOINT_INTERVAL",
+    "LOG_CHECK_INTERVAL": "BINDPOLICY_LOG_CHECK_INTERVAL",
 }
 
 
@@ -82,7 +94,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     app.config["SCRATCH_ENABLED"] = scratch_enabled(str(app.config["SCRATCH"]), str(app.config["BIND"]))
     metrics = Metrics()
-    store = open_store(app.config["DATABASE_URL"] or str(Path(app.config["DATA_DIR"]) / "decisions.db"))
+    keys: MacKeyring | None = read_mac_keys(app.config["LOG_MAC_KEY_FILE"]) if app.config["LOG_MAC_KEY_FILE"] else None
+    store = open_store(app.config["DATABASE_URL"] or str(Path(app.config["DATA_DIR"]) / "decisions.db"), keys=keys)
 
     last_good_file = Path(app.config["DATA_DIR"]) / LAST_GOOD
 
@@ -116,12 +129,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                           last_good=last_good)
     tokens = {key: tuple(t.strip() for t in str(app.config[key]).split(",") if t.strip())
               for key in ("LOG_TOKENS", "DECISION_TOKENS")}
-    service = Service(holder, store, metrics, tokens, Path(app.config["CORPUS"]))
-    # The chain's tail is checked at start: an altered log is reported (readyz, logs), not extended silently.
-    service.chain_breach = store.verify(store.tail(TAIL_CHECKED))
-    if service.chain_breach is not None:
-        logging.getLogger("bindpolicy.log").error("decision log chain broken", extra={
-            "event": "chain_broken", "seq": service.chain_breach.seq, "problem": service.chain_breach.problem})
+    signing = app.config["CHECKPOINT_KEY_FILE"]
+    watch = LogWatch(store, interval=float(app.config["LOG_CHECK_INTERVAL"]), tail=TAIL_CHECKED,
+                     signing_key=read_signing_key(signing) if signing else None,
+                     checkpoint_dir=Path(app.config["CHECKPOINT_DIR"] or Path(app.config["DATA_DIR"]) / "checkpoints"),
+                     checkpoint_interval=float(app.config["CHECKPOINT_INTERVAL"]),
+                     on_breach=lambda breach: metrics.log_breach.set(breach.seq))
+    # The chain's tail is checked at start, then new records as they come: an altered log is
+    # reported (readyz, metrics, logs), never extended silently, and never stops the service.
+    watch.start()
+    if keys is None:
+        logging.getLogger("bindpolicy.log").warning(
+            "decision log without a MAC key: records are chained with plain SHA-256", extra={
+                "event": "log_unkeyed", "hint": "set BINDPOLICY_LOG_MAC_KEY_FILE (bindpolicy log keygen)"})
+    service = Service(holder, store, metrics, tokens, watch, Path(app.config["CORPUS"]))
     app.extensions["bindpolicy"] = service
     app.register_blueprint(routes)
     app.register_blueprint(authoring)
@@ -187,16 +208,20 @@ class Service:
     """What the routes need: the policies in service, the decision log, the metrics."""
 
     def __init__(self, holder: PolicyHolder, store: Store, metrics: Metrics,
-                 tokens: Mapping[str, tuple[str, ...]], corpus: Path | None = None) -> None:
+                 tokens: Mapping[str, tuple[str, ...]], watch: LogWatch, corpus: Path | None = None) -> None:
         self.holder = holder
         self.log: DecisionLog = store  # what deciding needs: the one write method
         self.store = store  # what reading needs: records, the chain, policy contents
         self.metrics = metrics
         self.tokens = tokens  # LOG_TOKENS, DECISION_TOKENS: the bearer tokens each accepts
-        self.chain_breach: Breach | None = None
+        self.watch = watch  # the log's own check of itself: chain, checkpoints
         self.corpus_path = corpus
         self._corpus: list[Any] | None = None
         self.console_cache: dict[Any, Any] = {}  # what the console asks for again and again (examples)
+
+    @property
+    def chain_breach(self) -> Breach | None:
+        return self.watch.breach
 
     def corpus(self) -> list[Any]:
         """The requests impact is judged over (read once; a line that is not JSON is judged as bad input)."""

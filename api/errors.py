@@ -7,6 +7,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from engine.decisionlog import LogError
 from engine.errors import Detail, RequestError
 
 log = logging.getLogger("bindpolicy.api")
@@ -34,6 +35,11 @@ def register_error_handlers(app: Flask) -> None:
         response = jsonify(exc.to_dict())
         response.status_code = 400
         return response
+
+    @app.errorhandler(LogError)
+    def _log_error(exc: LogError) -> Response:  # the database is away: say so, never a 500
+        log.error("decision log unavailable", extra={"event": "log_read_failed", "error": str(exc)})
+        return error_response(503, "log_unavailable", "the decision log cannot be read right now; retry later")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -45,6 +45,12 @@ class Metrics:
                                   "1 while a worker serves the last good set from the log's archive, because the "
                                   "policy files did not load when it started", registry=r, multiprocess_mode="liveall")
         self.reload_failures = Counter("bindpolicy_policy_reload_failures", "Policy reloads refused", registry=r)
+        self.log_breach = Gauge("bindpolicy_decision_log_broken_record",
+                                "The first record of the log found altered, removed or unreadable (0: none)",
+                                registry=r, multiprocess_mode="max")
+        self.log_verified = Gauge("bindpolicy_decision_log_verified_records",
+                                  "Records of the log whose chain this service has verified", registry=r,
+                                  multiprocess_mode="max")
         self.log_failures = Counter("bindpolicy_decision_log_write_failures", "Decision log writes that failed",
                                     registry=r)
         self.native_fallbacks = Counter(

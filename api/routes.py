@@ -17,7 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from api.errors import error_response
 from api.openapi import build_openapi
 from engine.decider import new_decision_id
-from engine.decisionlog import FILTERS, LogError, new_record
+from engine.decisionlog import FILTERS, BrokenRecordError, LogError, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
@@ -38,7 +38,9 @@ def _service() -> Any:
 def _start() -> None:
     g.started = time.perf_counter()
     g.decision_ids = []
-    _service().holder.ensure_watching()
+    service = _service()
+    service.holder.ensure_watching()
+    service.watch.ensure_running()
 
 
 @routes.after_app_request
@@ -264,7 +266,10 @@ def decide_batch() -> Response:
 def get_decision(decision_id: str) -> Response:
     if not _authorized("LOG_TOKENS"):
         return _unauthorized()
-    record = _service().store.get(decision_id)
+    try:
+        record = _service().store.get(decision_id)
+    except BrokenRecordError as exc:
+        return jsonify({"record": exc.broken.to_dict()})
     if record is None:
         return error_response(404, "unknown_decision", f"no decision '{decision_id}' in the log")
     return jsonify({"record": record.to_dict()})
@@ -292,9 +297,9 @@ def list_decisions() -> Response:
     if problems:
         raise RequestError("invalid_query", "the log query is not valid", problems)
     limit = int(limit_text)
-    records = list(_service().store.query(limit=limit + 1, after_seq=int(after_text), **filters))
+    records = list(_service().store.scan(limit=limit + 1, after_seq=int(after_text), **filters))
     more = len(records) > limit
-    records = records[:limit]
+    records = records[:limit]  # a record that cannot be read comes as {seq, decision_id, broken}
     return jsonify({"records": [r.to_dict() for r in records], "next": records[-1].seq if more else None})
 
 
@@ -360,22 +365,30 @@ def healthz() -> Response:
 
 @routes.get("/readyz")
 def readyz() -> Response:
+    """Ready: policies loaded, the last commits went through (or a probe commit does), the
+    log's chain intact. The body names no database host, port or credential."""
     service = _service()
-    holder = service.holder
-    writable = service.store.writable()
-    breach = service.chain_breach
+    holder, store, watch = service.holder, service.store, service.watch
+    commits = store.commits_ok()
+    writable = commits and store.writable()
+    breach = watch.breach
     ready = writable and breach is None
     body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "policies": {v.name: v.digest for v in holder.engine.policies},
         "loaded_at": format_timestamp(holder.loaded_at), "decision_log": "writable" if writable else "unwritable"}
     if breach is not None:
-        body["decision_log_chain"] = f"broken at record {breach.seq}: {breach.problem}"
-    if service.store.last_error is not None:
-        body["decision_log_last_error"] = str(service.store.last_error)
+        body["decision_log_chain"] = f"broken at {breach.describe()}"
+    if store.last_error is not None:  # the kind only: the message may name the server
+        body["decision_log_last_error"] = (f"{type(store.last_error).__name__}: the last commit failed "
+                                           "(details in the service's log)")
+    body["decision_log_integrity"] = _integrity(store, watch)
     if writable:
-        seq, head = service.store.head()
-        body["decision_log_head"] = {"seq": seq, "hash": head}  # to notice records removed from the end
+        try:
+            seq, head = store.head()
+            body["decision_log_head"] = {"seq": seq, "hash": head}  # to notice records removed from the end
+        except LogError:
+            pass
     if holder.failure is not None:
         body["last_reload"] = {"status": "refused", "at": holder.failure.at, "error": holder.failure.error,
                                "serving": holder.fallback or "the last good policy set"}
@@ -386,12 +399,29 @@ def readyz() -> Response:
     return response
 
 
+def _integrity(store: Any, watch: Any) -> dict[str, Any]:
+    keys = store.keys
+    integrity: dict[str, Any] = {
+        "mac": f"hmac-sha256, key {keys.current.id}" if keys else
+        "off: records are chained with plain SHA-256, which anyone can recompute (set BINDPOLICY_LOG_MAC_KEY_FILE)",
+        "verified_through": watch.verified_seq}
+    if watch.signing_key is None:
+        integrity["checkpoints"] = "off: no signing key (set BINDPOLICY_CHECKPOINT_KEY_FILE)"
+    else:
+        latest = watch.last_checkpoint
+        integrity["checkpoints"] = {"every_seconds": watch.checkpoint_interval,
+                                    "latest_tree_size": latest.tree_size if latest else None,
+                                    "latest_written_at": latest.written_at if latest else None}
+    return integrity
+
+
 @routes.get("/metrics")
 def metrics() -> Response:
     service = _service()
     engine = service.holder.engine
     in_force = engine.policies.in_force(datetime.now(UTC))
     service.metrics.policies_loaded(engine, in_force.name if in_force else None)
+    service.metrics.log_verified.set(service.watch.verified_seq)
     return Response(service.metrics.render(), mimetype="text/plain", headers={"Content-Type":
                                                                                "text/plain; version=0.0.4"})
 

@@ -150,14 +150,18 @@ def _parser() -> argparse.ArgumentParser:
     _log_options(replay)
     replay.set_defaults(handler=_replay)
 
-    log = commands.add_parser("log", help="the decision log: verify its chain, list and export records")
+    log = commands.add_parser("log", help="the decision log: verify its chain, list and export records, prove one")
     log_commands = log.add_subparsers(title="log commands", metavar="COMMAND")
     verify = log_commands.add_parser(
-        "verify", help="check the hash chain of the whole log",
-        description="Walk every record's hash and its link to the one before. Exit 0 if the chain holds, "
-                    "1 naming the first record altered, removed or inserted. With --export, check an export "
-                    "folder on its own (no database needed).")
+        "verify", help="check the chain (hashes or MACs) of the whole log and every signed checkpoint",
+        description="Walk every record's MAC (or hash, for logs written without a key) and its link to the "
+                    "one before, and compare the log with every signed checkpoint (Merkle root and head). "
+                    "Read-only. Exit 0 if all holds, 1 naming the first record altered, removed, inserted or "
+                    "unreadable, or the checkpoint that no longer matches (the end cut off), 2 if the log or a "
+                    "checkpoint could not be read or checked. With --export, check an export folder on its own (no "
+                    "database needed).")
     _log_options(verify)
+    _evidence_options(verify)
     verify.add_argument("--export", metavar="DIR", help="verify this log export instead of the database")
     verify.set_defaults(handler=_log_verify)
     export = log_commands.add_parser(
@@ -175,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     listing = log_commands.add_parser(
         "list", help="records, filtered, as a table, JSON Lines or CSV",
         description="List decision log records in log order, filtered by time range, action, decision, "
-                    "rule, shop or account.")
+                    "rule, shop or account. Read-only. Exit 1 if a record could not be read (it is named), "
+                    "2 if the log could not be read.")
     _log_options(listing)
     for name, what in (("since", "logged at or after (RFC 3339)"), ("until", "logged before (RFC 3339)"),
                        ("action", "action"), ("decision", "allow or deny"), ("rule", "rule id that decided"),
@@ -185,6 +190,31 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     listing.add_argument("-o", "--output", metavar="FILE")
     listing.set_defaults(handler=_log_list)
+    prove = log_commands.add_parser(
+        "prove", help="an inclusion proof of one decision against a signed checkpoint (RFC 6962)",
+        description="Print (JSON) the decision's record, its Merkle audit path and the newest signed "
+                    "checkpoint that covers it: `bindpolicy log verify-proof` checks it with the public key "
+                    "alone, without the log. Exit 1 if the log no longer matches the checkpoint, 2 if there "
+                    "is no such decision or no checkpoint covers it yet.")
+    prove.add_argument("decision_id")
+    _log_options(prove)
+    _evidence_options(prove)
+    prove.add_argument("-o", "--output", metavar="FILE")
+    prove.set_defaults(handler=_log_prove)
+    check_proof = log_commands.add_parser(
+        "verify-proof", help="check an inclusion proof with the checkpoints' public key",
+        description="Exit 0 if the record is in the tree the checkpoint signs, 1 if not (altered record, "
+                    "path or checkpoint), 2 if the file cannot be read or no public key is given.")
+    check_proof.add_argument("proof", help="a file written by `bindpolicy log prove` (- for stdin)")
+    check_proof.add_argument("--public-key", action="append", metavar="PEM", default=None,
+                             help="checkpoint public key (repeatable) [BINDPOLICY_CHECKPOINT_PUBLIC_KEYS]")
+    check_proof.set_defaults(handler=_log_verify_proof)
+    keygen = log_commands.add_parser(
+        "keygen", help="new MAC and checkpoint signing keys in a folder (never overwrites one)",
+        description="Write log-mac.key (HMAC, hex), checkpoint.key (Ed25519, PEM) and checkpoint.pub into "
+                    "DIR, mode 0600, keeping any that exist. Keep them apart from the log's database.")
+    keygen.add_argument("--out", default="keys", metavar="DIR", help="folder (default: keys)")
+    keygen.set_defaults(handler=_log_keygen)
 
     evaluate = commands.add_parser(
         "eval", help="print the value and CEL type of one expression against one request",
@@ -223,15 +253,62 @@ def _log_options(parser: argparse.ArgumentParser) -> None:
                         help="sqlite:///path or postgresql://... [BINDPOLICY_DATABASE_URL]")
     parser.add_argument("--data", default=os.environ.get("BINDPOLICY_DATA", "data"),
                         help="the service's data folder, for its SQLite log [BINDPOLICY_DATA] (default: data)")
+    parser.add_argument("--mac-key-file", default=os.environ.get("BINDPOLICY_LOG_MAC_KEY_FILE", ""),
+                        help="the log's MAC keys, to check the records' MACs [BINDPOLICY_LOG_MAC_KEY_FILE]")
+
+
+def _evidence_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("BINDPOLICY_CHECKPOINT_DIR", ""),
+                        help="signed checkpoints [BINDPOLICY_CHECKPOINT_DIR] (default: DATA/checkpoints)")
+    parser.add_argument("--public-key", action="append", metavar="PEM", default=None,
+                        help="checkpoint public key (repeatable) [BINDPOLICY_CHECKPOINT_PUBLIC_KEYS, comma-"
+                             "separated; default: the public half of BINDPOLICY_CHECKPOINT_KEY_FILE]")
+
+
+class _Unreadable(Exception):
+    """What an audit command could not read: exit 2, saying what."""
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from engine.decisionlog import open_store
+    """The log, opened read-only: the audit commands create nothing and change nothing."""
+    from engine.decisionlog import LogError, open_store
+    from engine.logkeys import KeyFileError, read_mac_keys
 
     url = args.database_url or str(Path(args.data) / "decisions.db")
-    if not args.database_url and not Path(url).exists():
-        raise SystemExit(f"no decision log at {url} (use --data or --database-url)")
-    return open_store(url)
+    try:
+        keys = read_mac_keys(args.mac_key_file) if getattr(args, "mac_key_file", "") else None
+        return open_store(url, read_only=True, keys=keys)
+    except (LogError, KeyFileError, ValueError) as exc:
+        raise _Unreadable(str(exc) if args.database_url or Path(url).exists()
+                          else f"no decision log at {url} (use --data or --database-url)") from exc
+
+
+def _public_keys(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.logkeys import read_public_keys
+
+    files = args.public_key or [f for f in os.environ.get("BINDPOLICY_CHECKPOINT_PUBLIC_KEYS", "").split(",")
+                                if f.strip()] or [os.environ.get("BINDPOLICY_CHECKPOINT_KEY_FILE", "")]
+    files = [f.strip() for f in files if f and f.strip()]
+    return read_public_keys(files) if files else {}
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.data) / "checkpoints"
+
+
+def _audit_handler(handler: Any) -> Any:
+    """Audit commands are total: what cannot be read is exit 2 with one line, never a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        from engine.decisionlog import LogError
+        from engine.logkeys import KeyFileError
+
+        try:
+            code: int = handler(args)
+        except (_Unreadable, LogError, KeyFileError, OSError) as exc:
+            print(f"cannot read: {exc}", file=sys.stderr)
+            return 2
+        return code
+    return run
 
 
 def _write(text: str, output: str | None) -> None:
@@ -260,6 +337,7 @@ def _diff(args: argparse.Namespace) -> int:
     return 0 if result.empty else 1
 
 
+@_audit_handler
 def _impact(args: argparse.Namespace) -> int:
     from engine.impact import render, run_impact
 
@@ -280,26 +358,29 @@ def _impact(args: argparse.Namespace) -> int:
     return 0
 
 
+@_audit_handler
 def _replay(args: argparse.Namespace) -> int:
-    from engine.replay import CANNOT, REPRODUCED, replay
+    from engine.decisionlog import BrokenRecordError
+    from engine.replay import BROKEN, CANNOT, REPRODUCED, replay
 
-    result = replay(_store(args), args.decision_id)
-    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    try:
+        result = replay(_store(args), args.decision_id)
+    except BrokenRecordError as exc:
+        print(json.dumps({"status": BROKEN, "decision_id": args.decision_id, "message": str(exc)}, indent=2))
+        return 1
+    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     return 0 if result.status == REPRODUCED else 2 if result.status == CANNOT else 1
 
 
+@_audit_handler
 def _log_verify(args: argparse.Namespace) -> int:
     if args.export:
         return _verify_export(args.export)
-    store = _store(args)
-    breach = store.verify()
-    if breach is None:
-        count = sum(1 for _ in store.query())
-        print(f"ok: the chain holds over {count} records")
-        return 0
-    print(f"BROKEN at record {breach.seq}" + (f" ({breach.decision_id})" if breach.decision_id else "")
-          + f": {breach.problem}")
-    return 1
+    from engine.logcheck import verify_log
+
+    report = verify_log(_store(args), _checkpoint_dir(args), _public_keys(args))
+    sys.stdout.write(report.describe())
+    return report.exit_code
 
 
 def _verify_export(folder: str) -> int:
@@ -322,6 +403,7 @@ def _verify_export(folder: str) -> int:
     return 1
 
 
+@_audit_handler
 def _log_export(args: argparse.Namespace) -> int:
     from engine.logexport import ExportError, export_log
 
@@ -342,39 +424,89 @@ def _log_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_audit_handler
+def _log_prove(args: argparse.Namespace) -> int:
+    from engine.decisionlog import BrokenRecordError
+    from engine.logcheck import ProofError, prove
+
+    try:
+        proof = prove(_store(args), args.decision_id, _checkpoint_dir(args), _public_keys(args))
+    except ProofError as exc:
+        print(f"cannot prove: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenRecordError as exc:
+        print(f"BROKEN: {exc}", file=sys.stderr)
+        return 1
+    _write(json.dumps(proof, indent=1, ensure_ascii=False) + "\n", args.output)
+    return 0
+
+
+@_audit_handler
+def _log_verify_proof(args: argparse.Namespace) -> int:
+    from engine.logcheck import ProofError, verify_proof
+
+    try:
+        text = sys.stdin.read() if args.proof == "-" else Path(args.proof).read_text(encoding="utf-8")
+        proof = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _Unreadable(f"{args.proof}: not JSON ({exc})") from exc
+    try:
+        decision_id = verify_proof(proof, _public_keys(args))
+    except ProofError as exc:
+        print(f"{'BROKEN' if exc.code == 1 else 'cannot check'}: {exc}")
+        return exc.code
+    print(f"ok: decision {decision_id} is record {proof['leaf_index'] + 1} of the {proof['tree_size']} records "
+          f"signed at {proof['checkpoint']['written_at']} (key {proof['checkpoint']['key_id']})")
+    return 0
+
+
+def _log_keygen(args: argparse.Namespace) -> int:
+    from engine.logkeys import generate_keys
+
+    written = generate_keys(args.out)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"kept the keys already in {args.out}")
+    return 0
+
+
+@_audit_handler
 def _log_list(args: argparse.Namespace) -> int:
     import csv
-    import io
+
+    from engine.decisionlog import COLUMNS, BrokenRecord
 
     store = _store(args)
-    records = store.query(limit=args.limit, since=args.since, until=args.until, action=args.action,
-                          decision=args.decision, rule_id=args.rule, shop_id=args.shop, account_id=args.account,
-                          outcome=args.outcome)
+    records = store.scan(limit=args.limit, since=args.since, until=args.until, action=args.action,
+                         decision=args.decision, rule_id=args.rule, shop_id=args.shop, account_id=args.account,
+                         outcome=args.outcome)
+    broken: list[BrokenRecord] = []
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
+    writer = csv.writer(out) if args.format == "csv" else None
+    if writer is not None:
+        writer.writerow(COLUMNS)
     try:
-        if args.format == "jsonl":
-            for record in records:
-                out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-        elif args.format == "csv":
-            columns = ["seq", "decision_id", "logged_at", "outcome", "status", "action", "decision", "rule_id",
-                       "shop_id", "account_id", "policy_version", "policy_digest", "runtime", "duration_us",
-                       "request", "response", "prev_hash", "hash"]
-            writer = csv.writer(out)
-            writer.writerow(columns)
-            for record in records:
-                row = record.to_dict()
-                writer.writerow([json.dumps(row[c], ensure_ascii=False) if c in ("request", "response") else row[c]
-                                 for c in columns])
-        else:
-            buffer = io.StringIO()
-            for record in records:
-                buffer.write(f"{record.seq:>7} {record.logged_at} {record.outcome:<8} {record.action or '-':<18} "
-                             f"{record.decision or '-':<5} {record.rule_id or '-':<36} {record.decision_id}\n")
-            out.write(buffer.getvalue())
+        for record in records:
+            if isinstance(record, BrokenRecord):
+                broken.append(record)
+                continue
+            if args.format == "jsonl":  # the stored JSON text as is: no re-encoding, however deep
+                meta = {c: getattr(record, c) for c in COLUMNS if c not in ("request", "response")}
+                line = json.dumps(meta, ensure_ascii=False)[:-1]
+                out.write(f'{line}, "request": {record.request_text}, "response": {record.response_text}}}\n')
+            elif writer is not None:
+                writer.writerow([record.request_text if c == "request" else record.response_text
+                                 if c == "response" else getattr(record, c) for c in COLUMNS])
+            else:
+                out.write(f"{record.seq:>7} {record.logged_at} {record.outcome:<8} {record.action or '-':<18} "
+                          f"{record.decision or '-':<5} {record.rule_id or '-':<36} {record.decision_id}\n")
     finally:
         if out is not sys.stdout:
             out.close()
-    return 0
+    for item in broken:
+        print(f"BROKEN: record {item.seq} ({item.decision_id}) cannot be read: {item.problem}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _generate(args: argparse.Namespace) -> int:

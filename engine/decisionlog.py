@@ -3,8 +3,14 @@
 One interface (`DecisionLog.write_many`), two stores (SQLite, the embedded default, and
 PostgreSQL, chosen by a database URL). Writes from the threads of a process are grouped: the
 first waiting thread commits whatever has queued up in one transaction, so that a commit's
-cost is shared. Each record carries a hash over its content and the previous record's hash;
-`verify` walks the chain.
+cost is shared; the records of one call (a batch's) commit together or not at all. Each record
+carries a MAC (HMAC-SHA256 under a key from configuration, see `engine.logkeys`) over its
+content and the previous record's MAC; logs written without a key, and older ones, carry a
+plain SHA-256 instead. `ChainVerifier` walks the chain; `engine.logcheck` adds checkpoints.
+
+Reading never trusts a row: a cell of the wrong type or that is not JSON is a `BrokenRecord`
+naming the record, never an exception; a store opened `read_only` creates nothing (no table,
+no lock file) and says so if the log's table is missing.
 
 Durability: a record is committed before its decision is answered. SQLite runs in WAL mode
 with `synchronous=NORMAL` by default, which survives a killed process (the tests SIGKILL the
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import sqlite3
@@ -30,6 +37,8 @@ from typing import Any, Protocol, cast
 
 import orjson
 
+from engine.logkeys import MAC_PREFIX, MacKeyring
+from engine.merkle import Frontier, leaf_hash
 from engine.versions import parse_timestamp
 
 GENESIS = "0" * 64
@@ -37,10 +46,15 @@ COLUMNS = ("seq", "decision_id", "logged_at", "outcome", "status", "action", "de
            "shop_id", "account_id", "policy_version", "policy_digest", "runtime", "duration_us",
            "request", "response", "prev_hash", "hash")
 FILTERS = ("since", "until", "action", "decision", "rule_id", "shop_id", "account_id", "outcome")
+INDEXED_MAX = 512  # characters of an indexed field; longer (or with NUL) is kept in the request only
 
 
 class LogError(Exception):
     """The log could not commit or read: no decision may be answered without its record."""
+
+
+class MissingTableError(LogError):
+    """The database holds no decision log (read-only stores never create one)."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +94,14 @@ class LogRecord:
         meta = {name: getattr(self, name) for name in COLUMNS if name not in _NOT_META}
         return canonical(meta) + "\n" + self.request_text + "\n" + self.response_text
 
-    def chained(self, seq: int, prev_hash: str) -> LogRecord:
+    def chained(self, seq: int, prev_hash: str, keys: MacKeyring | None = None) -> LogRecord:
         record = replace(self, seq=seq, prev_hash=prev_hash)
-        object.__setattr__(record, "hash", record_hash(record.content(), prev_hash))  # still being made
+        object.__setattr__(record, "hash", record_hash(record.content(), prev_hash, keys))  # still being made
         return record
+
+    def leaf(self) -> bytes:
+        """Its leaf hash in the log's Merkle tree: over its content, keyless, so anyone can check it."""
+        return leaf_hash(self.content().encode("utf-8"))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in COLUMNS}
@@ -100,8 +118,32 @@ def canonical(value: Any) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def record_hash(content: str, prev_hash: str) -> str:
+def record_hash(content: str, prev_hash: str, keys: MacKeyring | None = None) -> str:
+    """The MAC under the current key (`hmac-sha256:<key id>:<hex>`), or plain SHA-256 (hex) without one."""
+    if keys is not None:
+        return keys.current.mac(prev_hash + content)
     return hashlib.sha256((prev_hash + content).encode("utf-8")).hexdigest()
+
+
+def hash_problem(record: LogRecord, keys: MacKeyring | None, keyed_before: bool) -> str | None:
+    # (`keyed_before`: the record before was keyed; a keyed log never goes back to plain hashes)
+    """What is wrong with the record's own hash or MAC, or None. A MAC without `keys` is not
+    checked here (the links and the checkpoints still are)."""
+    text = record.prev_hash + record.content()
+    if record.hash.startswith(MAC_PREFIX):
+        if keys is None:
+            return None
+        kid = record.hash[len(MAC_PREFIX):].split(":", 1)[0]
+        key = keys.get(kid)
+        if key is None:
+            return f"its MAC names key {kid}, which is not among the keys given (a rotated key left out, or forged)"
+        return None if hmac.compare_digest(key.mac(text), record.hash) else "its content does not match its MAC " \
+                                                                             "(altered)"
+    if keyed_before:
+        return "an unkeyed record after keyed ones (the chain was re-made without the key)"
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != record.hash:
+        return "its content does not match its hash (altered)"
+    return None
 
 
 def new_record(*, decision_id: str, outcome: str, status: int, request: Any, response: Any,
@@ -115,14 +157,14 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
         decision_id=decision_id,
         logged_at=log_time(logged_at or datetime.now(UTC)),
         outcome=outcome, status=status, request=request, response=response, duration_us=duration_us,
-        action=_text(req.get("action")),
-        decision=_text(response.get("decision")) if isinstance(response, dict) else None,
-        rule_id=_text(rule.get("id")) if isinstance(rule, dict) else None,
-        shop_id=_text(shop.get("id")) if isinstance(shop, dict) else None,
-        account_id=_text(account.get("id")) if isinstance(account, dict) else None,
-        policy_version=_text(policy.get("version")) if isinstance(policy, dict) else None,
-        policy_digest=_text(policy.get("digest")) if isinstance(policy, dict) else None,
-        runtime=_text(policy.get("runtime")) if isinstance(policy, dict) else None)
+        action=_indexed(req.get("action")),
+        decision=_indexed(response.get("decision")) if isinstance(response, dict) else None,
+        rule_id=_indexed(rule.get("id")) if isinstance(rule, dict) else None,
+        shop_id=_indexed(shop.get("id")) if isinstance(shop, dict) else None,
+        account_id=_indexed(account.get("id")) if isinstance(account, dict) else None,
+        policy_version=_indexed(policy.get("version")) if isinstance(policy, dict) else None,
+        policy_digest=_indexed(policy.get("digest")) if isinstance(policy, dict) else None,
+        runtime=_indexed(policy.get("runtime")) if isinstance(policy, dict) else None)
 
 
 def log_time(moment: datetime | str) -> str:
@@ -132,8 +174,12 @@ def log_time(moment: datetime | str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+def _indexed(value: Any) -> str | None:
+    """A value for an indexed column: every store takes it (PostgreSQL refuses NUL in text, and
+    a btree entry past about 2.7 kB). Anything else is kept in the request only."""
+    if not isinstance(value, str) or len(value) > INDEXED_MAX or "\0" in value:
+        return None
+    return value
 
 
 class DecisionLog(Protocol):
@@ -144,18 +190,135 @@ class DecisionLog(Protocol):
 
 @dataclass
 class Breach:
-    """The first place where the chain does not hold."""
+    """The first place where the log does not hold."""
 
     seq: int
     decision_id: str | None
     problem: str
 
+    def describe(self) -> str:
+        return (f"record {self.seq}" + (f" ({self.decision_id})" if self.decision_id else "")
+                + f": {self.problem}")
+
+
+@dataclass(frozen=True)
+class BrokenRecord:
+    """A stored row that cannot be read as a record: which one, and why."""
+
+    seq: Any
+    decision_id: Any
+    problem: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "decision_id": self.decision_id, "broken": self.problem}
+
+
+class BrokenRecordError(LogError):
+    """A record that was asked for cannot be read."""
+
+    def __init__(self, broken: BrokenRecord) -> None:
+        super().__init__(f"record {broken.seq} ({broken.decision_id}) cannot be read: {broken.problem}")
+        self.broken = broken
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "decision_id": str, "logged_at": str, "outcome": str, "status": int, "duration_us": int,
+    "request": str, "response": str, "prev_hash": str, "hash": str}
+
+
+def parse_cell(text: str) -> Any:
+    """A stored JSON cell: exact numbers (the standard library), and no RecursionError for deep
+    nesting (orjson takes up to 1024 levels without the stack; deeper is a ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return orjson.loads(text)
+
+
+def record_from_row(row: Sequence[Any]) -> LogRecord | BrokenRecord:
+    """A row as a record, or what makes it unreadable; never an exception."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    seq, decision_id = values["seq"], values["decision_id"]
+    for name in COLUMNS:
+        value, kind = values[name], _TYPES.get(name, (str, type(None)))
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return BrokenRecord(seq, decision_id, f"its {name} is {type(value).__name__}, not "
+                                f"{getattr(kind, '__name__', 'text or null')}")
+        if isinstance(value, str) and _has_surrogate(value):
+            return BrokenRecord(seq, decision_id, f"its {name} holds text that is not valid Unicode")
+    parsed = {}
+    for name in ("request", "response"):
+        try:
+            parsed[name] = parse_cell(values[name])
+        except ValueError as exc:
+            return BrokenRecord(seq, decision_id, f"its {name} is not JSON ({str(exc)[:120]})")
+    record = LogRecord(**{**values, **parsed, "request_text": values["request"],
+                          "response_text": values["response"]})
+    return record
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class ChainVerifier:
+    """Takes records in order and says where the chain first fails to hold.
+
+    From the genesis (`seq=0`) it also builds the Merkle frontier of the log, for checkpoints;
+    `from_first_seen` starts wherever the first record fed starts (a tail), without one.
+    """
+
+    def __init__(self, keys: MacKeyring | None = None, *, seq: int = 0, prev_hash: str = GENESIS,
+                 frontier: Frontier | None = None, from_first_seen: bool = False) -> None:
+        self.keys = keys
+        self.seq, self.prev_hash = seq, prev_hash
+        # The tree is built from the genesis, or carried on from a frontier of `seq` records.
+        self.frontier = frontier if frontier is not None or seq or from_first_seen else Frontier()
+        self._started = not from_first_seen
+        self.keyed = self.unkeyed = self.unchecked = 0  # records by kind of hash, for the report
+        self.first_keyed: int | None = None
+
+    def feed(self, item: LogRecord | BrokenRecord) -> Breach | None:
+        if isinstance(item, BrokenRecord):
+            return Breach(item.seq if isinstance(item.seq, int) else self.seq + 1,
+                          item.decision_id if isinstance(item.decision_id, str) else None, item.problem)
+        record = item
+        if not self._started:
+            self._started, self.seq, self.prev_hash = True, record.seq - 1, record.prev_hash
+        if record.seq != self.seq + 1:
+            if record.seq > self.seq + 1:
+                return Breach(self.seq + 1, None, f"record {self.seq + 1} is missing (the next is {record.seq})")
+            return Breach(record.seq, record.decision_id, f"out of order after record {self.seq}")
+        if record.prev_hash != self.prev_hash:
+            return Breach(record.seq, record.decision_id,
+                          "its previous-hash does not match the record before it (removed or inserted)")
+        problem = hash_problem(record, self.keys, record.prev_hash.startswith(MAC_PREFIX))
+        if problem is not None:
+            return Breach(record.seq, record.decision_id, problem)
+        if record.hash.startswith(MAC_PREFIX):
+            self.keyed += 1
+            self.unchecked += self.keys is None
+            if self.first_keyed is None:
+                self.first_keyed = record.seq
+        else:
+            self.unkeyed += 1
+        if self.frontier is not None:
+            self.frontier.append(record.leaf())
+        self.seq, self.prev_hash = record.seq, record.hash
+        return None
+
 
 @dataclass
 class _Pending:
-    record: LogRecord
+    """One caller's records: committed together, or not at all."""
+
+    records: Sequence[LogRecord]
     done: bool = False  # guarded by the store's condition
-    result: LogRecord | None = None
+    results: list[LogRecord] | None = None
     error: BaseException | None = None
 
 
@@ -164,14 +327,19 @@ class Store:
 
     placeholder = "?"
 
-    def __init__(self, *, max_batch: int = 256, timeout: float = 10.0) -> None:
+    def __init__(self, *, max_batch: int = 256, timeout: float = 10.0, keys: MacKeyring | None = None,
+                 read_only: bool = False) -> None:
         self.max_batch = max_batch
         self.timeout = timeout
+        self.keys = keys  # the MAC keys: the first chains new records
+        self.read_only = read_only
         self._queue: list[_Pending] = []
         self._ready = threading.Condition()
         self._leading = False  # a thread is committing a batch right now
         self._conn: Any = None  # the leader's connection (one leader at a time)
         self.last_error: Exception | None = None  # of the last commit; None once one succeeds
+        self.last_error_at: float | None = None
+        self._probed_at = 0.0
         self.batches = 0  # committed transactions, for the metrics and the tests
         self.records = 0
 
@@ -193,7 +361,8 @@ class Store:
             yield
             conn.commit()
         except BaseException:
-            conn.rollback()
+            with contextlib.suppress(Exception):
+                conn.rollback()
             raise
         finally:
             self._end_exclusive()
@@ -201,71 +370,138 @@ class Store:
     def _schema(self) -> Sequence[str]:
         raise NotImplementedError
 
+    def _has_table(self, conn: Any, name: str) -> bool:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """A connection for reading; whatever the database says becomes a LogError (so the
+        service answers 503, and the audit commands exit 2 saying what could not be read)."""
+        conn = None
+        try:
+            conn = self._connect()
+            yield conn
+        except LogError:
+            raise
+        except Exception as exc:
+            raise LogError(f"the decision log cannot be read: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if conn is not None:
+                self._close_quietly(conn)
+
+    def check_readable(self) -> None:
+        """MissingTableError if there is no log here (a read-only store never makes one)."""
+        with self._reading() as conn:
+            if not self._has_table(conn, "decisions"):
+                raise MissingTableError(f"{self!r} holds no decision log (no 'decisions' table)")
+
     # --- writing --------------------------------------------------------------------------------
     def write(self, record: LogRecord) -> LogRecord:
         """Queue the record and wait until its transaction has committed."""
         return self.write_many([record])[0]
 
     def write_many(self, records: Sequence[LogRecord]) -> list[LogRecord]:
-        """Queue records (one decision, or a batch's) and return once all have committed.
+        """Queue records (one decision, or a batch's) and return once all have committed; they
+        commit together or not at all.
 
         Group commit, leader and followers: the first waiting thread commits everything queued
         in one transaction, the others wait for it; there is no extra thread to hand over to.
         """
-        pendings = [_Pending(r) for r in records]
+        if self.read_only:
+            raise LogError("this decision log was opened read-only")
+        pending = _Pending(records)
         deadline = time.monotonic() + self.timeout
         with self._ready:
-            self._queue.extend(pendings)
+            self._queue.append(pending)
         while True:
             with self._ready:
-                while not all(p.done for p in pendings) and self._leading:
+                while not pending.done and self._leading:
                     if not self._ready.wait(max(0.0, deadline - time.monotonic())):
                         # Take back what no leader has taken yet: it will not be committed
-                        # after its caller was told it failed. (A batch already being
+                        # after its caller was told it failed. (A group already being
                         # committed cannot be taken back; it is committed or not as a whole.)
-                        self._queue = [p for p in self._queue if p not in pendings]
+                        self._queue = [p for p in self._queue if p is not pending]
                         raise LogError("the decision log did not commit in time")
-                if all(p.done for p in pendings):
+                if pending.done:
                     break
                 self._leading = True
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                group, self._queue = self._take(self._queue)
             try:
-                self._commit(batch)
+                self._commit(group)
             finally:
                 with self._ready:
                     self._leading = False
                     self._ready.notify_all()
-        failed = next((p.error for p in pendings if p.error is not None), None)
-        if failed is not None:
-            raise LogError(f"the decision log could not commit: {failed}") from failed
-        return [p.result for p in pendings if p.result is not None]
+        if pending.error is not None:
+            raise LogError(f"the decision log could not commit: {pending.error}") from pending.error
+        return pending.results or []
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        """As the leader: one transaction for the batch; every waiter hears how it went. If the
-        group fails, each record is tried alone, so that one bad record does not sink the rest."""
-        groups = [batch]
-        while groups:
-            group = groups.pop(0)
+    def _take(self, queue: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """Whole callers, up to max_batch records (at least one caller)."""
+        count = 0
+        for index, pending in enumerate(queue):
+            count += len(pending.records)
+            if count > self.max_batch and index > 0:
+                return queue[:index], queue[index:]
+        return queue, []
+
+    def _commit(self, group: list[_Pending]) -> None:
+        """As the leader: one transaction for the group; every waiter hears how it went. If the
+        group fails, each caller's records are tried alone, so that one bad record does not
+        sink the others, and never commits part of its own caller's."""
+        tries = [group]
+        while tries:
+            attempt = tries.pop(0)
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                results = self._append(self._conn, [p.record for p in group])
+                results = self._append(self._conn, [r for p in attempt for r in p.records])
             except Exception as exc:
                 if self._conn is not None:
                     self._close_quietly(self._conn)
                 self._conn = None  # the next try reconnects
-                if len(group) > 1:
-                    groups[:0] = [[pending] for pending in group]
+                if len(attempt) > 1:
+                    tries[:0] = [[pending] for pending in attempt]
                     continue
-                self.last_error = exc
-                group[0].error = exc
+                self._failed(exc)
+                attempt[0].error = exc
                 continue
             self.last_error = None
-            for pending, result in zip(group, results, strict=True):
-                pending.result = result
+            start = 0
+            for pending in attempt:
+                pending.results = results[start:start + len(pending.records)]
+                start += len(pending.records)
         with self._ready:
-            for pending in batch:
+            for pending in group:
                 pending.done = True
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error, self.last_error_at = exc, time.monotonic()
+
+    def commits_ok(self, probe_every: float = 1.0) -> bool:
+        """Readiness from the commits themselves: True if the last one went through. After a
+        failure, a real commit (one row of `log_probe`) is tried at most every `probe_every`
+        seconds, so that the service becomes ready again once the database takes writes,
+        even while no traffic comes to prove it."""
+        if self.last_error is None:
+            return True
+        now = time.monotonic()
+        if now - self._probed_at < probe_every:
+            return False
+        self._probed_at = now
+        try:
+            conn = self._connect()
+            try:
+                with self._exclusive(conn):
+                    conn.execute(f"UPDATE log_probe SET probed_at = {self.placeholder} WHERE id = 1",
+                                 (log_time(datetime.now(UTC)),))
+            finally:
+                self._close_quietly(conn)
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        self.last_error = None
+        return True
 
     # --- policy contents, kept by digest so that any past decision can be replayed --------------
     def save_policy(self, digest: str, version: str, files: dict[str, str]) -> None:
@@ -287,14 +523,21 @@ class Store:
             conn.close()
 
     def policy(self, digest: str) -> tuple[str, dict[str, str]] | None:
-        """(version, {file name: text}) of a policy version ever served, by its digest."""
-        conn = self._connect()
-        try:
+        """(version, {file name: text}) of a policy version ever served, by its digest; a
+        stored row that is not that shape is a LogError naming the digest."""
+        with self._reading() as conn:
             row = conn.execute(f"SELECT version, files FROM policy_contents WHERE digest = {self.placeholder}",
                                (digest,)).fetchone()
-        finally:
-            conn.close()
-        return (row[0], json.loads(row[1])) if row else None
+        if row is None:
+            return None
+        try:
+            files = parse_cell(row[1]) if isinstance(row[1], str) else None
+        except ValueError:
+            files = None
+        if not isinstance(row[0], str) or not isinstance(files, dict) or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise LogError(f"the stored policy content {digest} cannot be read (not a version and its files)")
+        return row[0], files
 
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
         """One transaction: read the chain's head, chain the records on, commit."""
@@ -304,7 +547,7 @@ class Store:
             chained = []
             for record in records:
                 seq += 1
-                record = record.chained(seq, prev)
+                record = record.chained(seq, prev, self.keys)
                 prev = record.hash
                 chained.append(record)
             marks = ", ".join([self.placeholder] * len(COLUMNS))
@@ -332,24 +575,22 @@ class Store:
                 self._conn = None
 
     # --- reading --------------------------------------------------------------------------------
-    def _record(self, row: Sequence[Any]) -> LogRecord:
-        values = dict(zip(COLUMNS, row, strict=True))
-        values["request_text"], values["response_text"] = values["request"], values["response"]
-        values["request"] = json.loads(values["request"])
-        values["response"] = json.loads(values["response"])
-        return LogRecord(**values)
-
     def get(self, decision_id: str) -> LogRecord | None:
-        conn = self._connect()
-        try:
+        """One record; BrokenRecordError if it is stored but cannot be read."""
+        with self._reading() as conn:
             row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE decision_id = "
                                f"{self.placeholder}", (decision_id,)).fetchone()
-        finally:
-            conn.close()
-        return self._record(row) if row else None
+        if row is None:
+            return None
+        record = record_from_row(row)
+        if isinstance(record, BrokenRecord):
+            raise BrokenRecordError(record)
+        return record
 
-    def query(self, *, limit: int | None = None, after_seq: int = 0, **filters: str | None) -> Iterator[LogRecord]:
-        """Records in chain order, filtered (since/until on logged_at; equality on the rest)."""
+    def scan(self, *, limit: int | None = None, after_seq: int = 0,
+             **filters: str | None) -> Iterator[LogRecord | BrokenRecord]:
+        """Records in chain order, filtered (since/until on logged_at; equality on the rest);
+        a row that cannot be read comes as a BrokenRecord, in its place."""
         where: list[str] = ["seq > " + self.placeholder]
         args: list[Any] = [after_seq]
         for name, value in filters.items():
@@ -366,12 +607,16 @@ class Store:
         sql = f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE {' AND '.join(where)} ORDER BY seq"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        conn = self._connect()
-        try:
+        with self._reading() as conn:
             for row in self._stream(conn, sql, tuple(args)):
-                yield self._record(row)
-        finally:
-            conn.close()
+                yield record_from_row(row)
+
+    def query(self, *, limit: int | None = None, after_seq: int = 0, **filters: str | None) -> Iterator[LogRecord]:
+        """As `scan`, but a record that cannot be read is a BrokenRecordError."""
+        for item in self.scan(limit=limit, after_seq=after_seq, **filters):
+            if isinstance(item, BrokenRecord):
+                raise BrokenRecordError(item)
+            yield item
 
     def requests(self, since: str | None = None, until: str | None = None) -> Iterator[str]:
         """Every decided request as JSON text, in log order, streamed (for impact). A request
@@ -384,50 +629,43 @@ class Store:
         if until is not None:
             sql += f" AND logged_at < {self.placeholder}"
             args.append(log_time(until))
-        conn = self._connect()
-        try:
+        with self._reading() as conn:
             for text, response in self._stream(conn, sql + " ORDER BY seq", tuple(args)):
-                judged_at = None if '"at":' in text else json.loads(response).get("at")
+                if not isinstance(text, str) or not isinstance(response, str):
+                    continue  # `log verify` names such a record; impact judges what it can read
+                judged_at = None if '"at":' in text else _answered_at(response)
                 # (canonical JSON: only the top-level field is named exactly "at")
                 yield text if judged_at is None else canonical({**json.loads(text), "at": judged_at})
-        finally:
-            conn.close()
 
-    def tail(self, count: int) -> list[LogRecord]:
-        conn = self._connect()
-        try:
+    def tail(self, count: int) -> list[LogRecord | BrokenRecord]:
+        with self._reading() as conn:
             rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM decisions ORDER BY seq DESC LIMIT "
                                 f"{int(count)}").fetchall()
-        finally:
-            conn.close()
-        return [self._record(r) for r in reversed(rows)]
+        return [record_from_row(r) for r in reversed(rows)]
 
-    def verify(self, records: Iterable[LogRecord] | None = None) -> Breach | None:
-        """Walk the chain; the first record altered, removed or inserted, or None if it holds.
+    def hash_at(self, seq: int) -> str | None:
+        """The stored hash of record `seq` (None if there is none)."""
+        with self._reading() as conn:
+            row = conn.execute(f"SELECT hash FROM decisions WHERE seq = {self.placeholder}", (seq,)).fetchone()
+        return str(row[0]) if row else None
+
+    def verify(self, records: Iterable[LogRecord | BrokenRecord] | None = None) -> Breach | None:
+        """Walk the chain; the first record altered, removed, inserted or unreadable, or None.
 
         Without `records`, the whole log from its first record, which must be record 1 on the
         genesis hash; with them (say the tail), from wherever they start. Records removed from
-        the very end leave no trace in the chain: keep the head (`/readyz` shows it) to know.
+        the very end leave no trace in the chain: checkpoints (engine.logcheck) find them.
         """
-        whole = records is None
-        expected_seq: int | None = 1 if whole else None
-        prev: str | None = GENESIS if whole else None
-        for record in records if records is not None else self.query():
-            if expected_seq is None:
-                expected_seq, prev = record.seq, record.prev_hash
-            if record.seq != expected_seq:
-                return Breach(expected_seq, None, f"record {expected_seq} is missing (the next is {record.seq})")
-            if record.prev_hash != prev:
-                return Breach(record.seq, record.decision_id,
-                              "its previous-hash does not match the record before it (removed or inserted)")
-            if record_hash(record.content(), record.prev_hash) != record.hash:
-                return Breach(record.seq, record.decision_id, "its content does not match its hash (altered)")
-            expected_seq, prev = record.seq + 1, record.hash
+        verifier = ChainVerifier(self.keys, from_first_seen=records is not None)
+        for record in records if records is not None else self.scan():
+            breach = verifier.feed(record)
+            if breach is not None:
+                return breach
         return None
 
     def writable(self) -> bool:
         """Can the log take writes: the database answers and accepts writes. No lock is taken,
-        so that readiness never waits on a commit (`last_error` tells how the last one went)."""
+        so that readiness never waits on a commit (`commits_ok` tells how the last one went)."""
         try:
             conn = self._connect()
             try:
@@ -447,8 +685,9 @@ class Store:
 
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record: (0, genesis) for an empty log."""
-        last = self.tail(1)
-        return (last[0].seq, last[0].hash) if last else (0, GENESIS)
+        with self._reading() as conn:
+            row = conn.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def init(self) -> None:
         """Create the tables if need be; the workers of a service all do it at once, so under the
@@ -458,8 +697,19 @@ class Store:
             with self._exclusive(conn):
                 for statement in self._schema():
                     conn.execute(statement)
+                if conn.execute("SELECT 1 FROM log_probe WHERE id = 1").fetchone() is None:
+                    conn.execute(f"INSERT INTO log_probe (id, probed_at) VALUES (1, {self.placeholder})",
+                                 (log_time(datetime.now(UTC)),))
         finally:
             conn.close()
+
+
+def _answered_at(response: str) -> Any:
+    try:
+        body = parse_cell(response)
+    except ValueError:
+        return None
+    return body.get("at") if isinstance(body, dict) else None
 
 
 # Each index costs every write: time, shop and account (the auditors' lookups) are indexed;
@@ -471,6 +721,9 @@ _INDEXES = [f"CREATE INDEX IF NOT EXISTS decisions_{c} ON decisions ({c})"
 _POLICY_TABLE = """CREATE TABLE IF NOT EXISTS policy_contents (
     digest TEXT PRIMARY KEY, version TEXT NOT NULL, files TEXT NOT NULL, first_served TEXT NOT NULL)"""
 
+# One row, rewritten when readiness must know whether a commit goes through (disk full...).
+_PROBE_TABLE = "CREATE TABLE IF NOT EXISTS log_probe (id INTEGER PRIMARY KEY, probed_at TEXT NOT NULL)"
+
 
 def _tables(big_int: str) -> list[str]:
     """The log's tables and indexes; the stores differ only in the name of a 64-bit integer."""
@@ -479,28 +732,68 @@ def _tables(big_int: str) -> list[str]:
         outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
         shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
         duration_us {big_int} NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE]
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE, _PROBE_TABLE]
 
 
 class SQLiteStore(Store):
-    """The embedded default: one SQLite file in WAL mode (survives a killed process)."""
+    """The embedded default: one SQLite file in WAL mode (survives a killed process).
+
+    Read-only (the audit commands): opened with `mode=ro`, no lock file, no table made; a log
+    on a read-only snapshot (a copy without its `-shm`, a read-only folder) is opened immutable.
+    """
 
     def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
+        self._immutable = False
+        if self.read_only:
+            if not self.path.is_file():
+                raise MissingTableError(f"no decision log at {self.path}")
+            self._immutable = not self._plain_read_only_works()
+            self.check_readable()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Writers of every process take this lock before SQLite's: the kernel hands it over at
         # once, where SQLite's own busy handler would sleep and poll.
         self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115
         self.init()
 
+    def _plain_read_only_works(self) -> bool:
+        """`mode=ro` needs the WAL index (`-shm`) or a folder it may create it in; a snapshot
+        on read-only media has neither, and is read as immutable instead."""
+        shm = self.path.with_name(self.path.name + "-shm")
+        return (shm.exists() and os.access(shm, os.R_OK | os.W_OK)) or os.access(self.path.parent, os.W_OK)
+
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            mode = "immutable=1" if self._immutable else "mode=ro"
+            conn = sqlite3.connect(f"file:{self.path}?{mode}", uri=True, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            conn.text_factory = _lenient_text  # a cell that is not UTF-8 is named, not a crash
+            return _SQLiteConnection(conn)  # type: ignore[return-value]
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn.text_factory = _lenient_text
+        # WAL is a property of the file, set once by `init` under the lock: setting it on every
+        # connection made two workers starting on a fresh file fail with "database is locked".
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=30000")
         return _SQLiteConnection(conn)  # type: ignore[return-value]
+
+    def init(self) -> None:
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        try:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                conn.execute("PRAGMA busy_timeout=30000")
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+            finally:
+                conn.close()
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        super().init()
 
     def _begin_exclusive(self, conn: Any) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
@@ -513,6 +806,10 @@ class SQLiteStore(Store):
     def _end_exclusive(self) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
+    def _has_table(self, conn: Any, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (name,)).fetchone() is not None
+
     def _accepts_writes(self, conn: Any) -> bool:
         conn.execute("SELECT 1 FROM decisions LIMIT 1").fetchone()
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
@@ -522,6 +819,10 @@ class SQLiteStore(Store):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path})"
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 class _SQLiteConnection:
@@ -557,15 +858,25 @@ class PostgresStore(Store):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.url = url
-        self.init()
+        if self.read_only:
+            self.check_readable()
+        else:
+            self.init()
 
     def _connect(self) -> Any:
         import psycopg
 
-        return psycopg.connect(self.url, autocommit=False)
+        conn = psycopg.connect(self.url, autocommit=False)
+        if self.read_only:
+            conn.read_only = True
+        return conn
 
     def _begin_exclusive(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
+
+    def _has_table(self, conn: Any, name: str) -> bool:
+        row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+        return bool(row) and row[0] is not None
 
     def _accepts_writes(self, conn: Any) -> bool:
         row = conn.execute("SHOW transaction_read_only").fetchone()
@@ -581,23 +892,24 @@ class PostgresStore(Store):
         return _tables("BIGINT")
 
     def __repr__(self) -> str:
-        return "PostgresStore(" + self.url.split("@")[-1] + ")"
+        return "PostgresStore(" + self.url.split("@")[-1].split("?")[0] + ")"
 
 
 SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, read_only: bool = False, keys: MacKeyring | None = None) -> Store:
     """`sqlite:///path/to/file.db` (or a plain path) or `postgresql://...`.
 
     For SQLite, BINDPOLICY_SQLITE_SYNCHRONOUS picks NORMAL (the default: survives a killed
-    process), FULL or EXTRA (survive power loss too, an fsync per group commit).
+    process), FULL or EXTRA (survive power loss too, an fsync per group commit). `read_only`
+    (the audit commands) creates nothing and fails with MissingTableError where there is no log.
     """
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
+        return PostgresStore(url, read_only=read_only, keys=keys)
     if "://" in url and not url.startswith("sqlite:///"):
         raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://")
     synchronous = os.environ.get("BINDPOLICY_SQLITE_SYNCHRONOUS", "NORMAL").upper()
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"BINDPOLICY_SQLITE_SYNCHRONOUS must be one of {', '.join(SYNCHRONOUS)}")
-    return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
+    return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=synchronous, read_only=read_only, keys=keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,8 @@ from engine.sources import ArchiveSource, PolicySource, UnknownDigestError
 from engine.versions import parse_timestamp
 
 REPRODUCED, DIFFERENT, CANNOT = "reproduced", "different", "cannot_replay"
+BROKEN = "broken"  # the record, or the policy content it names, fails its integrity check (exit 1)
+NOTHING = "nothing_to_replay"  # a rejection whose body was never kept (413, 415): said so, exit 0
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\.ya?ml")
 REPLAY_MAX_LIST_ITEMS = 1_000_000
 
@@ -60,10 +63,16 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
         return _replay_rejection(store, record)
     try:
         source = ArchiveSource(store, digest or "")
+    except UnicodeEncodeError:
+        return ReplayResult(BROKEN, record.decision_id, [], f"the stored policy content {digest} is not valid "
+                            "text (altered)", digest)
     except UnknownDigestError:
         return ReplayResult(CANNOT, record.decision_id, [], f"the policy content {digest} is not in the log",
                             digest)
     version = source.version
+    if content_digest(source.files) != digest:  # checked before any of it is parsed
+        return ReplayResult(BROKEN, record.decision_id, [], f"the stored policy content {digest} does not match "
+                            "its digest (altered); it was not parsed", digest)
     unsafe = [name for name in source.files if not SAFE_NAME.fullmatch(name)]
     if unsafe:  # the stored names are not under the chain's protection: only policy files are read
         return ReplayResult(CANNOT, record.decision_id, [], f"stored file names are not policy files: {unsafe}",
@@ -74,7 +83,13 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
         return ReplayResult(CANNOT, record.decision_id, [], "the stored content does not rebuild that version",
                             digest)
     request = record.request
-    now = parse_timestamp(response["at"])
+    if not isinstance(request, dict) or not isinstance(response.get("at"), str):
+        return ReplayResult(BROKEN, record.decision_id, [], "the logged request or response is not the shape "
+                            "of a decision", digest)
+    try:
+        now = parse_timestamp(response["at"])
+    except ValueError:
+        return ReplayResult(BROKEN, record.decision_id, [], "the logged response's time is not a timestamp", digest)
     try:
         decision = engine.decide({**request, "policy_version": version} if "policy_version" not in request
                                  else request, now=now, decision_id=record.decision_id, explain="explain" in response,
@@ -91,18 +106,67 @@ def replay_record(store: Store, record: LogRecord) -> ReplayResult:
                         "" if not differences else f"{len(differences)} difference(s)", digest)
 
 
-def _replay_rejection(store: Store, record: LogRecord) -> ReplayResult:
-    """A rejection holds no digest: judge it again with the content in force when it was logged."""
-    from engine.request import check_request
+def content_digest(files: dict[str, bytes]) -> str:
+    """A policy version's digest from its stored files: the loader's formula (names and bytes,
+    sorted), so stored content is checked before anything parses it."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + files[name] + b"\0")
+    return f"sha256:{digest.hexdigest()}"
 
+
+def _replay_rejection(store: Store, record: LogRecord) -> ReplayResult:
+    """A rejection is replayed for what it is: the body's framing (too large, not JSON, not
+    JSON at all), a batch's shape, or the request's contract."""
+    from engine.request import check_request, parse_json
+
+    response = record.response if isinstance(record.response, dict) else {}
+    error: dict[str, Any] = response["error"] if isinstance(response.get("error"), dict) else {}
+    code, message = error.get("code"), str(error.get("message", ""))
+    details = error.get("details") if isinstance(error.get("details"), list) else []
+
+    def judged(again: dict[str, Any] | None, what: str) -> ReplayResult:
+        if again is None:
+            return ReplayResult(DIFFERENT, record.decision_id, [{"path": "/error", "logged": error,
+                                                                 "replayed": None}], f"{what}: now accepted")
+        differences = _differences({k: error.get(k) for k in again}, again)
+        return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
+                            f"{what}: " + ("the same rejection" if not differences else
+                                           f"{len(differences)} difference(s)"))
+
+    if record.status in (413, 415) and record.request is None:
+        return ReplayResult(NOTHING, record.decision_id, [], f"a {record.status} rejection ({code}): the body was "
+                            "not kept, so there is nothing to decide again")
+    if code == "batch_too_large" or (message.startswith("a batch") and details
+                                     and isinstance(details[0], dict) and details[0].get("path") == "/requests"):
+        return judged(_batch_problem(record.request, message), "a whole-batch rejection")
+    if isinstance(record.request, str):  # the body as received, when it was not JSON
+        try:
+            parse_json(record.request.encode("utf-8", "surrogateescape"))
+        except RequestError as exc:
+            return judged({"code": exc.code, "details": [d.to_dict() for d in exc.details]}, "a body that is not JSON")
+        return judged(None, "a body that was not JSON")
     try:
         check_request(record.request)
     except RequestError as exc:
         again = {**exc.to_dict(), "decision_id": record.decision_id}
-        differences = _differences(record.response, again) if isinstance(record.request, dict) else []
-        return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences)
+        differences = _differences(record.response, again)
+        return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
+                            "a request refused by the contract")
     return ReplayResult(CANNOT, record.decision_id, [], "the rejection came after the schema check; "
                         "its policy content is not recorded")
+
+
+def _batch_problem(raw: Any, message: str) -> dict[str, Any] | None:
+    """The whole-batch checks of POST /v1/decisions/batch, again: its shape, then its size
+    (the limit in force then is the one its message names)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
+        return {"code": "invalid_request"}
+    limit = re.search(r"at most ([0-9]+)", message)
+    if limit and len(raw["requests"]) > int(limit.group(1)):
+        return {"code": "batch_too_large", "details": [{"path": "/requests",
+                                                        "problem": f"has {len(raw['requests'])} requests"}]}
+    return None
 
 
 def _engine(source: PolicySource, runtime: str) -> Engine:

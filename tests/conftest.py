@@ -72,7 +72,8 @@ def policy_copy(tmp_path: Path) -> Path:
 
 def make_app(tmp_path: Path, database_url: str, **config: Any) -> Flask:
     settings = {"POLICY_DIR": str(POLICIES), "DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": database_url,
-                "RELOAD_INTERVAL": 0, "LOG_TOKENS": "log-secret", "TESTING": True}
+                "RELOAD_INTERVAL": 0, "LOG_TOKENS": "log-secret", "TESTING": True,
+                "LOG_CHECK_INTERVAL": 0}
     settings.update(config)
     return create_app(settings)
 

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from engine.cli import main
 from engine.decider import Engine
-from engine.decisionlog import new_record, open_store
+from engine.decisionlog import LogError, _Pending, new_record, open_store
 from engine.loader import load_policies
 
 from .conftest import NOW, POLICIES, VERSION_V1, WriteFiles, bind_request, make_app
@@ -137,21 +137,31 @@ def test_the_whole_chain_must_start_at_genesis(tmp_path: Path) -> None:
     assert store.verify(store.tail(2)) is None  # the tail alone is consistent: that is why the head is shown
 
 
-def test_one_bad_record_does_not_sink_its_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_bad_caller_does_not_sink_its_group_and_a_batch_commits_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'log.db'}")
     real = store._append
 
     def refuse_poison(conn: Any, records: list[Any]) -> Any:
-        if any(r.decision_id == "poison" for r in records):
+        if any(r.decision_id.startswith("poison") for r in records):
             raise ValueError("cannot store this one")
         return real(conn, records)
 
+    def record(decision_id: str) -> Any:
+        return new_record(decision_id=decision_id, outcome="decided", status=200, request={}, response={},
+                          duration_us=1)
+
     monkeypatch.setattr(store, "_append", refuse_poison)
-    records = [new_record(decision_id=i, outcome="decided", status=200, request={}, response={}, duration_us=1)
-               for i in ("a", "poison", "b")]
-    with pytest.raises(Exception, match="cannot store this one"):
-        store.write_many(records)
-    assert [r.decision_id for r in store.query()] == ["a", "b"]
+    # Three callers committed as one group: the poisoned one fails alone; a two-record batch stays whole.
+    callers = [_Pending([record("a")]), _Pending([record("poison-1")]), _Pending([record("b"), record("c")])]
+    store._commit(callers)
+    assert [c.error is None for c in callers] == [True, False, True]
+    assert [r.decision_id for r in store.query()] == ["a", "b", "c"]
+    # One caller's batch with one record the store refuses: none of it is committed (never logged
+    # but unanswered).
+    with pytest.raises(LogError, match="cannot store this one"):
+        store.write_many([record("d"), record("poison-2"), record("e")])
+    assert [r.decision_id for r in store.query()] == ["a", "b", "c"]
     assert store.verify() is None
 
 

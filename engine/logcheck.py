@@ -1,0 +1,340 @@
+"""Checking the decision log as evidence: the auditor's full verification, the service's
+incremental watch, and inclusion proofs of one decision against a signed checkpoint.
+
+- `verify_log` walks every record (links, hashes or MACs) and compares the Merkle tree at each
+  checkpoint's size with the signed root: a record rewritten, removed or inserted, the end cut
+  off, or a checkpoint altered, is named.
+- `LogWatch` runs in each worker: every few seconds it checks the records written since, the
+  last records and a rolling window of older ones again, and that the records it verified are
+  still there; it writes a signed checkpoint at the configured interval.
+- `prove` and `verify_proof`: RFC 6962 inclusion proofs, checked with the public key only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from engine.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    latest_valid,
+    make_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
+from engine.decisionlog import COLUMNS, GENESIS, Breach, BrokenRecord, ChainVerifier, LogError, Store, canonical
+from engine.logkeys import public_key_id
+from engine.merkle import Frontier, inclusion_proof, leaf_hash, root_of, verify_inclusion
+
+log = logging.getLogger("bindpolicy.log")
+
+PROOF_FORMAT = "bindpolicy-inclusion-proof/1"
+_NOT_META = ("request", "response", "prev_hash", "hash")
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0
+    breach: Breach | None = None
+    problems: list[str] = field(default_factory=list)  # integrity failures beside the chain (exit 1)
+    unreadable: list[str] = field(default_factory=list)  # what could not be read or checked (exit 2)
+    keyed: int = 0
+    unkeyed: int = 0
+    unchecked: int = 0  # keyed records whose MAC was not checked (no key given)
+    checkpoints: int = 0
+    latest: Checkpoint | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.breach or self.problems else 2 if self.unreadable else 0
+
+    def describe(self) -> str:
+        lines = []
+        if self.breach is not None:
+            lines.append(f"BROKEN at {self.breach.describe()}")
+        lines += [f"BROKEN: {p}" for p in self.problems]
+        lines += [f"cannot check: {u}" for u in self.unreadable]
+        if self.breach is None and not self.problems:
+            kinds = []
+            if self.keyed:
+                kinds.append(f"{self.keyed} with a keyed MAC" + (f" ({self.unchecked} not checked: no MAC key "
+                                                                  "given)" if self.unchecked else ""))
+            if self.unkeyed:
+                kinds.append(f"{self.unkeyed} in the older unkeyed format (plain SHA-256: anyone could re-make "
+                             "them; only checkpoints protect them)")
+            head = f"ok: the chain holds over {self.records} records"
+            lines.insert(0, head + (f" ({'; '.join(kinds)})" if kinds else ""))
+            if self.latest is not None:
+                lines.append(f"checkpoints: {self.checkpoints} verified; the latest covers records "
+                             f"1..{self.latest.tree_size}, written {self.latest.written_at} (key "
+                             f"{self.latest.key_id}); records after it are protected by the chain only")
+            else:
+                lines.append("checkpoints: none (records removed from the very end would leave no trace)")
+        return "\n".join(lines) + "\n"
+
+
+def verify_log(store: Store, checkpoint_dir: Path | str | None,
+               public_keys: dict[str, Ed25519PublicKey]) -> VerifyReport:
+    """Every record and every checkpoint; never raises for what it reads (LogError if the
+    database itself cannot be read)."""
+    report = VerifyReport()
+    pending: list[Checkpoint] = []
+    for path in checkpoint_files(checkpoint_dir) if checkpoint_dir else []:
+        try:
+            checkpoint = read_checkpoint(path)
+        except CheckpointError as exc:
+            report.unreadable.append(str(exc))
+            continue
+        if public_keys:
+            problem = checkpoint.verify(public_keys)
+            if problem is not None:
+                report.problems.append(f"checkpoint {path.name}: {problem}")
+                continue
+        elif checkpoint.frontier_state() is None:
+            report.problems.append(f"checkpoint {path.name}: its Merkle frontier does not fold to its root")
+            continue
+        pending.append(checkpoint)
+    if pending and not public_keys:
+        report.unreadable.append(f"{len(pending)} checkpoints found but no public key given: their signatures "
+                                 "were not checked (--public-key or BINDPOLICY_CHECKPOINT_PUBLIC_KEYS)")
+    pending.sort(key=lambda c: c.tree_size)
+    verifier = ChainVerifier(store.keys)
+    for item in store.scan():
+        breach = verifier.feed(item)
+        if breach is not None:
+            report.breach = breach
+            break
+        while pending and pending[0].tree_size <= verifier.seq:
+            _compare(pending.pop(0), verifier, report)
+    report.records = verifier.seq
+    report.keyed, report.unkeyed, report.unchecked = verifier.keyed, verifier.unkeyed, verifier.unchecked
+    if report.breach is None:
+        for checkpoint in pending:
+            if checkpoint.tree_size > verifier.seq:
+                report.problems.append(
+                    f"checkpoint {_name(checkpoint)} covers {checkpoint.tree_size} records but the log ends at "
+                    f"record {verifier.seq}: records were removed from the end (truncated)")
+    return report
+
+
+def _compare(checkpoint: Checkpoint, verifier: ChainVerifier, report: VerifyReport) -> None:
+    assert verifier.frontier is not None
+    if checkpoint.tree_size == 0:
+        return
+    if verifier.frontier.root().hex() != checkpoint.root or verifier.prev_hash != checkpoint.head_hash:
+        report.problems.append(
+            f"checkpoint {_name(checkpoint)}: records 1..{checkpoint.tree_size} no longer give its signed Merkle "
+            "root and head (records before it were rewritten, removed or inserted)")
+        return
+    report.checkpoints += 1
+    report.latest = checkpoint
+
+
+def _name(checkpoint: Checkpoint) -> str:
+    return checkpoint.path.name if checkpoint.path else f"of {checkpoint.tree_size} records"
+
+
+class LogWatch:
+    """The running service's check of its own log, a step every `interval` seconds.
+
+    A breach found stays until the service restarts (readiness shows it); a database that
+    cannot be read is no breach (the commits say whether the log is usable).
+    """
+
+    CHUNK = 20_000  # new records read in one step (a log met for the first time takes a few)
+
+    def __init__(self, store: Store, *, interval: float = 5.0, tail: int = 1000, window: int = 1000,
+                 signing_key: Ed25519PrivateKey | None = None, checkpoint_dir: Path | None = None,
+                 checkpoint_interval: float = 60.0,
+                 on_breach: Callable[[Breach], None] | None = None) -> None:
+        self.store = store
+        self.interval, self.tail, self.window = interval, tail, window
+        self.signing_key = signing_key
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_interval = checkpoint_interval
+        self.on_breach = on_breach
+        self.breach: Breach | None = None
+        self.read_error: str | None = None
+        self.verified_seq, self.verified_hash = 0, GENESIS
+        self.frontier: Frontier | None = None
+        self.last_checkpoint: Checkpoint | None = None
+        self._last_checkpoint_at = 0.0
+        self._cursor = 0  # where the rolling window starts next
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- start ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """At service start: the tail of the chain, then where the tree goes on from."""
+        self._found(self.store.verify(self.store.tail(self.tail)))
+        if self.signing_key is not None and self.checkpoint_dir is not None:
+            own = {public_key_id(self.signing_key.public_key()): self.signing_key.public_key()}
+            checkpoint = latest_valid(self.checkpoint_dir, own)
+            if checkpoint is not None and (state := checkpoint.frontier_state()) is not None:
+                self.frontier, self.last_checkpoint = state, checkpoint
+                self.verified_seq, self.verified_hash = checkpoint.tree_size, checkpoint.head_hash
+            else:
+                self.frontier = Frontier()  # built from the first record, in the background
+        else:  # no tree to build: go on from the head, whose tail was just checked
+            self.verified_seq, self.verified_hash = self.store.head()
+
+    def ensure_running(self) -> None:
+        """Start the watcher in this process (after a fork, threads do not survive)."""
+        if self.interval <= 0 or (self._thread is not None and self._thread.is_alive()):
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="log-watch", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.step()
+            except Exception:  # never let the watcher die
+                log.exception("decision log watcher error")
+
+    # --- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        with self._lock:
+            try:
+                self._step()
+                self.read_error = None
+            except LogError as exc:
+                self.read_error = str(exc)
+
+    def _step(self) -> None:
+        if self.breach is not None:
+            return
+        if self.verified_seq and self.store.hash_at(self.verified_seq) != self.verified_hash:
+            gone = self.store.hash_at(self.verified_seq) is None
+            self._found(Breach(self.verified_seq, None, "verified earlier, it is now " + (
+                "gone: records were removed from the end (truncated)" if gone else "rewritten")))
+            return
+        verifier = ChainVerifier(self.store.keys, seq=self.verified_seq, prev_hash=self.verified_hash,
+                                 frontier=self.frontier)
+        for item in self.store.scan(after_seq=self.verified_seq, limit=self.CHUNK):
+            if self._found(verifier.feed(item)):
+                return
+        self.verified_seq, self.verified_hash = verifier.seq, verifier.prev_hash
+        if self._found(self.store.verify(self.store.tail(self.tail))):
+            return
+        window = list(self.store.scan(after_seq=self._cursor, limit=self.window))
+        self._cursor = 0 if len(window) < self.window else self._cursor + self.window
+        if self._found(self.store.verify(window) if window else None):
+            return
+        self._maybe_checkpoint()
+
+    def _found(self, breach: Breach | None) -> bool:
+        if breach is None:
+            return False
+        self.breach = breach
+        log.error("decision log chain broken", extra={"event": "chain_broken", "seq": breach.seq,
+                                                      "decision_id": breach.decision_id, "problem": breach.problem})
+        if self.on_breach is not None:
+            self.on_breach(breach)
+        return True
+
+    def _maybe_checkpoint(self) -> None:
+        if self.signing_key is None or self.checkpoint_dir is None or self.frontier is None:
+            return
+        if self.frontier.size != self.verified_seq or self.verified_seq == 0:
+            return
+        if self.store.head()[0] != self.verified_seq and time.monotonic() - self._last_checkpoint_at < 5 * \
+                self.checkpoint_interval:
+            return  # still catching up with the log (or it grows too fast): checkpoint once caught up
+        if time.monotonic() - self._last_checkpoint_at < self.checkpoint_interval:
+            return
+        if self.last_checkpoint is not None and self.last_checkpoint.tree_size >= self.verified_seq:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.checkpoint_dir / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the workers of a service take turns
+            newest = checkpoint_files(self.checkpoint_dir)[-1:]
+            if newest and time.time() - newest[0].stat().st_mtime < self.checkpoint_interval and \
+                    int(newest[0].name[11:23]) >= self.verified_seq - 1:
+                self._last_checkpoint_at = time.monotonic()  # another worker just wrote one
+                return
+            checkpoint = make_checkpoint(self.frontier, self.verified_hash, self.signing_key)
+            write_checkpoint(self.checkpoint_dir, checkpoint)
+        self.last_checkpoint, self._last_checkpoint_at = checkpoint, time.monotonic()
+        log.info("decision log checkpoint written", extra={
+            "event": "checkpoint", "tree_size": checkpoint.tree_size, "root": checkpoint.root})
+
+
+# --- inclusion proofs ---------------------------------------------------------------------------
+class ProofError(Exception):
+    """A proof that cannot be made or checked; `code` is the exit code (1 broken, 2 unreadable)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def prove(store: Store, decision_id: str, checkpoint_dir: Path | str,
+          public_keys: dict[str, Ed25519PublicKey]) -> dict[str, Any]:
+    """An inclusion proof of one decision against the newest signed checkpoint that covers it."""
+    record = store.get(decision_id)
+    if record is None:
+        raise ProofError(f"no decision '{decision_id}' in the log")
+    covering = None
+    for path in reversed(checkpoint_files(checkpoint_dir)):
+        with contextlib.suppress(CheckpointError):
+            checkpoint = read_checkpoint(path)
+            if checkpoint.tree_size >= record.seq and (not public_keys or checkpoint.verify(public_keys) is None):
+                covering = checkpoint
+                break
+    if covering is None:
+        raise ProofError(f"no signed checkpoint in {checkpoint_dir} covers record {record.seq} yet; "
+                         "the service writes one every checkpoint interval")
+    leaves = []
+    for item in store.scan(limit=covering.tree_size):
+        if isinstance(item, BrokenRecord):
+            raise ProofError(f"record {item.seq} cannot be read: {item.problem}", 1)
+        leaves.append(item.leaf())
+    if len(leaves) < covering.tree_size or root_of(leaves).hex() != covering.root:
+        raise ProofError(f"the log no longer matches checkpoint {_name(covering)}: run `bindpolicy log verify`", 1)
+    meta = {name: getattr(record, name) for name in COLUMNS if name not in _NOT_META}
+    return {"format": PROOF_FORMAT, "decision_id": record.decision_id, "leaf_index": record.seq - 1,
+            "tree_size": covering.tree_size,
+            "record": {"meta": meta, "request": record.request_text, "response": record.response_text},
+            "audit_path": [h.hex() for h in inclusion_proof(leaves, record.seq - 1)],
+            "checkpoint": covering.to_dict()}
+
+
+def verify_proof(proof: Any, public_keys: dict[str, Ed25519PublicKey]) -> str:
+    """The decision the proof is about, if it holds; ProofError saying why not."""
+    try:
+        record, path = proof["record"], [bytes.fromhex(h) for h in proof["audit_path"]]
+        meta, request, response = record["meta"], record["request"], record["response"]
+        index, size = int(proof["leaf_index"]), int(proof["tree_size"])
+        fields = {k: v for k, v in proof["checkpoint"].items() if k != "format"}
+        checkpoint = Checkpoint(**{**fields, "frontier": tuple(fields["frontier"])})
+        if not isinstance(meta, dict) or not isinstance(request, str) or not isinstance(response, str):
+            raise TypeError("record")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProofError(f"not a {PROOF_FORMAT} document ({exc})") from exc
+    if not public_keys:
+        raise ProofError("no public key given to check the checkpoint's signature")
+    problem = checkpoint.verify(public_keys)
+    if problem is not None:
+        raise ProofError(f"the checkpoint: {problem}", 1)
+    if size != checkpoint.tree_size or meta.get("seq") != index + 1:
+        raise ProofError("the proof's position does not match its record and checkpoint", 1)
+    content = canonical(meta) + "\n" + request + "\n" + response
+    if not verify_inclusion(leaf_hash(content.encode("utf-8")), index, size, path, bytes.fromhex(checkpoint.root)):
+        raise ProofError(f"the record is not in the tree of {size} records that the checkpoint signs "
+                         "(the record or the path was altered)", 1)
+    return str(meta.get("decision_id"))
