@@ -26,7 +26,9 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -492,9 +494,11 @@ class Store:
         try:
             conn = self._connect()
             try:
-                with self._exclusive(conn):
-                    conn.execute(f"UPDATE log_probe SET probed_at = {self.placeholder} WHERE id = 1",
-                                 (log_time(datetime.now(UTC)),))
+                with self._exclusive(conn):  # a record's worth of new space, given back at once
+                    p = self.placeholder
+                    conn.execute(f"INSERT INTO log_probe (id, probed_at) VALUES (2, {p})", ("x" * 8192,))
+                    conn.execute("DELETE FROM log_probe WHERE id = 2")
+                    conn.execute(f"UPDATE log_probe SET probed_at = {p} WHERE id = 1", (log_time(datetime.now(UTC)),))
             finally:
                 self._close_quietly(conn)
         except Exception as exc:
@@ -738,19 +742,19 @@ def _tables(big_int: str) -> list[str]:
 class SQLiteStore(Store):
     """The embedded default: one SQLite file in WAL mode (survives a killed process).
 
-    Read-only (the audit commands): opened with `mode=ro`, no lock file, no table made; a log
-    on a read-only snapshot (a copy without its `-shm`, a read-only folder) is opened immutable.
+    Read-only (the audit commands): no lock file, no table, no `-shm` or `-wal` made beside
+    the log (see `_read_only_uri`); a read-only snapshot is read as it is.
     """
 
     def __init__(self, path: Path | str, *, synchronous: str = "NORMAL", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.path = Path(path)
         self.synchronous = synchronous
-        self._immutable = False
+        self._read_uri = ""
         if self.read_only:
             if not self.path.is_file():
                 raise MissingTableError(f"no decision log at {self.path}")
-            self._immutable = not self._plain_read_only_works()
+            self._read_uri = self._read_only_uri()
             self.check_readable()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -759,16 +763,24 @@ class SQLiteStore(Store):
         self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115
         self.init()
 
-    def _plain_read_only_works(self) -> bool:
-        """`mode=ro` needs the WAL index (`-shm`) or a folder it may create it in; a snapshot
-        on read-only media has neither, and is read as immutable instead."""
-        shm = self.path.with_name(self.path.name + "-shm")
-        return (shm.exists() and os.access(shm, os.R_OK | os.W_OK)) or os.access(self.path.parent, os.W_OK)
+    def _read_only_uri(self) -> str:
+        """How to read without creating a file beside the log (`mode=ro` alone would create the
+        WAL's `-shm` and `-wal`): a live log (both there) read-only; a log whose WAL is empty
+        or absent as immutable; a copy with a WAL but no index, from a private copy."""
+        wal, shm = (self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm"))
+        if wal.exists() and shm.exists():
+            return f"file:{self.path}?mode=ro"
+        if not wal.exists() or wal.stat().st_size == 0:
+            return f"file:{self.path}?immutable=1"
+        self._copy = tempfile.TemporaryDirectory(prefix="bindpolicy-log-")
+        copy = Path(self._copy.name) / self.path.name
+        shutil.copyfile(self.path, copy)
+        shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+        return f"file:{copy}?mode=ro"
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:
-            mode = "immutable=1" if self._immutable else "mode=ro"
-            conn = sqlite3.connect(f"file:{self.path}?{mode}", uri=True, timeout=30, isolation_level=None,
+            conn = sqlite3.connect(self._read_uri, uri=True, timeout=30, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA query_only=ON")
             conn.text_factory = _lenient_text  # a cell that is not UTF-8 is named, not a crash
