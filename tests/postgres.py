@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -37,27 +38,59 @@ def _as_owner(command: list[str]) -> list[str]:
     return command
 
 
+@dataclass
+class Cluster:
+    """A PostgreSQL server of the suite's own: its URL, and a crash and restart for the tests."""
+
+    data: Path
+    root: Path
+    port: int
+    fsync: bool
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://bindpolicy@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -h 127.0.0.1" + ("" if self.fsync else " -F -c fsync=off")
+        subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
+                                  "-w", "-t", "60", "-o", options, "start"]),
+                       check=True, capture_output=True, env=_ENV)
+        _wait(self.url)
+
+    def crash(self) -> None:
+        """Stop as a crash would: no checkpoint, so the next start replays the WAL."""
+        subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
+                       capture_output=True, check=False, env=_ENV)
+
+
+_ENV = {**os.environ, "LC_ALL": "C"}
+
+
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Yield the URL of a fresh server (trust auth on 127.0.0.1), stopped afterwards."""
+def postgres_cluster(*, fsync: bool = False) -> Iterator[Cluster]:
+    """A fresh server (trust auth on 127.0.0.1), stopped afterwards. Without `fsync` (the
+    default, for speed) a crash of the machine could lose commits; with it, a crash of the
+    server cannot."""
     root = Path(tempfile.mkdtemp(prefix="bindpolicy-pg-"))
-    data, port = root / "data", free_port()
+    cluster = Cluster(root / "data", root, free_port(), fsync)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    env = {**os.environ, "LC_ALL": "C"}
-    subprocess.run(_as_owner([_binary("initdb"), "-D", str(data), "-A", "trust", "-U", "bindpolicy",
-                              "--no-sync", "-E", "UTF8"]), check=True, capture_output=True, env=env)
-    subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-                              "-o", f"-p {port} -k {root} -h 127.0.0.1 -F -c fsync=off", "start"]),
-                   check=True, capture_output=True, env=env)
+    subprocess.run(_as_owner([_binary("initdb"), "-D", str(cluster.data), "-A", "trust", "-U", "bindpolicy",
+                              "--no-sync", "-E", "UTF8"]), check=True, capture_output=True, env=_ENV)
     try:
-        url = f"postgresql://bindpolicy@127.0.0.1:{port}/postgres"
-        _wait(url)
-        yield url
+        cluster.start()
+        yield cluster
     finally:
-        subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, check=False, env=env)
+        cluster.crash()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yield the URL of a fresh server (fsync off: the suite's shared one), stopped afterwards."""
+    with postgres_cluster() as cluster:
+        yield cluster.url
 
 
 def _wait(url: str) -> None:

@@ -176,6 +176,7 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
     assert len(answered) > 50, failures[:5]
     store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
     logged = {r.decision_id for r in store.query()}
+    print(f"\nSQLite SIGKILL: {len(answered)} answered, {len(logged)} logged, {len(set(answered) - logged)} lost")
     assert set(answered) <= logged, f"{len(set(answered) - logged)} answered decisions are not in the log"
     assert store.verify() is None
     # And the service starts again on the same log, and goes on with the chain.
@@ -185,6 +186,40 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
         assert store.verify() is None
     finally:
         again.stop()
+
+
+def test_sigkill_under_load_on_postgresql_with_fsync_on(tmp_path: Path) -> None:
+    """The same on PostgreSQL with fsync on, and the database server crashed too (an immediate
+    stop: its next start replays its WAL): every answered decision is in the log."""
+    import psycopg
+
+    from .postgres import fresh_schema, postgres_cluster
+
+    with postgres_cluster(fsync=True) as cluster:
+        with psycopg.connect(cluster.url) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("on",)
+        url = fresh_schema(cluster.url, "killed")
+        server = start_server(tmp_path, database_url=url)
+        answered: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=load, args=(server.url, answered, failures, stop)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)
+        server.stop(signal.SIGKILL)
+        cluster.crash()
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        cluster.start()
+        assert len(answered) > 50, failures[:5]
+        store = open_store(url, read_only=True)
+        logged = {r.decision_id for r in store.query()}
+        lost = set(answered) - logged
+        print(f"\nPostgreSQL (fsync on) SIGKILL: {len(answered)} answered, {len(logged)} logged, {len(lost)} lost")
+        assert not lost, f"{len(lost)} answered decisions are not in the log"
+        assert store.verify() is None
 
 
 def wait_for(probe: Any, done: Any, seconds: float = 20) -> Any:
