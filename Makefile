@@ -50,8 +50,12 @@ test-fast: lint check-policies
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest -m "not slow"
 
+# The log's keys live in keys/ (apart from data/), made once; BINDPOLICY_* set outside win.
 run: $(STAMP)
 	@echo "console: http://$${BINDPOLICY_HOST:-127.0.0.1}:$(PORT)/console/"
+	@test -f keys/log-mac.key -a -f keys/checkpoint.key || $(VENV)/bin/bindpolicy log keygen --out keys
+	BINDPOLICY_LOG_MAC_KEY_FILE=$${BINDPOLICY_LOG_MAC_KEY_FILE:-keys/log-mac.key} \
+	BINDPOLICY_CHECKPOINT_KEY_FILE=$${BINDPOLICY_CHECKPOINT_KEY_FILE:-keys/checkpoint.key} \
 	$(VENV)/bin/bindpolicy serve --policies policies --data data --port $(PORT)
 
 bench: $(STAMP)

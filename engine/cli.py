@@ -534,6 +534,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     if engine is None:
         print(f"serving the last good policy set kept in the log ({data / LAST_GOOD})", file=sys.stderr)
+    if not _say_how_the_log_is_kept(data):
+        return 1
     data.mkdir(parents=True, exist_ok=True)
     os.environ.update({
         "BINDPOLICY_POLICIES": str(args.policies), "BINDPOLICY_DATA": str(data),
@@ -552,6 +554,26 @@ def _serve(args: argparse.Namespace) -> int:
         "--log-level", "warning", "--no-access-log",  # the app writes one JSON line per request itself
         "api.asgi:app"])
     return 0  # not reached
+
+
+def _say_how_the_log_is_kept(data: Path) -> bool:
+    """Read the log's keys once before the workers do (a bad key file stops here, said once),
+    and say which keys protect the log."""
+    from engine.logkeys import KeyFileError, public_key_id, read_mac_keys, read_signing_key
+
+    mac, signing = os.environ.get("BINDPOLICY_LOG_MAC_KEY_FILE"), os.environ.get("BINDPOLICY_CHECKPOINT_KEY_FILE")
+    try:
+        keys = read_mac_keys(mac) if mac else None
+        signer = read_signing_key(signing) if signing else None
+    except KeyFileError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    folder = os.environ.get("BINDPOLICY_CHECKPOINT_DIR") or str(data / "checkpoints")
+    print("decision log: " + (f"chained with HMAC-SHA256, key {keys.current.id} ({mac})" if keys else
+                              "NOT keyed (plain SHA-256; set BINDPOLICY_LOG_MAC_KEY_FILE)") + "; " +
+          (f"checkpoints signed by Ed25519 key {public_key_id(signer.public_key())} into {folder}" if signer else
+           "no signed checkpoints (set BINDPOLICY_CHECKPOINT_KEY_FILE)"), file=sys.stderr, flush=True)
+    return True
 
 
 def _load(folder: str) -> Engine | None:

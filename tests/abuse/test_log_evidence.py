@@ -274,3 +274,20 @@ def test_chained_hash_formats() -> None:
     keys = MacKeyring((MacKey(b"k" * 32),))
     assert len(record_hash("content", "0" * 64)) == 64
     assert record_hash("content", "0" * 64, keys).startswith(f"hmac-sha256:{keys.current.id}:")
+
+
+def test_serve_refuses_a_bad_key_file_before_any_worker_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from ..conftest import POLICIES
+
+    def no_exec(*_: Any) -> None:
+        raise AssertionError("serve went on to start gunicorn")
+
+    monkeypatch.setattr(os, "execv", no_exec)
+    bad = tmp_path / "short.key"
+    bad.write_text("abcd\n")
+    monkeypatch.setenv("BINDPOLICY_LOG_MAC_KEY_FILE", str(bad))
+    assert main(["serve", "--policies", str(POLICIES), "--data", str(tmp_path / "data")]) == 1
+    assert f"{bad}:1: a MAC key has at least 32 bytes" in capsys.readouterr().err
