@@ -18,7 +18,7 @@ from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.request import parse_json
 from engine.sources import LAST_GOOD
-from engine.tester import describe, run_suites
+from engine.tester import describe, report_json, report_junit, run_suites
 
 EXIT_ALLOW, EXIT_DENY, EXIT_BAD_INPUT, EXIT_BAD_POLICY = 0, 1, 2, 3
 EXIT_EVAL_ERROR, EXIT_EVAL_CHECK = 1, 2  # `eval`: an evaluation error; a parse or check error
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--suite", action="append", type=Path, default=None, metavar="FILE",
                       help="run only this suite file (repeatable)")
     test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    test.add_argument("--format", choices=("text", "json", "junit"), default="text",
+                      help="text (default), json, or junit (JUnit XML, for CI)")
     test.set_defaults(handler=_test)
 
     decide = commands.add_parser(
@@ -609,7 +611,12 @@ def _test(args: argparse.Namespace) -> int:
     if engine is None:
         return 1
     report = run_suites(engine, Path(args.policies), args.suite)
-    print(describe(report, args.verbose))
+    if args.format == "json":
+        print(json.dumps(report_json(report), indent=2, ensure_ascii=False))
+    elif args.format == "junit":
+        print(report_junit(report), end="")
+    else:
+        print(describe(report, args.verbose))
     return 0 if report.ok else 1
 
 
@@ -725,9 +732,12 @@ def _eval(args: argparse.Namespace) -> int:
         expr, problems = CelCompiler(load_schema("request")).compile(args.expr, doc, ("expr",), version.parameters)
     except CELParseError as exc:  # compile() reports these as problems; kept as a guard
         return answer({"error": {"code": "cel_syntax", "message": str(exc)}}, EXIT_EVAL_CHECK)
-    if expr is None or problems:
-        first = problems[0] if problems else None
-        message = "; ".join(f"{p.location.line}:{p.location.column}: {p.message}" for p in problems)
+    errors = [p for p in problems if not p.is_warning]
+    for warning in (p for p in problems if p.is_warning):
+        print(f"warning: {warning.location.line}:{warning.location.column}: {warning.message}", file=sys.stderr)
+    if expr is None or errors:
+        first = errors[0] if errors else None
+        message = "; ".join(f"{p.location.line}:{p.location.column}: {p.message}" for p in errors)
         return answer({"error": {"code": first.code if first else "cel_syntax", "message": message}},
                       EXIT_EVAL_CHECK)
     activation = engine.activation(request, version, at)

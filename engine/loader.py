@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,6 +14,7 @@ from typing import Any
 
 from celpy.adapter import json_to_cel
 
+from engine.celtime import is_duration
 from engine.checker import schema_problems, validator
 from engine.compiler import CelCompiler
 from engine.errors import Location, PolicyLoadError, Problem
@@ -21,6 +23,7 @@ from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.request import presence_check
 from engine.schemas import load_schema
 from engine.sources import FolderSource, PolicySource
+from engine.typecheck import parse_timestamp_checked
 from engine.versions import PolicySet, parse_timestamp
 from engine.yamlpos import Key, YamlDocument, parse_yaml
 
@@ -192,7 +195,54 @@ def _resolve(raw: _RawVersion,
                                             f"'{name}' overrides nothing: the parent has no {kind[:-1]} '{name}'"))
                 else:
                     entries.append(entry)
+    if parent is not None:
+        _check_parameters(raw, parent[2], rules + outputs, problems)
     return rules, outputs, params, files
+
+
+_PARAM_READ = re.compile(r"\bparams\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def parameter_type(value: Any) -> str:
+    """A parameter's type as written: int, double, bool, duration, timestamp, string or list."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        if is_duration(value):
+            return "duration"
+        if parse_timestamp_checked(value) is None:
+            return "timestamp"
+    return "string"
+
+
+def _check_parameters(raw: _RawVersion, inherited: Mapping[str, Any], entries: list[_Entry],
+                      problems: list[Problem]) -> None:
+    """A child keeps each parameter's type, and adds only parameters that something reads."""
+    read: set[str] = set()
+    for entry in entries:
+        for name in ("applies_when", "fires_when", "value", "message"):
+            value = entry.data.get(name)
+            texts = value.values() if isinstance(value, dict) else [value] if isinstance(value, str) else []
+            for text in texts:
+                read.update(_PARAM_READ.findall(str(text)))
+    for name, value in raw.meta.get("parameters", {}).items():
+        where = raw.meta_doc.location(("parameters", name))
+        if name in inherited:
+            before, after = parameter_type(inherited[name]), parameter_type(value)
+            if before != after:
+                problems.append(Problem(where, "parameter_type", (
+                    f"'{name}' is a {before} in '{raw.meta.get('extends')}' ({inherited[name]!r}); a version "
+                    f"may change its value, not its type: write a {before}")))
+        elif name not in read:
+            problems.append(Problem(where, "unused_parameter", (
+                f"'{name}' is new in this version and no expression or message reads it"
+                f"{_hint(name, list(inherited))}")))
 
 
 def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params: dict[str, Any],

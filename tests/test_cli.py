@@ -113,7 +113,8 @@ def test_decide_jsonl_answers_every_line_in_order(tmp_path: Path, capsys: pytest
 def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["test", str(POLICIES)], capsys)
     assert code == 0, out
-    assert out.rstrip().splitlines()[-1].endswith("passed, 0 failed")
+    assert out.rstrip().splitlines()[-2].endswith("passed, 0 failed")
+    assert out.rstrip().splitlines()[-1] == "OK"
 
 
 @pytest.mark.parametrize("command", [[], ["check"], ["test"], ["decide"], ["serve"], ["diff"], ["impact"],
@@ -151,6 +152,8 @@ def test_eval_prints_value_and_type(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, body = eval_json([expr, "--request", request], capsys)
     if value == "error":
         assert code == 1 and body["error"]["code"] == "evaluation_error"  # type: ignore[index]
+    elif value == "check":  # refused before evaluation by the type checker (engine/typecheck.py)
+        assert code == 2 and body["error"]["code"] == "mismatch"  # type: ignore[index]
     else:
         assert (code, body) == (0, {"value": value, "type": kind})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from engine.decider import Engine
@@ -76,7 +77,9 @@ def test_failures_gaps_and_suite_problems_are_reported(write_policies: WriteFile
     text = describe(report)
     assert "FAIL tests/small.yaml:14" in text
     assert "no case fires  never-tested (v1/rules.yaml:8)" in text
-    assert text.splitlines()[-1] == "1 passed, 1 failed"
+    assert text.splitlines()[-2] == "1 passed, 1 failed"
+    # The last line says why the run failed: cases, suite problems and coverage alike.
+    assert text.splitlines()[-1] == "FAILED: 1 case failed; 1 problem in the suites; coverage: 1 gap (listed above)"
 
 
 def test_a_rule_without_a_denying_case_fails_the_run(write_policies: WriteFiles, tmp_path: Path) -> None:
@@ -96,3 +99,76 @@ def test_a_rule_that_fails_at_run_time_fails_its_case_even_when_it_denies(write_
     assert [r.failures for r in report.results] == [
         ["adult failed to evaluate (v1/rules.yaml:2): modulus or divide by zero",
          '  error adult (v1/rules.yaml:2) read {"account.age": 30}']]
+
+
+CHILD = """\
+    version: v2
+    extends: v1
+    effective_from: "2025-06-01T00:00:00Z"
+    description: a stricter age
+    """
+
+CHILD_RULES = """\
+    rules:
+      - id: adult
+        override: true
+        actions: [bind]
+        effect: deny
+        fires_when: account.age < params.min_age + 1
+        message: {en: "too young", zh: "太年轻"}
+        source: test
+    """
+
+MODEL_SUITE = """\
+    suite: model
+    cases:
+      - name: an adult under v1
+        from: bind
+        expect: {decision: allow}
+      - name: an adult under v1
+        from: bind
+        expect: {decision: allow}
+      - name: a minor under v1
+        from: bind
+        set: {account.age: 17}
+        expect: {rule: adult, message: {en: "too young", zh: "太年轻"}}
+      - name: nothing asserted
+        from: bind
+        expect: {}
+    """
+
+FIXTURES = """\
+    bases:
+      bind:
+        request:
+          action: bind
+          role: official
+          at: "2025-01-01T00:00:00Z"
+          shop: {id: s}
+          account: {id: a, age: 30}
+    """
+
+
+def test_the_test_model_shared_bases_versions_duplicates_and_empty_expectations(write_policies: WriteFiles) -> None:
+    root = write_policies({
+        "v1/version.yaml": VERSION_V1,
+        "v1/rules.yaml": RULES.replace("message: too young", 'message: {en: "too young", zh: "太年轻"}'),
+        "v2/version.yaml": CHILD, "v2/rules.yaml": CHILD_RULES,
+        "tests/fixtures.yaml": FIXTURES, "tests/model_test.yaml": MODEL_SUITE,
+    })
+    report = run_suites(Engine(load_policies(root)), root)
+    text = describe(report)
+    # `expect: {}` asserts nothing: the schema refuses the suite, naming the case.
+    assert [str(p) for p in report.problems] == [
+        "tests/model_test.yaml:15:13: this `expect` asserts nothing, so the case could never fail: say what the "
+        "decision must be (decision, rule, violations, warnings, outputs, message or error) [schema]"]
+    fixed = MODEL_SUITE.replace("expect: {}", "expect: {decision: allow}")
+    (root / "tests" / "model_test.yaml").write_text(textwrap.dedent(fixed))
+    report = run_suites(Engine(load_policies(root)), root)
+    text = describe(report)
+    assert [p.code for p in report.problems] == ["duplicate_case"]
+    # The bases come from tests/fixtures.yaml; messages are asserted in both languages.
+    assert all(r.passed for r in report.results), text
+    # v2 overrides `adult`, yet no case is judged under v2: the run fails, saying what is missing.
+    assert "no case is judged under v2" in text
+    assert text.splitlines()[-1] == "FAILED: 1 problem in the suites; coverage: 3 gaps (listed above)"
