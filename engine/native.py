@@ -30,6 +30,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from celpy import celtypes
 from lark import Token, Tree
 
+from engine.celtime import DurationError, parse_duration
+
 Env = dict[str, Any]
 Closure = Callable[[Env], Any]
 
@@ -350,30 +352,12 @@ def _negate(a: Any) -> Any:
     raise _no_overload("-_", a)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
-_UNIT_MICROS = {"ns": 0.001, "us": 1, "µs": 1, "ms": 1000, "s": 1_000_000, "m": 60_000_000,
-                "h": 3_600_000_000, "d": 86_400_000_000}
-
-
-@lru_cache(maxsize=1024)
 def _duration(text: str) -> timedelta:
-    """A Go-style duration ('1h30m', '-1.5s', '100ms'); `d` (days) is an extension kept for policies."""
-    body = text[1:] if text[:1] in "+-" else text
-    if body == "0":
-        return timedelta(0)
-    position, micros = 0, 0.0
-    for match in _DURATION_PART.finditer(body):
-        if match.start() != position:
-            break
-        position = match.end()
-        micros += float(match.group(1)) * _UNIT_MICROS[match.group(2)]
-    if not body or position != len(body):
-        raise CelError(f"invalid duration {text!r}")
+    """CEL's duration(text): engine/celtime.py is the one parser (units h, m, s, ms, us, ns; no `d`)."""
     try:
-        value = timedelta(microseconds=round(micros))
-    except OverflowError:
-        raise CelError(f"duration out of range: {text!r}") from None
-    return _check_duration(-value if text.startswith("-") else value)
+        return parse_duration(text)
+    except DurationError as error:
+        raise CelError(str(error)) from None
 
 
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})")

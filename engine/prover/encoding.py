@@ -19,6 +19,7 @@ from typing import Any
 
 import z3
 
+from engine import celtime
 from engine.model import EACH, OPTIONAL, Expression, FieldPath, Output, PolicyVersion, Rule
 from engine.prover import cel
 from engine.prover.cel import Uncovered
@@ -30,7 +31,6 @@ DURATION_MAX = 315_576_000_000  # CEL: about 10,000 years either way
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 COUNTRY = "^[A-Z]{2}$"
 NO_NUL = "^[^\\u0000]*$"  # every string the policies write and the prover makes up is without NUL
-_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
 
 Z = Any  # a z3 expression (z3 ships no type hints)
 
@@ -280,11 +280,15 @@ class Domain:
 
 
 def parse_duration(text: str) -> int:
-    match = _DURATION.match(text)
-    if not text or match is None:
+    """A duration literal in whole seconds (the prover's unit), read by engine/celtime.py; one CEL
+    refuses, or with a fraction of a second, is outside what the prover covers."""
+    try:
+        value = celtime.parse_duration(text)
+    except celtime.DurationError:
+        raise Uncovered(f'duration("{text}")') from None
+    if value.microseconds:
         raise Uncovered(f'duration("{text}")')
-    hours, minutes, seconds = (int(g[:-1]) if g else 0 for g in match.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    return value.days * 86_400 + value.seconds
 
 
 class Encoder:
