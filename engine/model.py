@@ -185,7 +185,7 @@ class Trace:
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer to one request, shaped as CONTRACT.md's response."""
+    """The answer to one request, shaped as the response of docs/contract.md."""
 
     decision_id: str
     decision: str

@@ -1,4 +1,4 @@
-"""Requests are checked before anything is decided; decisions follow CONTRACT.md; failures deny."""
+"""Requests are checked before anything is decided; decisions follow docs/contract.md; failures deny."""
 
 from __future__ import annotations
 
