@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -106,10 +105,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         for version in engine.policies:  # keep every content ever served, for exact replay
             store.save_policy(version.digest, version.name, dict(version.sources))
         # The whole set too, under its own digest: what a worker serves if it starts on broken files.
-        files = {name: text for version in engine.policies for name, text in version.sources.items()}
-        digest = set_digest(files)
-        store.save_policy(digest, SET_VERSION, files)
-        _write_atomically(last_good_file, digest)
+        # It also judged the rejections no version took (unknown_version...): replay reads it by this digest.
+        store.save_policy(engine.policies.digest, SET_VERSION, engine.policies.sources)
+        _write_atomically(last_good_file, engine.policies.digest)
 
     def last_good() -> PolicySource | None:
         try:
@@ -169,14 +167,6 @@ def scratch_enabled(setting: str, bind: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def set_digest(files: Mapping[str, str]) -> str:
-    """A whole policy set's digest: SHA-256 over its file names and texts, in name order."""
-    hashed = hashlib.sha256()
-    for name in sorted(files):
-        hashed.update(f"{name}\0{len(files[name].encode())}\0".encode() + files[name].encode())
-    return "set:sha256:" + hashed.hexdigest()
 
 
 def _write_atomically(path: Path, text: str) -> None:

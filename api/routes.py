@@ -150,19 +150,20 @@ def _say_language(response: Response, language: str) -> None:
     response.vary.add("Accept-Language")
 
 
-def _decide_one(raw: Any, now: datetime, explain: bool, language: str) -> tuple[int, dict[str, Any], str]:
+def _decide_one(raw: Any, now: datetime, explain: bool, language: str) -> tuple[int, dict[str, Any], str, str | None]:
+    """(status, body, outcome, the digest of a rejection past the schema check)."""
     service = _service()
     engine = service.holder.engine  # taken once: this request sees one whole policy set
     decision_id = new_decision_id()
     try:
         decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain, language=language)
     except RequestError as exc:
-        return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected"
+        return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected", exc.policy_digest
     except Exception:  # a bug of ours: answered as such, and logged like every other answer
         logging.getLogger("bindpolicy.api").exception("decision failed", extra={"decision_id": decision_id})
         return 500, {"error": {"code": "internal_error", "message": "the decision failed; the error is logged",
-                               "details": []}, "decision_id": decision_id}, "failed"
-    return 200, decision.to_dict(), "decided"
+                               "details": []}, "decision_id": decision_id}, "failed", None
+    return 200, decision.to_dict(), "decided", None
 
 
 def _commit(records: list[Any]) -> Response | None:
@@ -213,12 +214,14 @@ def decide() -> Response:
     except _Rejected as exc:
         return _reject_and_log(exc)
     language = _language()
-    status, body, outcome = _decide_one(raw, datetime.now(UTC), _explain(), language)
+    status, body, outcome, digest = _decide_one(raw, datetime.now(UTC), _explain(), language)
     record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status,
                         request=raw if status == 200 else _bounded(raw, received),
                         response=body, duration_us=_elapsed_us())
     if record.request is raw:  # the body's exact bytes (valid UTF-8, checked by the parser)
         record = replace(record, request_text=received.decode("utf-8"))
+    if digest is not None:
+        record = replace(record, policy_digest=digest)
     failure = _commit([record])
     if failure is not None:
         return failure
@@ -249,10 +252,11 @@ def decide_batch() -> Response:
     now, explain, language = datetime.now(UTC), _explain(), _language()
     answers, records = [], []
     for one in raw["requests"]:
-        status, body, outcome = _decide_one(one, now, explain, language)
+        status, body, outcome, digest = _decide_one(one, now, explain, language)
         answers.append(body)
-        records.append(new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
-                                  response=body, duration_us=_elapsed_us()))
+        record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
+                            response=body, duration_us=_elapsed_us())
+        records.append(record if digest is None else replace(record, policy_digest=digest))
     failure = _commit(records)
     if failure is not None:
         return failure

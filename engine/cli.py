@@ -128,27 +128,49 @@ def _parser() -> argparse.ArgumentParser:
         "impact", help="which decisions a change of version would flip",
         description="Decide every request under both versions and count the decisions that flip "
                     "(allow→deny, deny→allow, same decision but another rule), grouped by the rule "
-                    "responsible, with examples. Streams its input and uses every core.")
+                    "responsible, with examples. Streams its input and uses every core; --engine ray spreads "
+                    "it over a Ray cluster with the same report. Inputs: JSON Lines or Parquet files, folders "
+                    "of them, or a log export (its decided records, each judged at its logged time), as local "
+                    "paths or object-store URLs (s3://, gs://, hdfs://).")
     impact.add_argument("old")
     impact.add_argument("new")
     source = impact.add_mutually_exclusive_group(required=True)
-    source.add_argument("--requests", metavar="FILE.jsonl", help="requests, one JSON object per line (- for stdin)")
+    source.add_argument("--requests", metavar="PATH", nargs="+",
+                        help="JSON Lines (- for stdin) or Parquet files, folders, log exports, or URLs")
     source.add_argument("--from-log", action="store_true", help="the requests of the decision log")
     impact.add_argument("--since", help="with --from-log: logged at or after (RFC 3339)")
     impact.add_argument("--until", help="with --from-log: logged before (RFC 3339)")
     impact.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
     _log_options(impact)
-    impact.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    impact.add_argument("--workers", type=int, default=None,
+                        help="processes, or Ray actors (default: one per core of the machine or cluster)")
+    impact.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local processes (default) or Ray Data (pip install 'bindpolicy[ray]')")
+    impact.add_argument("--address", metavar="ADDR", default=os.environ.get("RAY_ADDRESS"),
+                        help="with --engine ray: the cluster (auto, ray://head:10001) [RAY_ADDRESS] "
+                             "(default: a local Ray)")
     impact.add_argument("--format", choices=("text", "json", "markdown", "html"), default="text")
     impact.add_argument("-o", "--output", metavar="FILE")
     impact.add_argument("--quiet", action="store_true", help="no progress on standard error")
     impact.set_defaults(handler=_impact)
 
     replay = commands.add_parser(
-        "replay", help="decide a logged request again with the exact policy content that judged it",
-        description="Exit 0 if the decision is reproduced exactly, 1 if it differs (the differences are "
-                    "printed), 2 if it cannot be replayed (unknown id, content not kept).")
-    replay.add_argument("decision_id")
+        "replay", help="decide logged requests again with the exact policy content that judged them",
+        description="One decision (by id), or every logged decision of [--since, --until) (the whole log "
+                    "without either), from the database or a log export, locally or on Ray. Exit 0 if "
+                    "every decision is reproduced exactly, 1 if one differs (the differences are printed), "
+                    "2 if one cannot be replayed (unknown id, content not kept) and none differs.")
+    replay.add_argument("decision_id", nargs="?", help="one decision; without it, the whole window")
+    replay.add_argument("--since", help="logged at or after (RFC 3339)")
+    replay.add_argument("--until", help="logged before (RFC 3339)")
+    replay.add_argument("--from-export", metavar="DIR", help="replay a log export instead of the database")
+    replay.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local (default) or Ray Data (with --from-export)")
+    replay.add_argument("--address", metavar="ADDR", default=os.environ.get("RAY_ADDRESS"),
+                        help="with --engine ray: the cluster [RAY_ADDRESS] (default: a local Ray)")
+    replay.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per CPU)")
+    replay.add_argument("--format", choices=("text", "json"), default="text")
+    replay.add_argument("-o", "--output", metavar="FILE")
     _log_options(replay)
     replay.set_defaults(handler=_replay)
 
@@ -348,14 +370,42 @@ def _impact(args: argparse.Namespace) -> int:
         if policies.get(name) is None:
             print(f"no version '{name}' in {args.policies}", file=sys.stderr)
             return EXIT_BAD_INPUT
+    from engine.inputs import InputError, request_lines, resolve
+
+    if args.engine == "ray":
+        from engine.rayengine import RayUnavailableError, run_impact_ray
+
+        if args.from_log or args.requests == ["-"]:
+            print("--engine ray reads files (export the log first: bindpolicy log export)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            report = run_impact_ray(policies, args.old, args.new, args.requests, address=args.address,
+                                    workers=args.workers)
+        except RayUnavailableError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except InputError as exc:
+            print(f"cannot read the requests: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        _write(render(report, args.format), args.output)
+        return 0
     if args.from_log:
         lines: Iterator[str] = _store(args).requests(args.since, args.until)
-    elif args.requests == "-":
+    elif args.requests == ["-"]:
         lines = iter(sys.stdin)
     else:
-        lines = iter(open(args.requests, encoding="utf-8"))  # noqa: SIM115 - streamed to the end
-    report = run_impact(args.policies, args.old, args.new, lines, workers=args.workers,
-                        progress=None if args.quiet else sys.stderr)
+        try:
+            resolve(args.requests)  # every path checked before any work
+        except InputError as exc:
+            print(f"cannot read the requests: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        lines = request_lines(args.requests)
+    try:
+        report = run_impact(args.policies, args.old, args.new, lines, workers=args.workers,
+                            progress=None if args.quiet else sys.stderr)
+    except InputError as exc:
+        print(f"cannot read the requests: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _write(render(report, args.format), args.output)
     return 0
 
@@ -365,6 +415,8 @@ def _replay(args: argparse.Namespace) -> int:
     from engine.decisionlog import BrokenRecordError
     from engine.replay import BROKEN, CANNOT, REPRODUCED, replay
 
+    if args.decision_id is None:
+        return _replay_window(args)
     try:
         result = replay(_store(args), args.decision_id)
     except BrokenRecordError as exc:
@@ -374,35 +426,95 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if result.status == REPRODUCED else 2 if result.status == CANNOT else 1
 
 
+def _replay_window(args: argparse.Namespace) -> int:
+    """Every record of the window, each first checked by the chain walk of `log verify`."""
+    from engine.decisionlog import GENESIS, ChainVerifier, log_time
+    from engine.logexport import ExportArchive, ExportError, ExportManifest, read_records, window_items
+    from engine.rayengine import RayUnavailableError
+    from engine.replay import ReplaySummary, replay_records
+
+    try:
+        since = args.since and log_time(args.since)
+        until = args.until and log_time(args.until)
+    except ValueError as exc:
+        print(f"--since/--until: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    keys = _mac_keys(args)
+    summary: ReplaySummary
+    try:
+        if args.engine == "ray" and not args.from_export:
+            print("--engine ray replays a log export: bindpolicy log export -o DIR, then --from-export DIR",
+                  file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.from_export:
+            manifest = ExportManifest.read(Path(args.from_export))
+            if args.engine == "ray":
+                summary = _replay_ray(args, keys, since, until)
+            else:
+                verifier = ChainVerifier(keys, seq=(manifest.first_seq or 1) - 1, prev_hash=(
+                    GENESIS if manifest.whole else manifest.first_prev_hash or ""))
+                summary = replay_records(ExportArchive(args.from_export), read_records(args.from_export),
+                                         verifier, since=since, until=until)
+        else:
+            store = _store(args)
+            summary = replay_records(store, window_items(store, since, until),
+                                     ChainVerifier(store.keys, from_first_seen=since is not None))
+    except ExportError as exc:
+        print(f"cannot read the export: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RayUnavailableError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    text = json.dumps(summary.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n" \
+        if args.format == "json" else summary.describe()
+    _write(text, args.output)
+    return summary.exit_code
+
+
+def _replay_ray(args: argparse.Namespace, keys: Any, since: str | None, until: str | None) -> Any:
+    """The export's chain checked here first (the walk of `log verify`), then replayed on Ray."""
+    from engine.logexport import verify_export
+    from engine.rayengine import run_replay_ray
+    from engine.decisionlog import Breach
+    from engine.replay import ReplaySummary
+
+    check = verify_export(args.from_export, keys)
+    if check.breach is not None or check.problems:
+        summary = ReplaySummary()
+        summary.breach = check.breach or Breach(0, None, "; ".join(check.problems))
+        return summary
+    return run_replay_ray(args.from_export, since=since, until=until, address=args.address, workers=args.workers)
+
+
+def _mac_keys(args: argparse.Namespace) -> Any:
+    from engine.logkeys import read_mac_keys
+
+    return read_mac_keys(args.mac_key_file) if getattr(args, "mac_key_file", "") else None
+
+
 @_audit_handler
 def _log_verify(args: argparse.Namespace) -> int:
-    if args.export:
-        return _verify_export(args.export)
     from engine.logcheck import verify_log
 
+    if args.export:
+        return _verify_export(args)
     report = verify_log(_store(args), _checkpoint_dir(args), _public_keys(args))
     sys.stdout.write(report.describe())
     return report.exit_code
 
 
-def _verify_export(folder: str) -> int:
+def _verify_export(args: argparse.Namespace) -> int:
+    """The walk of `log verify` over an export's records (MACs checked with --mac-key-file; the
+    checkpoints of --checkpoint-dir compared when the export starts at the log's first record)."""
     from engine.logexport import ExportError, verify_export
 
     try:
-        check = verify_export(folder)
+        report = verify_export(args.export, _mac_keys(args), args.checkpoint_dir or None, _public_keys(args))
     except ExportError as exc:
         print(f"cannot verify: {exc}", file=sys.stderr)
         return 2
-    if check.ok:
-        print(f"ok: the chain holds over the {check.records} records of the export {folder}")
-        return 0
-    if check.breach is not None:
-        breach = check.breach
-        print(f"BROKEN at record {breach.seq}" + (f" ({breach.decision_id})" if breach.decision_id else "")
-              + f": {breach.problem}")
-    for problem in check.problems:
-        print(f"BROKEN: {problem}")
-    return 1
+    sys.stdout.write(f"export {args.export}: " + report.describe())
+    return report.exit_code
 
 
 @_audit_handler

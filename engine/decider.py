@@ -52,10 +52,19 @@ class Engine:
             version = self.policies.select(at, request.get("policy_version"))
             activation = self.activation(request, version, at)
         except ValueError:  # a timestamp the schema let through but Python cannot hold
-            raise RequestError("invalid_request", "the request has timestamps that cannot be used",
-                               timestamp_problems(request)) from None
-        return evaluate(version, request, activation, at=at,
-                        decision_id=decision_id or new_decision_id(), explain=explain, language=language)
+            error = RequestError("invalid_request", "the request has timestamps that cannot be used",
+                                 timestamp_problems(request))
+            error.policy_digest = self.policies.digest
+            raise error from None
+        except RequestError as exc:  # past the schema check: the whole set judged it (no version taken)
+            exc.policy_digest = self.policies.digest
+            raise
+        try:
+            return evaluate(version, request, activation, at=at,
+                            decision_id=decision_id or new_decision_id(), explain=explain, language=language)
+        except RequestError as exc:  # e.g. missing_field: the version that judged it is known
+            exc.policy_digest = version.digest
+            raise
 
     def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> Activation:
         """The variables for one request: its fields, `at` and the version's `params`."""

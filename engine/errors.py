@@ -94,6 +94,9 @@ class RequestError(BindPolicyError):
         self.code = code
         self.message = message
         self.details = sorted(set(details), key=lambda d: (d.path, d.problem))
+        # The policy content that judged it, once past the schema check (a version's, or the whole
+        # set's when no version could be picked): logged, so that the rejection replays too.
+        self.policy_digest: str | None = None
         super().__init__(message)
 
     def to_dict(self) -> dict[str, object]:

@@ -17,7 +17,7 @@ import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,18 @@ from engine.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
-from engine.decisionlog import COLUMNS, GENESIS, Breach, BrokenRecord, ChainVerifier, LogError, Store, canonical
-from engine.logkeys import public_key_id
+from engine.decisionlog import (
+    COLUMNS,
+    GENESIS,
+    Breach,
+    BrokenRecord,
+    ChainVerifier,
+    LogError,
+    LogRecord,
+    Store,
+    canonical,
+)
+from engine.logkeys import MacKeyring, public_key_id
 from engine.merkle import Frontier, inclusion_proof, leaf_hash, root_of, verify_inclusion
 
 log = logging.getLogger("bindpolicy.log")
@@ -89,6 +99,21 @@ def verify_log(store: Store, checkpoint_dir: Path | str | None,
     """Every record and every checkpoint; never raises for what it reads (LogError if the
     database itself cannot be read)."""
     report = VerifyReport()
+    pending = read_checkpoints(checkpoint_dir, public_keys, report)
+    verify_chain(store.scan(), store.keys, report, pending)
+    if report.breach is None:
+        for checkpoint in pending:
+            if checkpoint.tree_size > report.records:
+                report.problems.append(
+                    f"checkpoint {_name(checkpoint)} covers {checkpoint.tree_size} records but the log ends at "
+                    f"record {report.records}: records were removed from the end (truncated)")
+    return report
+
+
+def read_checkpoints(checkpoint_dir: Path | str | None, public_keys: dict[str, Ed25519PublicKey],
+                     report: VerifyReport) -> list[Checkpoint]:
+    """The checkpoints that are readable and signed by one of `public_keys`, smallest first;
+    the others are named in `report`."""
     pending: list[Checkpoint] = []
     for path in checkpoint_files(checkpoint_dir) if checkpoint_dir else []:
         try:
@@ -109,23 +134,26 @@ def verify_log(store: Store, checkpoint_dir: Path | str | None,
         report.unreadable.append(f"{len(pending)} checkpoints found but no public key given: their signatures "
                                  "were not checked (--public-key or BINDPOLICY_CHECKPOINT_PUBLIC_KEYS)")
     pending.sort(key=lambda c: c.tree_size)
-    verifier = ChainVerifier(store.keys)
-    for item in store.scan():
+    return pending
+
+
+def verify_chain(items: Iterable[LogRecord | BrokenRecord], keys: MacKeyring | None, report: VerifyReport,
+                 checkpoints: list[Checkpoint], *, seq: int = 0, prev_hash: str = GENESIS) -> ChainVerifier:
+    """The walk of `log verify` over any records in chain order (the database's, or an export's):
+    links, hashes or MACs, and each checkpoint met compared with the Merkle tree so far (from the
+    genesis only). Starts after record `seq` on `prev_hash`; the checkpoints met are taken out
+    of `checkpoints`."""
+    verifier = ChainVerifier(keys, seq=seq, prev_hash=prev_hash)
+    for item in items:
         breach = verifier.feed(item)
         if breach is not None:
             report.breach = breach
             break
-        while pending and pending[0].tree_size <= verifier.seq:
-            _compare(pending.pop(0), verifier, report)
-    report.records = verifier.seq
+        while checkpoints and checkpoints[0].tree_size <= verifier.seq:
+            _compare(checkpoints.pop(0), verifier, report)
+    report.records = verifier.seq - seq
     report.keyed, report.unkeyed, report.unchecked = verifier.keyed, verifier.unkeyed, verifier.unchecked
-    if report.breach is None:
-        for checkpoint in pending:
-            if checkpoint.tree_size > verifier.seq:
-                report.problems.append(
-                    f"checkpoint {_name(checkpoint)} covers {checkpoint.tree_size} records but the log ends at "
-                    f"record {verifier.seq}: records were removed from the end (truncated)")
-    return report
+    return verifier
 
 
 def _compare(checkpoint: Checkpoint, verifier: ChainVerifier, report: VerifyReport) -> None:

@@ -22,7 +22,18 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.decisionlog import COLUMNS, GENESIS, Breach, LogRecord, Store, canonical, log_time
+from engine.decisionlog import (
+    COLUMNS,
+    GENESIS,
+    BrokenRecord,
+    BrokenRecordError,
+    LogRecord,
+    Store,
+    canonical,
+    log_time,
+)
+from engine.logcheck import VerifyReport, read_checkpoints, verify_chain
+from engine.logkeys import MacKeyring
 
 EXPORT_FORMAT = "bindpolicy-log-export/1"
 MANIFEST = "manifest.json"
@@ -151,7 +162,16 @@ class _PartWriter:
 
 
 def window(store: Store, since: str | None, until: str | None) -> Iterator[LogRecord]:
-    """The records of a window as one unbroken piece of the chain, streamed in chain order."""
+    """The records of a window as one unbroken piece of the chain, streamed in chain order
+    (BrokenRecordError at a record that cannot be read)."""
+    for item in window_items(store, since, until):
+        if isinstance(item, BrokenRecord):
+            raise BrokenRecordError(item)
+        yield item
+
+
+def window_items(store: Store, since: str | None, until: str | None) -> Iterator[LogRecord | BrokenRecord]:
+    """As `window`, with a record that cannot be read in its place (for a check to name it)."""
     after = 0
     if since is not None:
         first = store.query(since=since, limit=1)
@@ -161,10 +181,10 @@ def window(store: Store, since: str | None, until: str | None) -> Iterator[LogRe
             return
         after = found.seq - 1
     limit = log_time(until) if until is not None else None
-    records = store.query(after_seq=after)
+    records = store.scan(after_seq=after)
     try:
         for record in records:
-            if limit is not None and record.logged_at >= limit:
+            if limit is not None and isinstance(record, LogRecord) and record.logged_at >= limit:
                 return
             yield record
     finally:
@@ -293,50 +313,31 @@ class ExportArchive:
         return self.contents.get(digest)
 
 
-@dataclass
-class ExportCheck:
-    records: int = 0
-    breach: Breach | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.breach is None and not self.problems
-
-
-def verify_export(folder: Path | str) -> ExportCheck:
-    """Check an export on its own: every part listed, every hash, every link, the ends against the manifest."""
+def verify_export(folder: Path | str, keys: MacKeyring | None = None, checkpoint_dir: Path | str | None = None,
+                  public_keys: dict[str, Any] | None = None) -> VerifyReport:
+    """Check an export on its own, with the walk of `log verify` (engine.logcheck.verify_chain):
+    every part listed, every link, hash or MAC (with `keys`), the ends against the manifest, and,
+    for an export from the log's first record, each signed checkpoint it reaches."""
     root = Path(folder)
     manifest = ExportManifest.read(root)
-    check = ExportCheck()
+    report = VerifyReport()
     listed = {p.path for p in manifest.parts}
     present = {p.relative_to(root).as_posix() for p in root.glob(f"day=*/*.{manifest.file_format}")}
-    check.problems += [f"part {p} is in the manifest but not in the folder" for p in sorted(listed - present)]
-    check.problems += [f"part {p} is in the folder but not in the manifest" for p in sorted(present - listed)]
-    if check.problems:
-        return check
-    expected_seq = 1 if manifest.whole else manifest.first_seq
-    prev = GENESIS if manifest.whole else manifest.first_prev_hash
-    last: LogRecord | None = None
-
-    def counted(records: Iterator[LogRecord]) -> Iterator[LogRecord]:
-        nonlocal last
-        for record in records:
-            check.records += 1
-            last = record
-            yield record
-
-    if manifest.records and expected_seq is not None:
-        # The walk is the log's own (Store.verify over given records), started where the manifest says.
-        first = next(read_records(root, parse=False), None)
-        if first is not None and (first.seq != expected_seq or first.prev_hash != prev):
-            check.breach = Breach(first.seq, first.decision_id,
-                                  f"the export should start at record {expected_seq} on previous hash {prev}")
-            return check
-        check.breach = Store().verify(counted(read_records(root, parse=False)))
-    if check.breach is None:
-        if check.records != manifest.records:
-            check.problems.append(f"the manifest says {manifest.records} records; the parts hold {check.records}")
-        elif last is not None and last.hash != manifest.last_hash:
-            check.problems.append(f"the last record's hash is not the manifest's head {manifest.last_hash}")
-    return check
+    report.problems += [f"part {p} is in the manifest but not in the folder" for p in sorted(listed - present)]
+    report.problems += [f"part {p} is in the folder but not in the manifest" for p in sorted(present - listed)]
+    if report.problems:
+        return report
+    first_seq = 1 if manifest.whole else manifest.first_seq
+    if not manifest.records or first_seq is None:
+        return report
+    # A checkpoint can be compared from the genesis only, and only up to the export's end.
+    pending = [c for c in read_checkpoints(checkpoint_dir, public_keys or {}, report)
+               if manifest.whole and manifest.last_seq is not None and c.tree_size <= manifest.last_seq]
+    verifier = verify_chain(read_records(root, parse=False), keys, report, pending, seq=first_seq - 1,
+                            prev_hash=GENESIS if manifest.whole else manifest.first_prev_hash or "")
+    if report.breach is None:
+        if report.records != manifest.records:
+            report.problems.append(f"the manifest says {manifest.records} records; the parts hold {report.records}")
+        elif verifier.prev_hash != manifest.last_hash:
+            report.problems.append(f"the last record's hash is not the manifest's head {manifest.last_hash}")
+    return report

@@ -7,6 +7,7 @@ names are relative to the set's root, one version folder deep (`v1/bind.yaml`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,19 @@ from typing import Protocol
 POLICY_SUFFIXES = (".yaml", ".yml")
 LAST_GOOD = "last-good-policies"  # in the data folder: the digest of the last set that loaded
 SET_VERSION = "(set)"  # the archive's version name for a whole set kept under its own digest
+
+
+def set_digest(files: Mapping[str, bytes | str]) -> str:
+    """A whole policy set's digest (`set:sha256:...`): SHA-256 over its file names, lengths and
+    bytes, in name order. The archive keeps the set under it as version SET_VERSION; it judged
+    the rejections no version took (unknown_version), and a worker starting on broken files
+    serves it as the last good set."""
+    hashed = hashlib.sha256()
+    for name in sorted(files):
+        data = files[name]
+        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+        hashed.update(f"{name}\0{len(raw)}\0".encode("utf-8", "surrogateescape") + raw)
+    return "set:sha256:" + hashed.hexdigest()
 
 
 class PolicySource(Protocol):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from engine.errors import Detail, Problem, RequestError
 from engine.model import PolicyVersion
+from engine.sources import set_digest
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -43,6 +44,19 @@ class PolicySet:
         self._versions = dict(sorted(versions.items(), key=lambda kv: kv[1].effective_from))
         # What `check` reports without refusing the set (constant conditions, untranslated messages...).
         self.warnings: tuple[Problem, ...] = tuple(warnings)
+        self._digest: str | None = None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Every file of every version, by name."""
+        return {name: text for version in self for name, text in version.sources.items()}
+
+    @property
+    def digest(self) -> str:
+        """Of the whole set (engine.sources.set_digest): what judged a request no version took."""
+        if self._digest is None:
+            self._digest = set_digest(self.sources)
+        return self._digest
 
     def __iter__(self) -> Iterator[PolicyVersion]:
         return iter(self._versions.values())
