@@ -25,10 +25,11 @@ from engine.loader import load_policies
 from engine.sources import MemorySource
 from engine.versions import PolicySet
 
-# Readers (and their conversion to lines) take a quarter of a CPU and the judging actors the
-# rest: actors holding every CPU would leave none for the reads that feed them (a deadlock).
+# Actors holding every CPU would leave none for the tasks that feed them (Ray Data's file
+# listing asks a whole CPU): a deadlock on a small cluster. So readers ask a quarter of a CPU
+# and each judging actor half of one (one actor per CPU still: Ray's CPUs are only counted).
 READ_CPUS = 0.25
-ACTOR_CPUS = 0.75
+ACTOR_CPUS = 0.5
 INSTALL = "the Ray engine needs Ray: pip install 'bindpolicy[ray]' (or: pip install 'ray[data]>=2.40,<3')"
 
 
@@ -128,17 +129,36 @@ def _text_lines(logged: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return convert
 
 
+def _groups(files: Sequence[InputFile]) -> list[tuple[str, bool, list[InputFile]]]:
+    """Consecutive files of one kind, read by one reader each: few operators, so that a small
+    cluster's CPUs are not split among many readers waiting on one another."""
+    groups: list[tuple[str, bool, list[InputFile]]] = []
+    for file in files:
+        if groups and groups[-1][0] == file.kind and groups[-1][1] == file.logged \
+                and groups[-1][2][0].filesystem == file.filesystem:
+            groups[-1][2].append(file)
+        else:
+            groups.append((file.kind, file.logged, [file]))
+    return groups
+
+
+def _read(ray: Any, kind: str, group: list[InputFile]) -> Any:
+    paths = [f.path for f in group]
+    if kind == JSONL:
+        return ray.data.read_text(paths, filesystem=group[0].filesystem, num_cpus=READ_CPUS)
+    return ray.data.read_parquet(paths, filesystem=group[0].filesystem, num_cpus=READ_CPUS)
+
+
 def dataset(files: Sequence[InputFile]) -> Any:
     """One dataset of JSON texts (column `line`) over every file, in order."""
     ray = ray_module()
     parts = []
-    for file in files:
-        if file.kind == JSONL:
-            part = ray.data.read_text(file.path, filesystem=file.filesystem, num_cpus=READ_CPUS)
-            part = part.map_batches(_text_lines(file.logged), batch_format="numpy", num_cpus=READ_CPUS)
+    for kind, logged, group in _groups(files):
+        part = _read(ray, kind, group)
+        if kind == JSONL:
+            part = part.map_batches(_text_lines(logged), batch_format="numpy", num_cpus=READ_CPUS)
         else:
-            part = ray.data.read_parquet(file.path, filesystem=file.filesystem, num_cpus=READ_CPUS)
-            part = part.map_batches(_as_lines(file.logged), batch_format="pyarrow", num_cpus=READ_CPUS)
+            part = part.map_batches(_as_lines(logged), batch_format="pyarrow", num_cpus=READ_CPUS)
         parts.append(part)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
@@ -213,17 +233,11 @@ def run_replay_ray(folder: str, *, since: str | None = None, until: str | None =
     contents = ExportArchive(folder).contents  # by digest: what each actor loads from memory
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = []
-    for file in files:
-        if file.kind == JSONL:
-            part = ray.data.read_text(file.path, filesystem=file.filesystem, num_cpus=READ_CPUS)
-            fmt = "numpy"
-        else:
-            part = ray.data.read_parquet(file.path, filesystem=file.filesystem, num_cpus=READ_CPUS)
-            fmt = "pyarrow"
-        parts.append(part.map_batches(
+    for kind, _, group in _groups(files):
+        parts.append(_read(ray, kind, group).map_batches(
             _Replayer, fn_constructor_args=(contents, since and log_time(since), until and log_time(until)),
-            batch_size=CHUNK, batch_format=fmt, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=ACTOR_CPUS))
+            batch_size=CHUNK, batch_format="numpy" if kind == JSONL else "pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS))
     summary = ReplaySummary()
     if not parts:
         return summary
