@@ -18,6 +18,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from engine.impact import run_impact  # noqa: E402
 from engine.inputs import request_lines  # noqa: E402
 from engine.loader import load_policies  # noqa: E402
 from engine.logexport import ExportArchive, export_log, read_records  # noqa: E402
-from engine.replay import replay_records  # noqa: E402
+from engine.replay import WHOLE_SET, replay_records  # noqa: E402
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
 
@@ -44,6 +45,7 @@ def peak_mib() -> float:
 def write_log(store: Store, engine: Engine, count: int) -> None:
     for version in engine.policies:
         store.save_policy(version.digest, version.name, dict(version.sources))
+    store.save_policy(engine.policies.digest, WHOLE_SET, engine.policies.sources)
     batch: list[LogRecord] = []
     start = datetime(2025, 6, 1, tzinfo=UTC)
     step = timedelta(days=30) / count  # a month of decisions: about 30 day partitions
@@ -54,10 +56,11 @@ def write_log(store: Store, engine: Engine, count: int) -> None:
             decision = engine.decide(request, now=logged, decision_id=decision_id)
             batch.append(new_record(decision_id=decision_id, outcome="decided", status=200, request=request,
                                     response=decision.to_dict(), duration_us=10, logged_at=logged))
-        except RequestError as exc:
-            batch.append(new_record(decision_id=decision_id, outcome="rejected", status=400, request=request,
-                                    response={**exc.to_dict(), "decision_id": decision_id}, duration_us=10,
-                                    logged_at=logged))
+        except RequestError as exc:  # as the service logs it: with the digest of what judged it, if any
+            record = new_record(decision_id=decision_id, outcome="rejected", status=400, request=request,
+                                response={**exc.to_dict(), "decision_id": decision_id}, duration_us=10,
+                                logged_at=logged)
+            batch.append(replace(record, policy_digest=exc.policy_digest) if exc.policy_digest else record)
         if len(batch) >= 1000:
             store.write_many(batch)
             batch = []

@@ -1,7 +1,7 @@
 """Impact and replay on Ray Data: the same judging as the local engine, spread over a cluster.
 
-Files are read by Ray's readers (through pyarrow's file systems, so every node reads its own
-share from an object store), requests are judged in `map_batches` by actors that each load the
+Files are read in Ray tasks by the local engine's reader (through pyarrow's file systems, so
+every node reads its own share from an object store), requests are judged in `map_batches` by actors that each load the
 engine once, and only small partial reports come back to be merged in input order, so that the
 report is the local engine's, figure for figure. Policy sets travel by digest: the driver puts
 each content in Ray's object store under its digest, and an actor loads it from memory and
@@ -14,13 +14,13 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from engine.decider import Engine
 from engine.impact import CHUNK, ImpactReport, judge
-from engine.inputs import JSONL, InputFile, lines_of_rows, resolve
+from engine.inputs import JSONL, InputFile, resolve
 from engine.loader import load_policies
 from engine.sources import MemorySource
 from engine.versions import PolicySet
@@ -29,6 +29,7 @@ from engine.versions import PolicySet
 # listing asks a whole CPU): a deadlock on a small cluster. So readers ask a quarter of a CPU
 # and each judging actor half of one (one actor per CPU still: Ray's CPUs are only counted).
 READ_CPUS = 0.25
+BLOCK_LINES = 5000
 ACTOR_CPUS = 0.5
 INSTALL = "the Ray engine needs Ray: pip install 'bindpolicy[ray]' (or: pip install 'ray[data]>=2.40,<3')"
 
@@ -101,66 +102,50 @@ class _ImpactJudge:
         return {"report": np.array([pickle.dumps(report)], dtype=object)}
 
 
-def _as_lines(logged: bool) -> Callable[[Any], dict[str, Any]]:
-    def convert(batch: Any) -> dict[str, Any]:
+def _file_rows(rows: bool) -> Callable[[dict[str, Any]], Iterator[dict[str, Any]]]:
+    """Read the files named in a batch, in a Ray task, with the local engine's own reader (so the
+    same lines come out), a few thousand at a time; `rows`: a log export's rows, for replay."""
+    def read(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import numpy as np
 
-        return {"line": np.array(lines_of_rows(batch.to_pylist(), logged), dtype=object)}
+        from engine.inputs import read_lines
 
-    return convert
+        for blob in batch["file"]:
+            file: InputFile = pickle.loads(blob)
+            chunk: list[str] = []
+            for text in (_export_rows(file) if rows else read_lines(file)):
+                chunk.append(text)
+                if len(chunk) >= BLOCK_LINES:
+                    yield {"line": np.array(chunk, dtype=object)}
+                    chunk = []
+            if chunk:
+                yield {"line": np.array(chunk, dtype=object)}
 
-
-def _text_lines(logged: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def convert(batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        texts = [str(t) for t in batch["text"] if str(t).strip()]
-        if not logged:
-            return {"line": np.array(texts, dtype=object)}
-        rows = []
-        lines = []
-        for text in texts:
-            try:
-                rows.append(json.loads(text))
-            except json.JSONDecodeError:
-                lines.append(text)
-        return {"line": np.array(lines + lines_of_rows(rows, True), dtype=object)}
-
-    return convert
+    return read
 
 
-def _groups(files: Sequence[InputFile]) -> list[tuple[str, bool, list[InputFile]]]:
-    """Consecutive files of one kind, read by one reader each: few operators, so that a small
-    cluster's CPUs are not split among many readers waiting on one another."""
-    groups: list[tuple[str, bool, list[InputFile]]] = []
-    for file in files:
-        if groups and groups[-1][0] == file.kind and groups[-1][1] == file.logged \
-                and groups[-1][2][0].filesystem == file.filesystem:
-            groups[-1][2].append(file)
-        else:
-            groups.append((file.kind, file.logged, [file]))
-    return groups
+def _export_rows(file: InputFile) -> Iterator[str]:
+    """Every row of an export's part, as JSON text."""
+    import orjson
+    import pyarrow.parquet as pq
+
+    if file.kind == JSONL:
+        with file.filesystem.open_input_stream(file.path) as handle:
+            yield from (line.decode("utf-8") for line in handle.read().splitlines() if line.strip())
+        return
+    with file.filesystem.open_input_file(file.path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_LINES):
+            yield from (orjson.dumps(row).decode() for row in batch.to_pylist())
 
 
-def _read(ray: Any, kind: str, group: list[InputFile]) -> Any:
-    paths = [f.path for f in group]
-    if kind == JSONL:
-        return ray.data.read_text(paths, filesystem=group[0].filesystem, num_cpus=READ_CPUS)
-    return ray.data.read_parquet(paths, filesystem=group[0].filesystem, num_cpus=READ_CPUS)
-
-
-def dataset(files: Sequence[InputFile]) -> Any:
-    """One dataset of JSON texts (column `line`) over every file, in order."""
+def dataset(files: Sequence[InputFile], *, rows: bool = False) -> Any:
+    """One dataset of JSON texts (column `line`) over every file, in order. The files are read in
+    Ray tasks (each node reads its share from the object store) by the local engine's reader:
+    Ray Data's own file readers list files in a task that asks a whole CPU, which deadlocked a
+    small cluster whose CPUs the judging actors held."""
     ray = ray_module()
-    parts = []
-    for kind, logged, group in _groups(files):
-        part = _read(ray, kind, group)
-        if kind == JSONL:
-            part = part.map_batches(_text_lines(logged), batch_format="numpy", num_cpus=READ_CPUS)
-        else:
-            part = part.map_batches(_as_lines(logged), batch_format="pyarrow", num_cpus=READ_CPUS)
-        parts.append(part)
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    names = ray.data.from_items([{"file": pickle.dumps(f)} for f in files], override_num_blocks=len(files))
+    return names.map_batches(_file_rows(rows), batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
 
 
 def run_impact_ray(policies: PolicySet, old: str, new: str, locations: Sequence[str], *,
@@ -204,7 +189,7 @@ class _Replayer:
         from engine.replay import ReplaySummary, replay_record
 
         summary = ReplaySummary()
-        rows = batch.to_pylist() if hasattr(batch, "to_pylist") else [json.loads(str(t)) for t in batch["text"]]
+        rows = [json.loads(str(text)) for text in batch["line"]]
         for row in rows:
             logged_at = row.get("logged_at") or ""
             if (self.since and logged_at < self.since) or (self.until and logged_at >= self.until):
@@ -232,12 +217,10 @@ def run_replay_ray(folder: str, *, since: str | None = None, until: str | None =
     files = resolve([folder])
     contents = ExportArchive(folder).contents  # by digest: what each actor loads from memory
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parts = []
-    for kind, _, group in _groups(files):
-        parts.append(_read(ray, kind, group).map_batches(
-            _Replayer, fn_constructor_args=(contents, since and log_time(since), until and log_time(until)),
-            batch_size=CHUNK, batch_format="numpy" if kind == JSONL else "pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS))
+    parts = [dataset(files, rows=True).map_batches(
+        _Replayer, fn_constructor_args=(contents, since and log_time(since), until and log_time(until)),
+        batch_size=CHUNK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=ACTOR_CPUS)] if files else []
     summary = ReplaySummary()
     if not parts:
         return summary
