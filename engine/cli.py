@@ -473,9 +473,9 @@ def _replay_window(args: argparse.Namespace) -> int:
 
 def _replay_ray(args: argparse.Namespace, keys: Any, since: str | None, until: str | None) -> Any:
     """The export's chain checked here first (the walk of `log verify`), then replayed on Ray."""
+    from engine.decisionlog import Breach
     from engine.logexport import verify_export
     from engine.rayengine import run_replay_ray
-    from engine.decisionlog import Breach
     from engine.replay import ReplaySummary
 
     check = verify_export(args.from_export, keys)

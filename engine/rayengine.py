@@ -176,8 +176,6 @@ class _Replayer:
 
     def __init__(self, contents: Mapping[str, tuple[str, dict[str, str]]], since: str | None,
                  until: str | None) -> None:
-        from engine.replay import WHOLE_SET  # noqa: F401 - the archive's names, as the driver's
-
         self.archive = _Contents(contents)
         self.since, self.until = since, until
         self.engines: dict[tuple[str, str], Any] = {}

@@ -14,7 +14,7 @@ from engine.decider import Engine
 from engine.decisionlog import Store, new_record, open_store
 from engine.errors import RequestError
 from engine.generator import generate_requests
-from engine.logexport import ExportManifest, export_log, read_records, verify_export
+from engine.logexport import ExportManifest, export_log, read_records, record_of, verify_export
 
 START = datetime(2025, 7, 1, 23, 0, tzinfo=UTC)
 
@@ -57,7 +57,7 @@ def test_an_export_holds_every_record_and_verifies_alone(store: Store, tmp_path:
     assert [r.to_dict() for r in exported] == [r.to_dict() for r in store.query()]
     assert {r.policy_digest for r in exported if r.policy_digest} == set(manifest.policy_digests)
     check = verify_export(tmp_path / "out")
-    assert check.ok and check.records == 120
+    assert check.exit_code == 0 and check.records == 120 and check.unkeyed == 120
     store.close()
 
 
@@ -95,7 +95,8 @@ def test_a_window_is_one_piece_of_chain(store: Store, tmp_path: Path) -> None:
     assert records[0].logged_at >= "2025-07-02T06:00:00" and records[-1].logged_at < "2025-07-03"
     assert [r.seq for r in records] == list(range(records[0].seq, records[0].seq + len(records)))
     assert manifest.records == len(records) == 36
-    assert verify_export(tmp_path / "w").ok
+    check = verify_export(tmp_path / "w")
+    assert check.exit_code == 0 and check.records == 36
 
 
 def test_the_command_says_what_it_wrote(store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,10 +106,48 @@ def test_the_command_says_what_it_wrote(store: Store, tmp_path: Path, capsys: py
     assert "wrote 120 records (seq 1..120) as parquet in 6 part(s) over 4 day(s)" in said
     assert "day=2025-07-02: 47 records" in said
     assert main(["log", "verify", "--export", str(tmp_path / "x")]) == 0
-    assert "ok: the chain holds over the 120 records" in capsys.readouterr().out
+    assert "ok: the chain holds over 120 records" in capsys.readouterr().out
     assert main(["log", "export", "--data", str(data), "-o", str(tmp_path / "x")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["log", "verify", "--export", str(tmp_path)]) == 2
     assert "no manifest" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
     assert manifest["columns"][-2:] == ["prev_hash", "hash"]
+
+
+def test_a_keyed_export_is_checked_as_log_verify_checks_the_log(tmp_path: Path, engine: Engine,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The same walk as `log verify`: MACs checked with the key, a wrong key or a chain re-made
+    without it named, and a whole export compared with the signed checkpoints it reaches."""
+    from engine.logcheck import verify_log
+    from engine.logkeys import generate_keys, read_mac_keys
+
+    generate_keys(tmp_path / "keys")
+    (tmp_path / "other.key").write_text("ab" * 32 + "\n")
+    keys = read_mac_keys(tmp_path / "keys" / "log-mac.key")
+    store = open_store(str(tmp_path / "data" / "decisions.db"), keys=keys)
+    write_log(store, engine, count=40)
+    export_log(store, tmp_path / "out", file_format="jsonl")
+    check = verify_export(tmp_path / "out", keys)
+    assert check.exit_code == 0 and check.keyed == 40 and check.unchecked == 0
+    assert check.records == verify_log(store, None, {}).records == 40
+    assert verify_export(tmp_path / "out").unchecked == 40  # without the key: links only, and said so
+    mac = str(tmp_path / "keys" / "log-mac.key")
+    assert main(["log", "verify", "--export", str(tmp_path / "out"), "--mac-key-file", mac]) == 0
+    assert "40 with a keyed MAC" in capsys.readouterr().out
+    assert main(["log", "verify", "--export", str(tmp_path / "out"),
+                 "--mac-key-file", str(tmp_path / "other.key")]) == 1
+    assert "not among the keys given" in capsys.readouterr().out
+
+    # Re-made without the key (plain SHA-256 from a part's third record on): links hold, the MAC walk does not.
+    part = max((tmp_path / "out").glob("day=*/*.jsonl"), key=lambda p: len(p.read_text().splitlines()))
+    rows = [json.loads(line) for line in part.read_text().splitlines()]
+    from engine.decisionlog import record_hash
+
+    for row in rows[2:]:
+        row["prev_hash"] = rows[rows.index(row) - 1]["hash"]
+        row["hash"] = record_hash(record_of(row, parse=False).content(), row["prev_hash"])
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check = verify_export(tmp_path / "out", keys)
+    assert check.breach is not None and check.breach.seq == rows[2]["seq"] and "unkeyed record after keyed" in check.breach.problem
+    store.close()

@@ -113,8 +113,14 @@ class TestWholeLogReplay:
         assert {"missing_field", "unknown_version"} <= codes  # rejections past the schema check carry a digest
         summary = replay_records(store, records)
         assert summary.total == len(records) and summary.reproduced == len(records), summary.describe()
+        # One archive entry per load for the whole set (what unknown_version rejections name), read back by replay.
+        import sqlite3
+
+        with sqlite3.connect(data / "decisions.db") as db:
+            sets = db.execute("SELECT digest FROM policy_contents WHERE version = '(set)'").fetchall()
+        assert len(sets) == 1 and sets[0][0] in {r.policy_digest for r in late}
         assert main(["replay", "--data", str(data)]) == 0
-        assert f"{len(records)} logged decisions replayed: {len(records)} reproduced, 0 differ" \
+        assert f"{len(records)} logged records replayed: {len(records)} reproduced, 0 differ" \
             in capsys.readouterr().out
         export_log(store, tmp_path / "export", file_format="jsonl")
         assert main(["replay", "--from-export", str(tmp_path / "export"), "--format", "json"]) == 0
@@ -145,7 +151,16 @@ class TestWholeLogReplay:
         assert f"differs {forged.decision_id}" in text and "cannot replay 1: the policy content sha256:gone" in text
         since = records[10].logged_at
         assert main(["replay", "--data", str(data), "--since", since]) == 0
-        assert f"{len(records) - 10} logged decisions replayed" in capsys.readouterr().out
+        assert f"{len(records) - 10} logged records replayed" in capsys.readouterr().out
+
+        # The window goes through the chain walk of `log verify` first: an altered record stops it.
+        import sqlite3
+
+        with sqlite3.connect(data / "decisions.db") as db:
+            db.execute("UPDATE decisions SET duration_us = duration_us + 1 WHERE seq = 12")
+        assert main(["replay", "--data", str(data), "--format", "json"]) == 1
+        body = json.loads(capsys.readouterr().out)
+        assert body["chain"].startswith("BROKEN at record 12") and body["replayed"] == 11
 
 
 # --- Ray: a local cluster of 2 CPUs, started once -------------------------------------------------------------
