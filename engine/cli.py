@@ -141,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     impact.add_argument("--since", help="with --from-log: logged at or after (RFC 3339)")
     impact.add_argument("--until", help="with --from-log: logged before (RFC 3339)")
     impact.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    impact.add_argument("--new-policies", metavar="DIR",
+                        help="take the new version from another policy folder (e.g. a branch being reviewed)")
     _log_options(impact)
     impact.add_argument("--workers", type=int, default=None,
                         help="processes, or Ray actors (default: one per core of the machine or cluster)")
@@ -364,14 +366,26 @@ def _diff(args: argparse.Namespace) -> int:
 @_audit_handler
 def _impact(args: argparse.Namespace) -> int:
     from engine.impact import render, run_impact
+    from engine.inputs import InputError, numbered_lines, resolve
 
-    policies = load_policies(args.policies)
-    for name in (args.old, args.new):
-        if policies.get(name) is None:
-            print(f"no version '{name}' in {args.policies}", file=sys.stderr)
+    if args.requests and args.requests != ["-"]:
+        try:
+            resolve(args.requests)  # every path checked before any work
+        except InputError as exc:
+            print(f"cannot read the requests: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-    from engine.inputs import InputError, request_lines, resolve
-
+    try:  # as `check` says it: every problem, exit 1
+        policies = load_policies(args.policies)
+        new_policies = load_policies(args.new_policies) if args.new_policies else None
+    except PolicyLoadError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for name, found, where in ((args.old, policies, args.policies),
+                               (args.new, new_policies or policies, args.new_policies or args.policies)):
+        if found.get(name) is None:
+            print(f"no version '{name}' in {where}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    new_label = f"{args.new} of {args.new_policies}" if args.new_policies else None
     if args.engine == "ray":
         from engine.rayengine import RayUnavailableError, run_impact_ray
 
@@ -379,8 +393,8 @@ def _impact(args: argparse.Namespace) -> int:
             print("--engine ray reads files (export the log first: bindpolicy log export)", file=sys.stderr)
             return EXIT_BAD_INPUT
         try:
-            report = run_impact_ray(policies, args.old, args.new, args.requests, address=args.address,
-                                    workers=args.workers)
+            report = run_impact_ray(policies, args.old, args.new, args.requests, new_policies=new_policies,
+                                    new_label=new_label, address=args.address, workers=args.workers)
         except RayUnavailableError as exc:
             print(exc, file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -389,25 +403,31 @@ def _impact(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         _write(render(report, args.format), args.output)
         return 0
+    lines: Iterator[tuple[str, str]]
     if args.from_log:
-        lines: Iterator[str] = _store(args).requests(args.since, args.until)
+        lines = _logged_requests(_store(args), args.since, args.until)
     elif args.requests == ["-"]:
-        lines = iter(sys.stdin)
+        lines = ((f"stdin:{number}", line) for number, line in enumerate(sys.stdin, start=1))
     else:
-        try:
-            resolve(args.requests)  # every path checked before any work
-        except InputError as exc:
-            print(f"cannot read the requests: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        lines = request_lines(args.requests)
+        lines = numbered_lines(args.requests)
     try:
-        report = run_impact(args.policies, args.old, args.new, lines, workers=args.workers,
-                            progress=None if args.quiet else sys.stderr)
+        report = run_impact(policies, args.old, args.new, lines, new_policies=new_policies, new_label=new_label,
+                            workers=args.workers, progress=None if args.quiet else sys.stderr)
     except InputError as exc:
         print(f"cannot read the requests: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _write(render(report, args.format), args.output)
     return 0
+
+
+def _logged_requests(store: Any, since: str | None, until: str | None) -> Iterator[tuple[str, str]]:
+    """The decided requests of the log, each with where it was read and judged at its logged time."""
+    from engine.decisionlog import LogRecord
+    from engine.inputs import judged_request
+
+    for item in store.scan(since=since, until=until, outcome="decided"):
+        if isinstance(item, LogRecord) and isinstance(item.request_text, str):  # `log verify` names the others
+            yield f"log record {item.seq} ({item.decision_id})", judged_request(item.request_text, item.response_text)
 
 
 @_audit_handler

@@ -41,10 +41,7 @@ class InputFile:
     path: str
     kind: str  # JSONL or PARQUET
     logged: bool  # a log export's part: keep decided records, judged at their logged time
-
-    @property
-    def name(self) -> str:
-        return self.path
+    name: str = ""  # as reports show it (relative to the working folder, named where it was resolved)
 
 
 def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
@@ -72,7 +69,7 @@ def resolve(locations: Sequence[str]) -> list[InputFile]:
             kind = _kind(path)
             if kind is None:
                 raise InputError(f"{location}: not a .jsonl or .parquet file")
-            files.append(InputFile(fs, path, kind, logged=False))
+            files.append(InputFile(fs, path, kind, logged=False, name=_shown(fs, path)))
             continue
         manifest = path.rstrip("/") + "/" + MANIFEST
         if fs.get_file_info(manifest).type == pafs.FileType.File:
@@ -82,7 +79,7 @@ def resolve(locations: Sequence[str]) -> list[InputFile]:
         inside = sorted(i.path for i in found if i.type == pafs.FileType.File and _kind(i.path))
         if not inside:
             raise InputError(f"{location}: no .jsonl or .parquet file in this folder")
-        files += [InputFile(fs, p, _kind(p) or JSONL, logged=False) for p in inside]
+        files += [InputFile(fs, p, _kind(p) or JSONL, logged=False, name=_shown(fs, p)) for p in inside]
     return files
 
 
@@ -99,7 +96,8 @@ def _export_parts(fs: pafs.FileSystem, root: str, manifest_path: str) -> list[In
         kind = manifest["file_format"]
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{manifest_path}: unreadable export manifest: {exc}") from exc
-    return [InputFile(fs, f"{root}/{p['path']}", kind, logged=True) for p in parts]
+    return [InputFile(fs, f"{root}/{p['path']}", kind, logged=True, name=_shown(fs, f"{root}/{p['path']}"))
+            for p in parts]
 
 
 def judged_request(request_text: str, response_text: str | None) -> str:
@@ -113,51 +111,73 @@ def judged_request(request_text: str, response_text: str | None) -> str:
         return request_text
 
 
-def lines_of_rows(rows: list[dict[str, Any]], logged: bool) -> list[str]:
-    """JSON text per request, from Parquet rows (a `request` column of text, or one request per row)."""
+def lines_of_rows(rows: list[dict[str, Any]], logged: bool, name: str = "",
+                  first_row: int = 1) -> list[tuple[str, str]]:
+    """(where, JSON text) per request, from Parquet rows (a `request` column of text, or one request
+    per row); `where` is the file's name and the row's number (and a logged record's seq)."""
     out = []
-    for row in rows:
+    for number, row in enumerate(rows, start=first_row):
         if logged and row.get("outcome") != "decided":
             continue
+        where = f"{name} row {number}" + (f" (seq {row.get('seq')})" if logged and "seq" in row else "")
         request = row.get("request") if "request" in row else None
         if isinstance(request, str):
-            out.append(judged_request(request, row.get("response") if isinstance(row.get("response"), str)
-                                      else None))
+            out.append((where, judged_request(request, row.get("response") if isinstance(row.get("response"), str)
+                                              else None)))
         else:
-            out.append(orjson.dumps(row, default=str).decode())
+            out.append((where, orjson.dumps(row, default=str).decode()))
     return out
 
 
-def read_lines(file: InputFile) -> Iterator[str]:
-    """One JSON text per request of a file, streamed."""
+def _shown(filesystem: pafs.FileSystem, path: str) -> str:
+    """A file's name as reports show it: relative to the working folder when inside it."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def read_lines(file: InputFile) -> Iterator[tuple[str, str]]:
+    """(where, JSON text) for each request of a file, streamed: `file:line` for JSON Lines,
+    `file row N` for Parquet (with the seq of a logged record)."""
+    name = file.name or file.path
     try:
         if file.kind == PARQUET:
             with file.filesystem.open_input_file(file.path) as handle:
                 parquet = pq.ParquetFile(handle)
                 names = parquet.schema_arrow.names
-                columns = [c for c in ("request", "response", "outcome") if c in names] if "request" in names \
-                    else None
+                columns = [c for c in ("seq", "request", "response", "outcome") if c in names] \
+                    if "request" in names else None
+                row = 1
                 for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                    yield from lines_of_rows(batch.to_pylist(), file.logged)
+                    yield from lines_of_rows(batch.to_pylist(), file.logged, name, row)
+                    row += batch.num_rows
             return
         with file.filesystem.open_input_stream(file.path) as handle:
-            for raw in io.TextIOWrapper(handle, encoding="utf-8", errors="replace"):
+            for number, raw in enumerate(io.TextIOWrapper(handle, encoding="utf-8", errors="replace"), start=1):
                 if not raw.strip():
                     continue
                 if not file.logged:
-                    yield raw
+                    yield f"{name}:{number}", raw
                     continue
                 try:
                     row = orjson.loads(raw)
                 except orjson.JSONDecodeError:
-                    yield raw  # judged as bad input, as any other broken line
+                    yield f"{name}:{number}", raw  # judged as bad input, as any other broken line
                     continue
-                yield from lines_of_rows([row], logged=True)
+                for _, text in lines_of_rows([row], logged=True):
+                    yield f"{name}:{number} (seq {row.get('seq')})", text
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{file.name}: {exc}") from exc
 
 
-def request_lines(locations: Sequence[str]) -> Iterator[str]:
-    """Every request of every path, in order, as JSON text."""
+def numbered_lines(locations: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(where, JSON text) for every request of every path, in order."""
     for file in resolve(locations):
         yield from read_lines(file)
+
+
+def request_lines(locations: Sequence[str]) -> Iterator[str]:
+    """Every request of every path, in order, as JSON text."""
+    for _, text in numbered_lines(locations):
+        yield text

@@ -1,11 +1,12 @@
 """Impact and replay on Ray Data: the same judging as the local engine, spread over a cluster.
 
 Files are read in Ray tasks by the local engine's reader (through pyarrow's file systems, so
-every node reads its own share from an object store), requests are judged in `map_batches` by actors that each load the
-engine once, and only small partial reports come back to be merged in input order, so that the
-report is the local engine's, figure for figure. Policy sets travel by digest: the driver puts
-each content in Ray's object store under its digest, and an actor loads it from memory and
-checks that it rebuilds that digest. Ray is an optional extra: `pip install 'bindpolicy[ray]'`.
+every node reads its own share from an object store), requests are judged in `map_batches` by
+actors that each load the engine once, and only small partial reports come back to be merged
+in input order, so that the report is the local engine's, figure for figure. Policy sets
+travel by digest: each side's set (two when --new-policies names another checkout) goes in the
+actors' arguments keyed by its digest, and an actor loads it from memory and checks that it
+rebuilds that digest. Ray is an optional extra: `pip install 'bindpolicy[ray]'`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.decider import Engine
-from engine.impact import CHUNK, ImpactReport, judge
+from engine.impact import CHUNK, ImpactReport, Sides, judge_engines, load_shipped, parse_lines
 from engine.inputs import JSONL, InputFile, resolve
-from engine.loader import load_policies
-from engine.sources import MemorySource
 from engine.versions import PolicySet
 
 # Actors holding every CPU would leave none for the tasks that feed them (Ray Data's file
@@ -63,42 +61,20 @@ def connect(address: str | None = None) -> Any:
     return ray
 
 
-def ship(policies: Iterable[Any]) -> dict[str, dict[str, str]]:
-    """Each version's content by its digest: what the workers load (Ray Data puts the actors'
-    arguments in the object store once; a reference inside them would block the actor's start)."""
-    return {version.digest: dict(version.sources) for version in policies}
-
-
-def load_shipped(contents: Mapping[str, Mapping[str, str]], runtime: str, **engine_options: Any) -> Engine:
-    """On a worker: one engine over the shipped contents, each checked against its digest."""
-    files: dict[str, str] = {}
-    for content in contents.values():
-        files.update(content)
-    policies = load_policies(MemorySource(files, label="shipped policies"))
-    loaded = {v.digest for v in policies}
-    missing = [d for d in contents if d not in loaded]
-    if missing:
-        raise RuntimeError(f"shipped policy contents do not rebuild their digests: {missing}")
-    return Engine(policies, runtime=runtime, **engine_options)
-
-
 class _ImpactJudge:
-    """A Ray actor: loads the engine once, then judges batch after batch."""
+    """A Ray actor: loads each side's policy set once (shipped by digest, checked against it on
+    arrival), then judges batch after batch."""
 
-    def __init__(self, contents: Mapping[str, Any], runtime: str, old: str, new: str, now: datetime) -> None:
-        self.engine = load_shipped(contents, runtime)
-        self.old, self.new, self.now = old, new, now
+    def __init__(self, sides: Sides, runtime: str, now: datetime) -> None:
+        engines = load_shipped(sides.contents, runtime)
+        self.old, self.new = (engines[sides.old_digest], sides.old), (engines[sides.new_digest], sides.new)
+        self.labels, self.now = sides.labels, now
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        requests = []
-        for line in batch["line"]:
-            try:
-                requests.append(json.loads(line))
-            except json.JSONDecodeError:
-                requests.append(None)
-        report = judge(self.engine, self.old, self.new, requests, self.now)
+        report = judge_engines(self.old, self.new, parse_lines(str(t) for t in batch["line"]), self.now,
+                               labels=self.labels, origins=[str(o) for o in batch["origin"]])
         return {"report": np.array([pickle.dumps(report)], dtype=object)}
 
 
@@ -106,36 +82,42 @@ def _file_rows(rows: bool) -> Callable[[dict[str, Any]], Iterator[dict[str, Any]
     """Read the files named in a batch, in a Ray task, with the local engine's own reader (so the
     same lines come out), a few thousand at a time; `rows`: a log export's rows, for replay."""
     def read(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        import numpy as np
 
         from engine.inputs import read_lines
 
         for blob in batch["file"]:
             file: InputFile = pickle.loads(blob)
-            chunk: list[str] = []
-            for text in (_export_rows(file) if rows else read_lines(file)):
-                chunk.append(text)
+            chunk: list[tuple[str, str]] = []
+            for item in (_export_rows(file) if rows else read_lines(file)):
+                chunk.append(item)
                 if len(chunk) >= BLOCK_LINES:
-                    yield {"line": np.array(chunk, dtype=object)}
+                    yield _block(chunk)
                     chunk = []
             if chunk:
-                yield {"line": np.array(chunk, dtype=object)}
+                yield _block(chunk)
 
     return read
 
 
-def _export_rows(file: InputFile) -> Iterator[str]:
+def _block(chunk: list[tuple[str, str]]) -> dict[str, Any]:
+    import numpy as np
+
+    return {"origin": np.array([o for o, _ in chunk], dtype=object), "line": np.array([t for _, t in chunk],
+                                                                                       dtype=object)}
+
+
+def _export_rows(file: InputFile) -> Iterator[tuple[str, str]]:
     """Every row of an export's part, as JSON text."""
     import orjson
     import pyarrow.parquet as pq
 
     if file.kind == JSONL:
         with file.filesystem.open_input_stream(file.path) as handle:
-            yield from (line.decode("utf-8") for line in handle.read().splitlines() if line.strip())
+            yield from (("", line.decode("utf-8")) for line in handle.read().splitlines() if line.strip())
         return
     with file.filesystem.open_input_file(file.path) as handle:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=BLOCK_LINES):
-            yield from (orjson.dumps(row).decode() for row in batch.to_pylist())
+            yield from (("", orjson.dumps(row).decode()) for row in batch.to_pylist())
 
 
 def dataset(files: Sequence[InputFile], *, rows: bool = False) -> Any:
@@ -149,19 +131,21 @@ def dataset(files: Sequence[InputFile], *, rows: bool = False) -> Any:
 
 
 def run_impact_ray(policies: PolicySet, old: str, new: str, locations: Sequence[str], *,
+                   new_policies: PolicySet | None = None, new_label: str | None = None,
                    address: str | None = None, workers: int | None = None, runtime: str = "native",
                    now: datetime | None = None) -> ImpactReport:
-    """Judge every request of `locations` under `old` and `new` on Ray; the local engine's report."""
+    """Judge every request of `locations` under `old` and `new` (from `new_policies` when given)
+    on Ray; the local engine's report, figure for figure."""
     ray = connect(address)
     files = resolve(locations)
     now = now or datetime.now(UTC)
     started = time.perf_counter()
-    shipped = ship(v for v in policies if v.name in (old, new))
+    sides = Sides.of(policies, old, new, new_policies, new_label)
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     judged = dataset(files).map_batches(
-        _ImpactJudge, fn_constructor_args=(shipped, runtime, old, new, now), batch_size=CHUNK,
+        _ImpactJudge, fn_constructor_args=(sides, runtime, now), batch_size=CHUNK,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=ACTOR_CPUS)
-    report = ImpactReport(old, new)
+    report = ImpactReport(*sides.labels)
     for row in judged.iter_rows():
         report.merge(pickle.loads(row["report"]))
     report.seconds = time.perf_counter() - started

@@ -139,15 +139,25 @@ def _build(store: PolicyArchive, digest: str, runtime: str) -> _Built:
     unsafe = [name for name in source.files if not SAFE_NAME.fullmatch(name)]
     if unsafe:  # the stored names are not under the chain's protection: only policy files are read
         return _Built(None, status=CANNOT, why=f"stored file names are not policy files: {unsafe}")
-    engine = _engine(source, runtime)
-    if whole:
-        rebuilt = engine.policies.digest == digest
-    else:
-        judged = engine.policies.get(source.version)
-        rebuilt = judged is not None and judged.digest == digest
-    if not rebuilt:
-        return _Built(None, status=CANNOT, why="the stored content does not rebuild that version")
+    key = (digest, source.version, runtime)
+    engine = _LOADED.get(key)  # the content was just checked against its digest: the same content
+    if engine is None:
+        engine = _engine(source, runtime)
+        if whole:
+            rebuilt = engine.policies.digest == digest
+        else:
+            judged = engine.policies.get(source.version)
+            rebuilt = judged is not None and judged.digest == digest
+        if not rebuilt:
+            return _Built(None, status=CANNOT, why="the stored content does not rebuild that version")
+        if len(_LOADED) >= LOADED_KEPT:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = engine
     return _Built(engine, source.version)
+
+
+LOADED_KEPT = 16  # engines kept across replays in one process, by (digest, version, runtime)
+_LOADED: dict[tuple[str, str, str], Engine] = {}
 
 
 def _replay_late_rejection(engine: Engine, version: str, record: LogRecord, digest: str | None) -> ReplayResult:

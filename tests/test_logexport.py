@@ -149,5 +149,6 @@ def test_a_keyed_export_is_checked_as_log_verify_checks_the_log(tmp_path: Path, 
         row["hash"] = record_hash(record_of(row, parse=False).content(), row["prev_hash"])
     part.write_text("".join(json.dumps(r) + "\n" for r in rows))
     check = verify_export(tmp_path / "out", keys)
-    assert check.breach is not None and check.breach.seq == rows[2]["seq"] and "unkeyed record after keyed" in check.breach.problem
+    assert check.breach is not None and check.breach.seq == rows[2]["seq"]
+    assert "unkeyed record after keyed" in check.breach.problem
     store.close()

@@ -15,23 +15,38 @@ from flask import Flask
 
 from engine.cli import main
 from engine.decisionlog import open_store
+from engine.errors import RequestError
 from engine.generator import generate_requests
-from engine.impact import run_impact
-from engine.inputs import InputError, request_lines
+from engine.impact import render, run_impact
+from engine.inputs import InputError, numbered_lines, request_lines
 from engine.loader import load_policies
 from engine.logexport import export_log
 from engine.replay import CANNOT, DIFFERENT, REPRODUCED, replay_records
+from engine.versions import PolicySet
 
 from .conftest import NOW, POLICIES, ROOT, bind_request, make_app
 
 EXAMPLES = ROOT / "examples" / "requests.jsonl"
 
 
-def figures(report: Any) -> dict[str, Any]:
-    """The report without its timing."""
+def figures(report: Any, inputs: bool = True) -> dict[str, Any]:
+    """The report without its timing (and without where each example was read, to compare sources)."""
     data = report.to_dict()
     data.pop("seconds"), data.pop("decisions_per_second")
+    if not inputs:
+        for example in (x for g in data["groups"] for x in g["examples"]):
+            example.pop("input")
+        for rejection in data["rejections"]:
+            rejection.pop("inputs")
     return dict(data)
+
+
+def corpus(count: int = 300, seed: int = 5) -> list[str]:
+    """Generated requests, some broken (missing fields, bad values), plus a line that is not JSON,
+    one that is not an object and a blank one."""
+    lines = [json.dumps(r) for r in generate_requests(count, seed, broken=0.15)]
+    lines[7:7] = ["{not json", "[1, 2]", ""]
+    return lines
 
 
 def served_log(tmp_path: Path, count: int = 150) -> tuple[Flask, Path]:
@@ -52,9 +67,16 @@ def served_log(tmp_path: Path, count: int = 150) -> tuple[Flask, Path]:
     return app, data
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One log written by the service for the whole module (tests that alter it take a copy)."""
+    return served_log(tmp_path_factory.mktemp("served"))[1]
+
+
 class TestImpactInputs:
-    def test_jsonl_parquet_and_folders_give_one_report(self, tmp_path: Path) -> None:
-        lines = EXAMPLES.read_text().splitlines()
+    def test_jsonl_parquet_and_folders_give_one_report(self, tmp_path: Path, policies: PolicySet) -> None:
+        lines = EXAMPLES.read_text().splitlines()[:400]
+        (tmp_path / "some.jsonl").write_text("\n".join(lines) + "\n")
         texts = pa.table({"request": lines})
         pq.write_table(texts, tmp_path / "texts.parquet")
         # One request per row: a table's columns are shared, so a field absent from one row reads as null;
@@ -62,25 +84,24 @@ class TestImpactInputs:
         rows = [bind_request(), bind_request(role="channel"), bind_request(at="2024-01-01T00:00:00Z")]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
         (tmp_path / "folder").mkdir()
-        (tmp_path / "folder" / "a.jsonl").write_text("\n".join(lines[:700]) + "\n")
-        (tmp_path / "folder" / "b.jsonl").write_text("\n".join(lines[700:]) + "\n")
-        reference = figures(run_impact(POLICIES, "v1", "v2", lines, workers=1, now=NOW))
-        assert reference["requests"] == 2000 and sum(reference["flips"].values()) > 0
-        for paths in ([str(EXAMPLES)], [str(tmp_path / "texts.parquet")], [str(tmp_path / "folder")],
-                      [f"file://{EXAMPLES}"]):
-            got = figures(run_impact(POLICIES, "v1", "v2", request_lines(paths), workers=1, now=NOW))
+        (tmp_path / "folder" / "a.jsonl").write_text("\n".join(lines[:150]) + "\n")
+        (tmp_path / "folder" / "b.jsonl").write_text("\n".join(lines[150:]) + "\n")
+        reference = figures(run_impact(policies, "v1", "v2", lines, workers=1, now=NOW), inputs=False)
+        assert reference["requests"] == 400 and sum(reference["flips"].values()) > 0
+        for paths in ([str(tmp_path / "some.jsonl")], [str(tmp_path / "texts.parquet")], [str(tmp_path / "folder")],
+                      [f"file://{tmp_path / 'some.jsonl'}"]):
+            got = figures(run_impact(policies, "v1", "v2", request_lines(paths), workers=1, now=NOW), inputs=False)
             assert got == reference, paths
         by_row = list(request_lines([str(tmp_path / "rows.parquet")]))
         assert [json.loads(t) for t in by_row] == rows
 
-    def test_a_log_export_is_judged_at_its_logged_time(self, tmp_path: Path,
+    def test_a_log_export_is_judged_at_its_logged_time(self, tmp_path: Path, policies: PolicySet, served: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-        _, data = served_log(tmp_path)
-        store = open_store(str(data / "decisions.db"))
+        store = open_store(str(served / "decisions.db"))
         export_log(store, tmp_path / "export")
-        from_log = figures(run_impact(POLICIES, "v1", "v2", store.requests(), workers=1, now=NOW))
-        from_export = figures(run_impact(POLICIES, "v1", "v2", request_lines([str(tmp_path / "export")]),
-                                         workers=1, now=NOW))
+        from_log = figures(run_impact(policies, "v1", "v2", store.requests(), workers=1, now=NOW), inputs=False)
+        from_export = figures(run_impact(policies, "v1", "v2", request_lines([str(tmp_path / "export")]),
+                                         workers=1, now=NOW), inputs=False)
         assert from_export == from_log and from_log["requests"] > 100
         no_at = [json.loads(t) for t in request_lines([str(tmp_path / "export")])]
         assert all("at" in r for r in no_at)  # the request sent without `at` took its logged time
@@ -102,10 +123,75 @@ class TestImpactInputs:
         assert "pip install 'bindpolicy[ray]'" in capsys.readouterr().err
 
 
+def other_checkout(tmp_path: Path, min_age: int = 25) -> Path:
+    """The bundled policies copied, v2 raising the minimum age: a branch under review."""
+    import shutil
+
+    new = tmp_path / "new"
+    shutil.copytree(POLICIES, new)
+    with open(new / "v2" / "version.yaml", "a", encoding="utf-8") as version:
+        version.write(f"parameters:\n  min_age: {min_age}\n")
+    return new
+
+
+class TestImpactReport:
+    def test_against_another_checkout_examples_say_where_which_rule_and_what_it_read(
+            self, tmp_path: Path, engine: Any, policies: PolicySet, capsys: pytest.CaptureFixture[str]) -> None:
+        lines = corpus()
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        new = other_checkout(tmp_path)
+        report = run_impact(policies, "v2", "v2", numbered_lines([str(path)]), new_policies=new, workers=1, now=NOW)
+        data = report.to_dict()
+        # Requests read, decisions made, rejections apart: counted independently of the impact code.
+        refused = 0
+        for line in filter(None, lines):
+            try:
+                engine.decide({**json.loads(line), "policy_version": "v2"}, now=NOW)
+            except (ValueError, TypeError, RequestError):
+                refused += 1
+        assert data["requests"] == len(lines) - 1 and data["rejected"] == refused > 2
+        assert data["decided"] == data["requests"] - refused and data["decisions"] == 2 * data["decided"]
+        reasons = {r["reason"]: r for r in data["rejections"]}
+        assert reasons["not JSON"]["inputs"] == [f"{path}:8"]
+        assert reasons["not a JSON object"]["inputs"] == [f"{path}:9"]
+        assert sum(r["count"] for r in data["rejections"]) == refused
+        # Raising the minimum age only denies more, by the age rules, each example read from its line.
+        assert set(data["flips"]) and data["flips"]["deny→allow"] == 0 and data["flips"]["allow→deny"] > 0
+        for group in data["groups"]:
+            for example in group["examples"]:
+                where, number = example["input"].rsplit(":", 1)
+                assert where == str(path) and json.loads(lines[int(number) - 1]) == example["request"]
+                assert example["new"]["rule"].endswith("min-age") and example["new"]["version"] == "v2"
+                assert 18 <= example["new"]["read"]["account.age"] < 25
+                assert example["new"]["where"].startswith("v1/") and example["new"]["decision"] == "deny"
+                if group["kind"] == "allow→deny":
+                    assert example["old"]["decision"] == "allow" and example["old"]["rule"] is None
+        assert main(["impact", "v2", "v2", "--policies", str(POLICIES), "--new-policies", str(new),
+                     "--requests", str(path), "--quiet", "--workers", "1", "--format", "json"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["new"] == f"v2 of {new}" and said["flips"] == data["flips"]
+        text = render(report, "text")
+        assert f"{data['requests']} requests read: {data['decided']} decided under both" in text
+        assert f"e.g. {path}:" in text and "read account.age=" in text and "not JSON" in text
+
+    def test_policies_that_do_not_load_are_said_as_check_says_them(self, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        new = other_checkout(tmp_path)
+        (new / "v2" / "bind.yaml").write_text("rules:\n  - id: [broken\n")
+        assert main(["check", str(new)]) == 1
+        said = capsys.readouterr().out.strip()
+        assert said and "Traceback" not in said
+        for argv in (["--new-policies", str(new)], ["--policies", str(new)]):
+            assert main(["impact", "v1", "v2", *argv, "--requests", str(EXAMPLES), "--quiet"]) == 1
+            err = capsys.readouterr().err
+            assert err.strip() == said and "Traceback" not in err
+
+
 class TestWholeLogReplay:
-    def test_every_decision_of_a_served_log_reproduces(self, tmp_path: Path,
+    def test_every_decision_of_a_served_log_reproduces(self, tmp_path: Path, served: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-        _, data = served_log(tmp_path)
+        data = served
         store = open_store(str(data / "decisions.db"))
         records = list(store.query())
         late = [r for r in records if r.outcome == "rejected" and r.policy_digest]
@@ -127,9 +213,12 @@ class TestWholeLogReplay:
         body = json.loads(capsys.readouterr().out)
         assert body["replayed"] == body["reproduced"] == len(records)
 
-    def test_a_window_lists_what_differs_and_why_some_cannot(self, tmp_path: Path,
+    def test_a_window_lists_what_differs_and_why_some_cannot(self, tmp_path: Path, served: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-        _, data = served_log(tmp_path, count=30)
+        import shutil
+
+        data = tmp_path / "data"
+        shutil.copytree(served, data)
         store = open_store(str(data / "decisions.db"))
         records = list(store.query())
         altered = records[0]
@@ -177,24 +266,33 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_ray_gives_the_local_report_figure_for_figure(ray_cluster: None, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.rayengine import run_impact_ray, run_replay_ray
+def test_ray_gives_the_local_report_figure_for_figure(ray_cluster: None, tmp_path: Path, policies: PolicySet,
+                                                     served: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One Ray session for every check: a generated corpus with rejected lines, another checkout's
+    set shipped beside the first, a log export, and the whole export replayed."""
+    from engine.rayengine import run_impact_ray
 
-    policies = load_policies(POLICIES)
-    local = figures(run_impact(POLICIES, "v1", "v2", request_lines([str(EXAMPLES)]), workers=1, now=NOW))
-    on_ray = figures(run_impact_ray(policies, "v1", "v2", [str(EXAMPLES)], now=NOW))
-    assert on_ray == local and local["requests"] == 2000
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(corpus()) + "\n")
+    local = figures(run_impact(policies, "v1", "v2", numbered_lines([str(path)]), workers=1, now=NOW))
+    on_ray = figures(run_impact_ray(policies, "v1", "v2", [str(path)], now=NOW, workers=2))
+    assert on_ray == local and local["rejected"] > 2 and local["decided"] > 200 and sum(local["flips"].values())
 
-    _, data = served_log(tmp_path, count=120)
-    store = open_store(str(data / "decisions.db"))
+    new = load_policies(other_checkout(tmp_path))
+    local = figures(run_impact(policies, "v2", "v2", numbered_lines([str(path)]), new_policies=new, workers=1,
+                               now=NOW))
+    on_ray = figures(run_impact_ray(policies, "v2", "v2", [str(path)], new_policies=new, now=NOW, workers=2))
+    assert on_ray == local and local["flips"]["allow→deny"] > 0
+
+    store = open_store(str(served / "decisions.db"))
     export_log(store, tmp_path / "export")
-    local = figures(run_impact(POLICIES, "v1", "v2", request_lines([str(tmp_path / "export")]), workers=1, now=NOW))
-    on_ray = figures(run_impact_ray(policies, "v1", "v2", [str(tmp_path / "export")], now=NOW))
+    local = figures(run_impact(policies, "v1", "v2", numbered_lines([str(tmp_path / "export")]), workers=1,
+                               now=NOW))
+    on_ray = figures(run_impact_ray(policies, "v1", "v2", [str(tmp_path / "export")], now=NOW, workers=2))
     assert on_ray == local and local["requests"] > 80
 
-    replayed = run_replay_ray(str(tmp_path / "export"))
     records = sum(1 for _ in store.query())
-    assert replayed.total == replayed.reproduced == records, replayed.describe()
-    assert main(["impact", "v1", "v2", "--requests", str(EXAMPLES), "--engine", "ray", "--format", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["requests"] == 2000
+    assert main(["replay", "--from-export", str(tmp_path / "export"), "--engine", "ray", "--workers", "2",
+                 "--format", "json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["replayed"] == body["reproduced"] == records and body["chain"] == "holds"
