@@ -1,11 +1,19 @@
-"""The log beyond one machine: export, impact (local and Ray) and whole-log replay at growing sizes.
+"""The log beyond one machine: export, verify, impact (local and Ray) and replay at growing sizes.
 
-For each size (100,000 and 1,000,000 records by default) a SQLite log is written with decisions of
-generated requests (policy contents archived), then measured: `log export` to Parquet, impact over
-the export with the local engine and with Ray (a local Ray of 2 CPUs), and whole-log replay from
-the export. Each line gives seconds, records per second and peak memory (max RSS of this process;
-Ray's workers are other processes). Ray's fixed cost is measured alone: the time of an impact over
-10 records. The machine is shared: compare ratios within one run, not seconds across runs.
+For each size (100,000 and 1,000,000 records by default) a keyed SQLite log (HMAC chain, as the
+service writes with BINDPOLICY_LOG_MAC_KEY_FILE) is written with the decisions and rejections of
+generated requests (1% broken; policy contents archived), then measured:
+
+- reference: one process deciding every request of the log once, in memory (no I/O): the
+  figure every other line is a ratio to (records per second over the reference's);
+- `log export` to Parquet; `log verify --export` (MACs checked with the key);
+- impact v1 -> v2 over the export: local engine (2 processes) and Ray (a local Ray of 2 CPUs);
+- replay from the export: the whole log, and a window of one week (of the month logged).
+
+Each line gives seconds, records per second, the ratio to the reference and the peak memory of
+the phase (max RSS of a forked child that runs it alone; Ray's phases run in this process and its
+workers are other processes: not measured). Ray's fixed cost is measured alone: ray.init, then an
+impact over 10 records. The machine is shared: compare ratios within one run, not seconds across runs.
 
 Run: .venv/bin/python bench/bench_logscale.py [--sizes 100000 1000000] [--no-ray]
 """
@@ -13,44 +21,48 @@ Run: .venv/bin/python bench/bench_logscale.py [--sizes 100000 1000000] [--no-ray
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.decider import Engine  # noqa: E402
-from engine.decisionlog import LogRecord, Store, new_record, open_store  # noqa: E402
+from engine.decisionlog import ChainVerifier, LogRecord, Store, new_record, open_store  # noqa: E402
 from engine.errors import RequestError  # noqa: E402
 from engine.generator import generate_requests  # noqa: E402
 from engine.impact import run_impact  # noqa: E402
-from engine.inputs import request_lines  # noqa: E402
+from engine.inputs import numbered_lines, request_lines  # noqa: E402
 from engine.loader import load_policies  # noqa: E402
-from engine.logexport import ExportArchive, export_log, read_records  # noqa: E402
-from engine.replay import WHOLE_SET, replay_records  # noqa: E402
+from engine.logexport import ExportArchive, export_log, read_records, verify_export  # noqa: E402
+from engine.logkeys import MacKey, MacKeyring  # noqa: E402
+from engine.replay import replay_records  # noqa: E402
+from engine.sources import SET_VERSION  # noqa: E402
+from engine.versions import PolicySet  # noqa: E402
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+START = datetime(2025, 6, 1, tzinfo=UTC)
+KEYS = MacKeyring((MacKey(bytes(range(32))),))
 
 
 def write_log(store: Store, engine: Engine, count: int) -> None:
     for version in engine.policies:
         store.save_policy(version.digest, version.name, dict(version.sources))
-    store.save_policy(engine.policies.digest, WHOLE_SET, engine.policies.sources)
+    store.save_policy(engine.policies.digest, SET_VERSION, engine.policies.sources)
     batch: list[LogRecord] = []
-    start = datetime(2025, 6, 1, tzinfo=UTC)
     step = timedelta(days=30) / count  # a month of decisions: about 30 day partitions
     for index, request in enumerate(generate_requests(count, 5, broken=0.01)):
-        logged = start + step * index
+        logged = START + step * index
         decision_id = f"b{index}"
         try:
             decision = engine.decide(request, now=logged, decision_id=decision_id)
@@ -68,9 +80,34 @@ def write_log(store: Store, engine: Engine, count: int) -> None:
         store.write_many(batch)
 
 
-def line(what: str, count: int, seconds: float) -> None:
-    print(f"{what:<28} {count:>10,} records {seconds:8.1f} s {count / seconds:>10,.0f}/s  peak {peak_mib():6.0f} MiB",
-          flush=True)
+def _child(work: Callable[[], int], pipe: Any) -> None:
+    started = time.perf_counter()
+    count = work()
+    pipe.send((count, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def alone(work: Callable[[], int]) -> tuple[int, float, float]:
+    """(records, seconds, peak MiB) of `work` run in a forked child of its own."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(work, send))
+    child.start()
+    result = receive.recv()
+    child.join()
+    return result  # type: ignore[no-any-return]
+
+
+class Table:
+    def __init__(self) -> None:
+        self.reference: float | None = None
+
+    def line(self, what: str, count: int, seconds: float, peak: float | None = None) -> None:
+        rate = count / seconds
+        if self.reference is None:
+            self.reference = rate
+        memory = f"peak {peak:6.0f} MiB" if peak is not None else "peak      - (Ray)"
+        print(f"{what:<34} {count:>10,} records {seconds:8.1f} s {rate:>10,.0f}/s  x{rate / self.reference:5.2f}  "
+              f"{memory}", flush=True)
 
 
 def main() -> None:
@@ -79,42 +116,70 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
     policies = load_policies(ROOT / "policies")
-    engine = Engine(policies)
     if not args.no_ray:
         import ray
-
-        from engine.rayengine import run_impact_ray
 
         started = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         print(f"ray.init (2 CPUs): {time.perf_counter() - started:.1f} s", flush=True)
     for size in args.sizes:
+        print(f"--- {size:,} records", flush=True)
         with tempfile.TemporaryDirectory() as temp:
-            store = open_store(str(Path(temp) / "decisions.db"))
-            started = time.perf_counter()
-            write_log(store, engine, size)
-            line("write the log (SQLite)", size, time.perf_counter() - started)
-            out = Path(temp) / "export"
-            started = time.perf_counter()
-            export_log(store, out)
-            line("log export (Parquet)", size, time.perf_counter() - started)
-            started = time.perf_counter()
-            report = run_impact(ROOT / "policies", "v1", "v2", request_lines([str(out)]), workers=2, now=NOW)
-            line("impact, local (2 procs)", report.total, time.perf_counter() - started)
-            if not args.no_ray:
-                started = time.perf_counter()
-                tiny = Path(temp) / "tiny.jsonl"
-                tiny.write_text("".join(text + "\n" for text in itertools.islice(request_lines([str(out)]), 10)))
-                run_impact_ray(policies, "v1", "v2", [str(tiny)], now=NOW)
-                print(f"ray fixed cost (impact of a tiny file): {time.perf_counter() - started:.1f} s", flush=True)
-                started = time.perf_counter()
-                on_ray = run_impact_ray(policies, "v1", "v2", [str(out)], now=NOW)
-                line("impact, Ray (2 CPUs)", on_ray.total, time.perf_counter() - started)
-            started = time.perf_counter()
-            summary = replay_records(ExportArchive(out), read_records(out))
-            line("replay, whole log (1 proc)", summary.total, time.perf_counter() - started)
-            assert summary.reproduced == summary.total, summary.describe()
-            store.close()
+            measure(policies, size, Path(temp), ray_too=not args.no_ray)
+
+
+def measure(policies: PolicySet, size: int, temp: Path, *, ray_too: bool) -> None:
+    engine = Engine(policies)
+    store = open_store(str(temp / "decisions.db"), keys=KEYS)
+    started = time.perf_counter()
+    write_log(store, engine, size)
+    print(f"(the log written in {time.perf_counter() - started:.0f} s)", flush=True)
+    table = Table()
+    out = temp / "export"
+
+    def decide_once() -> int:
+        count = 0
+        for record in store.query():
+            count += 1
+            with contextlib.suppress(RequestError, TypeError, ValueError):
+                engine.decide(record.request, now=NOW, decision_id="x")
+        return count
+
+    def verify() -> int:
+        report = verify_export(out, KEYS)
+        assert report.exit_code == 0 and report.keyed == size, report.describe()
+        return report.records
+
+    def replay_all() -> int:
+        summary = replay_records(ExportArchive(out), read_records(out), ChainVerifier(KEYS))
+        assert summary.reproduced + summary.nothing == summary.total and not summary.breach, summary.describe()
+        return summary.total
+
+    def replay_week() -> int:
+        summary = replay_records(ExportArchive(out), read_records(out), ChainVerifier(KEYS),
+                                 since="2025-06-08T00:00:00.000000Z", until="2025-06-15T00:00:00.000000Z")
+        assert summary.reproduced == summary.total > 0 and not summary.breach, summary.describe()
+        return summary.total
+
+    table.line("reference: decide once, 1 process", *alone(decide_once))
+    table.line("log export (Parquet)", *alone(lambda: export_log(store, out).records))
+    table.line("log verify --export (MACs)", *alone(verify))
+    table.line("impact, local (2 processes)", *alone(
+        lambda: run_impact(policies, "v1", "v2", numbered_lines([str(out)]), workers=2, now=NOW).total))
+    if ray_too:
+        from engine.rayengine import run_impact_ray
+
+        started = time.perf_counter()
+        tiny = temp / "tiny.jsonl"
+        tiny.write_text("".join(text + "\n" for text in itertools.islice(request_lines([str(out)]), 10)))
+        run_impact_ray(policies, "v1", "v2", [str(tiny)], now=NOW)
+        print(f"Ray fixed cost (an impact of 10 records): {time.perf_counter() - started:.1f} s", flush=True)
+        started = time.perf_counter()
+        on_ray = run_impact_ray(policies, "v1", "v2", [str(out)], now=NOW)
+        table.line("impact, Ray (2 CPUs)", on_ray.total, time.perf_counter() - started)
+    table.line("replay, whole log (1 process)", *alone(replay_all))
+    table.line("replay, one week (1 process)", *alone(replay_week))
+    store.close()
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, 
     says where each request was read (a file's line, a part's row), for the examples."""
     report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
     for index, request in enumerate(requests):
-        origin = origins[index] if origins is not None else f"request {index + 1}"
+        origin = origins[index] if origins is not None else f"line {index + 1}"
         report.total += 1
         if not isinstance(request, dict):
             report.reject("not JSON" if request is NOT_JSON else "not a JSON object", origin)

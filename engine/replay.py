@@ -54,6 +54,11 @@ def replay(store: Store, decision_id: str) -> ReplayResult:
     record = store.get(decision_id)
     if record is None:
         return ReplayResult(CANNOT, decision_id, [], f"no decision '{decision_id}' in the log")
+    # The record's own hash or MAC, checked as `log verify` checks it (its links need its neighbours).
+    breach = ChainVerifier(store.keys, from_first_seen=True).feed(record)
+    if breach is not None:
+        return ReplayResult(BROKEN, decision_id, [], f"the record fails the chain check: {breach.problem}",
+                            record.policy_digest)
     return replay_record(store, record)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from engine.cli import main
 from engine.decisionlog import open_store
+from engine.logkeys import generate_keys, read_mac_keys
 
 from .conftest import bind_request
 from .test_server import call, postgres_server_url, start_server  # noqa: F401 - the fixture too
@@ -23,8 +24,11 @@ PER_THREAD = 40
 
 def test_two_replicas_one_chain_one_killed(tmp_path: Path, postgres_server_url: str,  # noqa: F811
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    first = start_server(tmp_path / "a", policies=None, database_url=postgres_server_url, workers=1)
-    second = start_server(tmp_path / "b", policies=None, database_url=postgres_server_url, workers=1)
+    generate_keys(tmp_path / "keys")  # one MAC key for every replica: one keyed chain
+    mac = str(tmp_path / "keys" / "log-mac.key")
+    env = {"BINDPOLICY_LOG_MAC_KEY_FILE": mac}
+    first = start_server(tmp_path / "a", policies=None, database_url=postgres_server_url, workers=1, env=env)
+    second = start_server(tmp_path / "b", policies=None, database_url=postgres_server_url, workers=1, env=env)
     answered: list[str] = []
     lock = threading.Lock()
     killed = threading.Event()
@@ -51,12 +55,13 @@ def test_two_replicas_one_chain_one_killed(tmp_path: Path, postgres_server_url: 
         for thread in threads:
             thread.join(timeout=120)
         assert killed.is_set() and len(answered) > PER_THREAD * 2
-        store = open_store(postgres_server_url)
+        store = open_store(postgres_server_url, keys=read_mac_keys(mac))
         logged = {r.decision_id for r in store.query()}
         assert set(answered) <= logged  # every answered decision is in the log
         assert store.verify() is None
-        assert main(["log", "verify", "--database-url", postgres_server_url]) == 0
-        assert "ok: the chain holds" in capsys.readouterr().out
+        assert main(["log", "verify", "--database-url", postgres_server_url, "--mac-key-file", mac]) == 0
+        said = capsys.readouterr().out
+        assert "ok: the chain holds" in said and f"{len(logged)} with a keyed MAC" in said
         # the surviving replica still serves and extends the same chain
         status, body = call(second.url + "/v1/decisions", bind_request())
         assert status == 200 and store.get(body["decision_id"]) is not None and store.verify() is None
