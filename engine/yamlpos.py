@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,13 @@ def parse_yaml(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]
     except AliasRefused as exc:
         mark = exc.problem_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return None, [Problem(Location(name, line, column), "yaml_alias", str(exc.problem))]
+        hint = _quote_hint(text, line)
+        if hint is not None:
+            column = hint[0]
+        return None, [Problem(Location(name, line, column), "yaml_alias", hint[1] if hint else str(exc.problem))]
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
-        return None, [Problem(Location(name, line, column), "yaml_syntax", f"YAML syntax error: {what}")]
+        line, column, message = plain_words(exc, text)
+        return None, [Problem(Location(name, line, column), "yaml_syntax", message)]
     except yaml.YAMLError as exc:
         return None, [Problem(Location(name, 1, 1), "yaml_syntax", f"YAML error: {exc}")]
     finally:
@@ -143,3 +145,66 @@ def read_yaml(path: Path, name: str) -> tuple[YamlDocument | None, list[Problem]
     except (OSError, UnicodeDecodeError) as exc:
         return None, [Problem(Location(name), "file_unreadable", f"cannot read the file: {exc}")]
     return parse_yaml(text, name)
+
+
+# --- YAML errors in plain words --------------------------------------------------------------
+
+# A value that YAML reads as a tag (!), an alias (*) or an anchor (&) when it is meant as text.
+_INDICATOR_VALUE = re.compile(r"^(?P<lead>\s*(?:- )?(?:[^\s#:][^:#]*:\s+)?)(?P<value>[!&*]\S.*?)\s*$")
+_INDICATOR = {"!": "a tag", "*": "an alias", "&": "an anchor"}
+
+
+def _quote_hint(text: str, line: int) -> tuple[int, str] | None:
+    """For a line whose value starts with !, * or &: its column, and that it must be quoted, and how."""
+    rows = text.splitlines()
+    if not 1 <= line <= len(rows):
+        return None
+    match = _INDICATOR_VALUE.match(rows[line - 1])
+    if match is None:
+        return None
+    value = match.group("value")
+    quoted = f'"{value}"' if '"' not in value else (f"'{value}'" if "'" not in value else f">-\n  {value}")
+    what = "an expression" if value[0] == "!" else "a value"
+    lead = match.group("lead").strip()
+    return match.start("value") + 1, (f"{what} that starts with `{value[0]}` must be quoted, or YAML reads it "
+                                      f"as {_INDICATOR[value[0]]}: write {lead + ' ' if lead else ''}{quoted}")
+
+
+def _indent(row: str) -> int:
+    return len(row) - len(row.lstrip(" "))
+
+
+def plain_words(exc: yaml.MarkedYAMLError, text: str) -> tuple[int, int, str]:
+    """(line, column, message) for a YAML syntax error, in plain words where the cause is a common
+    one: a tab, a value starting with !, * or &, a line indented off, an unclosed quote or bracket."""
+    mark = exc.problem_mark or exc.context_mark
+    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem, context = exc.problem or "", exc.context or ""
+    start = exc.context_mark
+    rows = text.splitlines()
+    if "'\\t'" in problem or "\t" in problem:
+        return line, column, "a tab character: YAML indents with spaces only; replace the tab with spaces"
+    hint = _quote_hint(text, line)
+    if hint is not None and ("tag" in problem or "block scalar" in context or "alias" in problem):
+        return line, hint[0], hint[1]
+    if "quoted scalar" in context and start is not None:
+        return (start.line + 1, start.column + 1,
+                f"the quote opened here (line {start.line + 1}, column {start.column + 1}) is never closed: "
+                "end the value with the same quote")
+    for kind, opening, closing in (("flow sequence", "[", "]"), ("flow mapping", "{", "}")):
+        if kind in context and start is not None:
+            return (start.line + 1, start.column + 1,
+                    f"the `{opening}` opened here (line {start.line + 1}, column {start.column + 1}) is not "
+                    f"closed before line {line}: close it with `{closing}`")
+    if ("expected <block end>" in problem or "did not find expected key" in problem
+            or "did not find expected '-'" in problem) and 1 <= line <= len(rows):
+        above = next((r for r in reversed(rows[:line - 1]) if r.strip() and not r.lstrip().startswith("#")), "")
+        level = _indent(above) + (2 if above.lstrip().startswith("- ") else 0)
+        return (line, _indent(rows[line - 1]) + 1,
+                f"line {line} is indented {_indent(rows[line - 1])} spaces, which lines up with no key above it "
+                f"(the line before is at {level}): indent it as the keys it belongs with")
+    if "mapping values are not allowed" in problem:
+        return line, column, ("a value holds ': ' (a colon and a space), which YAML reads as the start of a "
+                              "new key: quote the whole value")
+    what = " ".join(p for p in (context, problem) if p) or "invalid YAML"
+    return line, column, f"YAML syntax error: {what}"
