@@ -42,11 +42,13 @@ vendor:
 	vendor/build.sh
 
 test: lint prove-policies postgres chromium
+	$(VENV)/bin/bindpolicy fmt --check policies
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest
 
 # The fast tests only: no real servers, PostgreSQL, browsers or Ray.
 test-fast: lint check-policies
+	$(VENV)/bin/bindpolicy fmt --check policies
 	$(VENV)/bin/bindpolicy test policies
 	$(PY) -m pytest -m "not slow"
 

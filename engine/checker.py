@@ -19,7 +19,10 @@ Path = tuple[str | int, ...]
 def validator(schema_name: str, definition: str | None = None) -> Draft202012Validator:
     """A validator for a bundled schema, or for one of its $defs."""
     root = load_schema(schema_name)
-    schema = {**root, "$ref": f"#/$defs/{definition}"} if definition else root
+    if definition:  # the definition alone, without the root's own dispatch (if/then/else, for editors)
+        schema = {**{k: v for k, v in root.items() if k not in ("if", "then", "else")}, "$ref": f"#/$defs/{definition}"}
+    else:
+        schema = root
     Draft202012Validator.check_schema(root)
     return Draft202012Validator(schema, format_checker=FormatChecker())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -61,7 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     test.add_argument("--format", choices=("text", "json", "junit"), default="text",
                       help="text (default), json, or junit (JUnit XML, for CI)")
+    test.add_argument("--watch", action="store_true",
+                      help="run again whenever a file under the policy folder (or a --suite file) changes")
+    test.add_argument("--watch-interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    test.add_argument("--watch-runs", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop after N
     test.set_defaults(handler=_test)
+
+    fmt = commands.add_parser(
+        "fmt", help="put policy and suite files in the canonical layout, comments kept",
+        description="Rewrite policy files (beside a version.yaml) and suites (in tests/) in one layout: "
+                    "two-space indentation, keys in schema order, long flow lists as blocks, the "
+                    "yaml-language-server modeline last. Comments and meaning are kept (the result is "
+                    "read back and must hold the same data). With --check nothing is written: exit 1 "
+                    "if a file would change. Exit 2 for a file that is not YAML or not a policy file.")
+    fmt.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                     help="files or folders (default: policies)")
+    fmt.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is not formatted")
+    fmt.set_defaults(handler=_fmt)
 
     decide = commands.add_parser(
         "decide", help="decide a request (JSON) or a file of requests (JSON Lines)",
@@ -739,6 +756,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _test_watch(args)
+    return _test_once(args)
+
+
+def _test_once(args: argparse.Namespace) -> int:
     engine = _load(args.policies)
     if engine is None:
         return 1
@@ -750,6 +773,46 @@ def _test(args: argparse.Namespace) -> int:
     else:
         print(describe(report, args.verbose))
     return 0 if report.ok else 1
+
+
+def _test_watch(args: argparse.Namespace) -> int:
+    """Load and run the suites again whenever a policy or suite file changes; Ctrl-C stops."""
+    from engine.watch import watch
+
+    roots = [Path(args.policies), *(args.suite or [])]
+
+    def run() -> None:
+        _test_once(args)
+        print(f"-- watching {', '.join(map(str, roots))} for changes (Ctrl-C to stop)", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        watch(roots, run, interval=args.watch_interval, runs=args.watch_runs)
+    return 0
+
+
+def _fmt(args: argparse.Namespace) -> int:
+    from engine.formatter import FormatError, find_files, format_file
+
+    files, refused = find_files(args.paths or [Path(DEFAULT_POLICIES)])
+    for problem in refused:
+        print(problem, file=sys.stderr)
+    changed, failed = 0, bool(refused)
+    for path, kind in files:
+        try:
+            outcome = format_file(path, kind, check=args.check)
+        except FormatError as exc:
+            print(exc, file=sys.stderr)
+            failed = True
+            continue
+        if outcome.changed:
+            changed += 1
+            print(f"{'not formatted' if args.check else 'formatted'}: {path}")
+    verb = "would change" if args.check else "changed"
+    print(f"{len(files)} file{'s' if len(files) != 1 else ''}, {changed} {verb}"
+          + (" (run `bindpolicy fmt` to format them)" if args.check and changed else ""))
+    if failed:
+        return EXIT_BAD_INPUT
+    return 1 if args.check and changed else 0
 
 
 def _decide(args: argparse.Namespace) -> int:
