@@ -27,6 +27,11 @@ class Node:
     pass
 
 
+# The node shapes. Operators of one shape share it; each operator is a subclass that only names
+# it, so that `isinstance(node, And)` reads as the tree does, and the tables below say how each
+# one is parsed and printed.
+
+
 @dataclass(frozen=True)
 class Lit(Node):
     value: Any  # bool, int, float, str, None, or a tuple of those (a list literal)
@@ -38,25 +43,32 @@ class Var(Node):
 
 
 @dataclass(frozen=True)
-class Select(Node):
+class Member(Node):
+    """`base.field`, or a test on it."""
+
     base: Node
     field: str
 
 
-@dataclass(frozen=True)
-class Has(Node):
-    base: Node
-    field: str
+class Select(Member):
+    """`base.field`"""
+
+
+class Has(Member):
+    """`has(base.field)`"""
 
 
 @dataclass(frozen=True)
-class Not(Node):
+class Unary(Node):
     operand: Node
 
 
-@dataclass(frozen=True)
-class Neg(Node):
-    operand: Node
+class Not(Unary):
+    """`!operand`"""
+
+
+class Neg(Unary):
+    """`-operand`"""
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,19 @@ class Binary(Node):
 
 
 @dataclass(frozen=True)
-class And(Node):
+class Logic(Node):
+    """A logical operator: CEL's error-absorbing `&&` and `||` (Binary's operators are strict)."""
+
     left: Node
     right: Node
 
 
-@dataclass(frozen=True)
-class Or(Node):
-    left: Node
-    right: Node
+class And(Logic):
+    """`left && right`"""
+
+
+class Or(Logic):
+    """`left || right`"""
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,9 @@ class Macro(Node):
     body: Node
 
 
+# cel-python's tree names for each operator, and the node or spelling it becomes.
+_LOGIC: dict[str, type[Logic]] = {"conditionalor": Or, "conditionaland": And}
+_UNARY: dict[str, type[Unary]] = {"unary_not": Not, "unary_neg": Neg}
 _RELATIONS = {"relation_eq": "==", "relation_ne": "!=", "relation_lt": "<", "relation_le": "<=",
               "relation_gt": ">", "relation_ge": ">=", "relation_in": "in", "addition_add": "+",
               "addition_sub": "-", "multiplication_mul": "*", "multiplication_div": "/",
@@ -177,17 +196,17 @@ def _convert(tree: Any, params: Mapping[str, Any]) -> Node:
         return _convert(kids[0], params)
     if kind == "expr" and len(kids) == 3:
         return Cond(*(_convert(k, params) for k in kids))
-    if kind in ("conditionalor", "conditionaland") and len(kids) == 2:
-        left, right = _convert(kids[0], params), _convert(kids[1], params)
-        return Or(left, right) if kind == "conditionalor" else And(left, right)
+    if kind in _LOGIC and len(kids) == 2:
+        return _LOGIC[kind](_convert(kids[0], params), _convert(kids[1], params))
     if kind in ("relation", "addition", "multiplication") and len(kids) == 2:
         op = _RELATIONS.get(str(kids[0].data))
         if op is None:
             raise Uncovered(f"operator {kids[0].data}")
         return Binary(op, _convert(kids[0].children[0], params), _convert(kids[1], params))
     if kind == "unary" and len(kids) == 2:
-        operand = _convert(kids[1], params)
-        return Not(operand) if kids[0].data == "unary_not" else Neg(operand)
+        if str(kids[0].data) not in _UNARY:
+            raise Uncovered(f"operator {kids[0].data}")
+        return _UNARY[str(kids[0].data)](_convert(kids[1], params))
     if kind == "member_dot":
         base = _convert(kids[0], params)
         name = str(kids[1].value)
@@ -229,21 +248,25 @@ def _convert(tree: Any, params: Mapping[str, Any]) -> Node:
 
 # --- printing -----------------------------------------------------------------------------------
 
+# How each operator prints: its spelling and its precedence (higher binds tighter).
 _PRECEDENCE = {"?:": 0, "||": 1, "&&": 2, "==": 3, "!=": 3, "<": 3, "<=": 3, ">": 3, ">=": 3, "in": 3,
                "+": 4, "-": 4, "*": 5, "/": 5, "%": 5}
 _TOP = 6  # unary, member, primary
+_SPELLING: dict[type[Node], str] = {And: "&&", Or: "||", Not: "!", Neg: "-"}
+
+
+def _operator(node: Node) -> str | None:
+    """The infix operator of a node (`&&`, `==`, `?:`...), None for a unary, member or primary."""
+    if isinstance(node, Binary):
+        return node.op
+    if isinstance(node, Cond):
+        return "?:"
+    return _SPELLING[type(node)] if isinstance(node, Logic) else None
 
 
 def _level(node: Node) -> int:
-    if isinstance(node, Cond):
-        return 0
-    if isinstance(node, Or):
-        return 1
-    if isinstance(node, And):
-        return 2
-    if isinstance(node, Binary):
-        return _PRECEDENCE[node.op]
-    return _TOP
+    op = _operator(node)
+    return _TOP if op is None else _PRECEDENCE[op]
 
 
 def show(node: Node) -> str:
@@ -256,21 +279,14 @@ def show(node: Node) -> str:
         return _show_value(node.value)
     if isinstance(node, Var):
         return node.name
-    if isinstance(node, Select):
-        return f"{wrap(node.base, _TOP)}.{node.field}"
-    if isinstance(node, Has):
-        return f"has({wrap(node.base, _TOP)}.{node.field})"
-    if isinstance(node, Not):
-        return f"!{wrap(node.operand, _TOP)}"
-    if isinstance(node, Neg):
-        return f"-{wrap(node.operand, _TOP)}"
-    if isinstance(node, Binary):
-        level = _PRECEDENCE[node.op]
-        return f"{wrap(node.left, level)} {node.op} {wrap(node.right, level + 1)}"
-    if isinstance(node, And):
-        return f"{wrap(node.left, 2)} && {wrap(node.right, 3)}"
-    if isinstance(node, Or):
-        return f"{wrap(node.left, 1)} || {wrap(node.right, 2)}"
+    if isinstance(node, Member):
+        text = f"{wrap(node.base, _TOP)}.{node.field}"
+        return f"has({text})" if isinstance(node, Has) else text
+    if isinstance(node, Unary):
+        return f"{_SPELLING[type(node)]}{wrap(node.operand, _TOP)}"
+    if isinstance(node, Binary | Logic):  # left-associative: the right side binds one level tighter
+        level = _level(node)
+        return f"{wrap(node.left, level)} {_operator(node)} {wrap(node.right, level + 1)}"
     if isinstance(node, Cond):
         return f"{wrap(node.test, 1)} ? {wrap(node.then, 1)} : {wrap(node.other, 0)}"
     if isinstance(node, Call):
