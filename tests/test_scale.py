@@ -276,7 +276,7 @@ def test_ray_gives_the_local_report_figure_for_figure(ray_cluster: None, tmp_pat
     path.write_text("\n".join(corpus()) + "\n")
     local = figures(run_impact(policies, "v1", "v2", numbered_lines([str(path)]), workers=1, now=NOW))
     on_ray = figures(run_impact_ray(policies, "v1", "v2", [str(path)], now=NOW, workers=2))
-    assert on_ray == local and local["rejected"] > 2 and local["decided"] > 200 and sum(local["flips"].values())
+    assert on_ray == local and local["rejected"] > 2 and local["decided"] > 200
 
     new = load_policies(other_checkout(tmp_path))
     local = figures(run_impact(policies, "v2", "v2", numbered_lines([str(path)]), new_policies=new, workers=1,
