@@ -33,8 +33,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    code: int = handler(args)
+    try:
+        code: int = handler(args)
+    except PolicyLoadError as exc:  # every command says the same of policies that do not load
+        return _unloadable(exc, args)
     return code
+
+
+def _unloadable(exc: PolicyLoadError, args: argparse.Namespace, folder: str | None = None) -> int:
+    """Policies that do not load: every problem (file:line:column), exit 3, whatever the command."""
+    folder = folder or getattr(args, "policies", None)
+    print(f"the policies{f' in {folder}' if folder else ''} do not load: {exc}",
+          file=sys.stdout if getattr(args, "handler", None) is _check else sys.stderr)
+    return EXIT_BAD_POLICY
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     check = commands.add_parser(
-        "check", help="load the policies and report every problem (exit 1 on any)",
-        description="Load every policy version: schema, inheritance, CEL compilation and field "
-                    "checks. Prints every problem with file:line:column; exit 0 if none, 1 if any.")
+        "check", help="load the policies and report every problem (exit 3 on any)",
+        description="Load every policy version: schema, inheritance, CEL compilation, types and field "
+                    "checks. Prints every problem with file:line:column, and the request fields a version "
+                    "needs that its parent did not; exit 0 if none, 3 if the policies do not load (as every "
+                    "command), 1 if --prove finds a dead or shadowed rule.")
     check.add_argument("policies", nargs="?", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
     check.add_argument("--prove", action="store_true",
                        help="also prove every rule can fire and decide (fail on dead or shadowed rules)")
@@ -368,7 +381,10 @@ def _diff(args: argparse.Namespace) -> int:
     from engine.differ import diff_versions, render
 
     old_set = load_policies(args.policies)
-    new_set = load_policies(args.new_policies) if args.new_policies else old_set
+    try:
+        new_set = load_policies(args.new_policies) if args.new_policies else old_set
+    except PolicyLoadError as exc:
+        return _unloadable(exc, args, args.new_policies)
     old, new = old_set.get(args.old), new_set.get(args.new)
     for name, found, where in ((args.old, old, args.policies), (args.new, new, args.new_policies or args.policies)):
         if found is None:
@@ -682,11 +698,13 @@ def _serve(args: argparse.Namespace) -> int:
     granian's Rust front reads request lines and headers (with a timeout) and the ASGI front of
     api/front.py reads bodies on the event loop: no Python thread waits on a slow client.
     """
-    engine = _load(args.policies)
     data = Path(args.data)
-    if engine is None and not (data / LAST_GOOD).exists():
-        return 1
-    if engine is None:
+    try:
+        _load(args.policies)
+    except PolicyLoadError as exc:
+        if not (data / LAST_GOOD).exists():
+            return _unloadable(exc, args)
+        print(exc, file=sys.stderr)
         print(f"serving the last good policy set kept in the log ({data / LAST_GOOD})", file=sys.stderr)
     if not _say_how_the_log_is_kept(data):
         return 1
@@ -730,23 +748,25 @@ def _say_how_the_log_is_kept(data: Path) -> bool:
     return True
 
 
-def _load(folder: str) -> Engine | None:
-    try:
-        return Engine(load_policies(folder))
-    except PolicyLoadError as exc:
-        print(exc, file=sys.stderr)
-        return None
+def _load(folder: str) -> Engine:
+    """The engine over the policies in `folder`; a PolicyLoadError reaches main(), which says it."""
+    return Engine(load_policies(folder))
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        policies = load_policies(args.policies)
-    except PolicyLoadError as exc:
-        print(exc)
-        return 1
+    from engine.differ import new_needs
+
+    policies = load_policies(args.policies)
     for version in policies:
         print(f"ok {version.name}: {len(version.rules)} rules, {len(version.outputs)} outputs, "
               f"in force from {version.effective_from.isoformat()}, {version.digest}")
+    for version in policies:  # a contract change for callers: say it where the author looks first
+        parent = policies.get(version.extends) if version.extends else None
+        needs = new_needs(parent, version) if parent is not None else []
+        if parent is not None and needs:
+            print(f"{version.name} needs {len(needs)} request field{'s' if len(needs) != 1 else ''} that "
+                  f"{parent.name} did not (requests without them are refused, 400 missing_field):")
+            print("\n".join(f"  {need.describe()}" for need in needs))
     if policies.warnings:
         count = len(policies.warnings)
         print(f"{count} warning{'s' if count != 1 else ''} (the policies load; worth a look)")
@@ -766,8 +786,6 @@ def _test(args: argparse.Namespace) -> int:
 
 def _test_once(args: argparse.Namespace) -> int:
     engine = _load(args.policies)
-    if engine is None:
-        return 1
     report = run_suites(engine, Path(args.policies), args.suite)
     if args.format == "json":
         print(json.dumps(report_json(report), indent=2, ensure_ascii=False))
@@ -820,8 +838,6 @@ def _fmt(args: argparse.Namespace) -> int:
 
 def _decide(args: argparse.Namespace) -> int:
     engine = _load(args.policies)
-    if engine is None:
-        return EXIT_BAD_POLICY
     try:
         now = _parse_now(args.now)
     except ValueError as exc:
@@ -903,8 +919,6 @@ def _eval(args: argparse.Namespace) -> int:
         return code
 
     engine = _load(args.policies)
-    if engine is None:
-        return EXIT_BAD_POLICY
     request: dict[str, Any] = {}
     if args.request is not None:
         try:

@@ -222,7 +222,7 @@ def _build(spec: dict[str, Any], bases: dict[str, Any], doc: YamlDocument, key: 
         name = spec["from"]
         if name not in bases:
             raise _SuiteError(Problem(doc.location((*key, "from")), "unknown_base",
-                                      f"no base named '{name}' in this suite"))
+                                      f"no base named '{name}' in this suite or in {SUITE_FOLDER}/{FIXTURES}"))
         if name in seen:
             raise _SuiteError(Problem(doc.location((*key, "from")), "base_cycle",
                                       f"bases build on each other: {' -> '.join((*seen, name))}"))

@@ -85,6 +85,11 @@ class TestDiff:
         assert code == 1
         assert body["parameters"] == [{"name": "min_age", "old": 18, "new": 21}]
         assert body["rules"] == {"added": [], "removed": [], "changed": []} and body["metadata"] == []
+        # What the change reaches: both age rules, found by what they read, not by their names.
+        reach = body["parameter_reach"]
+        assert [r["parameter"] for r in reach] == ["min_age"]
+        assert [r.split(" ")[0] for r in reach[0]["reaches"]] == ["affiliate.min-age", "personal.min-age"]
+        assert body["newly_needed_fields"] == []
 
     def test_the_api_serves_the_diff(self, tmp_path: Path) -> None:
         client = make_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}").test_client()

@@ -55,8 +55,8 @@ def test_check_fails_and_lists_every_problem(write_policies: WriteFiles,
             source: s
         """})
     code, out, _ = run(["check", str(root)], capsys)
-    assert code == 1
-    assert "2 problems in the policy files" in out
+    assert code == 3  # as every command says of policies that do not load
+    assert f"the policies in {root} do not load: 2 problems in the policy files" in out
     assert "v1/rules.yaml:5:25: 'folowers' is not a field of account" in out
     assert "v1/rules.yaml:11:30: CEL syntax error" in out
 

@@ -72,7 +72,7 @@ def test_failures_gaps_and_suite_problems_are_reported(write_policies: WriteFile
                                           "rule: expected None, got adult",
                                           '  fired adult (v1/rules.yaml:2) read {"account.age": 17}']
     assert [str(p) for p in report.problems] == [
-        "tests/small.yaml:19:11: no base named 'nope' in this suite [unknown_base]"]
+        "tests/small.yaml:19:11: no base named 'nope' in this suite or in tests/fixtures.yaml [unknown_base]"]
     assert [report.coverage.rules[w][0] for w in report.coverage.never_fired()] == ["never-tested"]
     text = describe(report)
     assert "FAIL tests/small.yaml:14" in text
@@ -172,3 +172,35 @@ def test_the_test_model_shared_bases_versions_duplicates_and_empty_expectations(
     # v2 overrides `adult`, yet no case is judged under v2: the run fails, saying what is missing.
     assert "no case is judged under v2" in text
     assert text.splitlines()[-1] == "FAILED: 1 problem in the suites; coverage: 3 gaps (listed above)"
+
+
+def test_the_bundled_suites_start_from_the_shared_fixtures_and_a_suite_overrides_them(
+        engine: Engine, tmp_path: Path) -> None:
+    import yaml
+
+    shared = yaml.safe_load((POLICIES / "tests" / "fixtures.yaml").read_text())["bases"]
+    for path in sorted((POLICIES / "tests").glob("*_test.yaml")):
+        bases = yaml.safe_load(path.read_text()).get("bases", {})
+        starts = {base.get("from") for base in bases.values()}
+        # login's one small request is its own: a suite may keep a base that shares nothing.
+        assert starts & set(shared) or path.name == "login_test.yaml", f"{path.name} uses no shared base"
+    # A suite's own base replaces the shared one of that name, also where another shared base
+    # starts from it (bind-channel is `from: bind-official`).
+    suite = tmp_path / "override_test.yaml"
+    suite.write_text(textwrap.dedent("""\
+        suite: override
+        bases:
+          bind-official:
+            from: us-shop
+            request:
+              action: bind
+              role: official
+              at: "2025-07-01T00:00:00Z"
+              account: {id: a, type: personal, age: 30}
+        cases:
+          - name: the suite's own base is the one used (the shared one has every field)
+            from: bind-channel
+            expect: {error: {code: missing_field, paths: [/account/location]}}
+        """))
+    report = run_suites(engine, POLICIES, [suite])
+    assert not report.problems and [r.failures for r in report.results] == [[]], describe(report)

@@ -7,13 +7,12 @@ import json
 import sys
 from typing import Any
 
-from engine.errors import PolicyLoadError
 from engine.loader import load_policies
 from engine.prover.cel import Uncovered
 from engine.prover.rules import POSSIBLE, RulesReport, prove_rules
 from engine.versions import PolicySet
 
-EXIT_BUG = 3
+EXIT_BUG = 4  # 3 is every command's "the policies do not load"
 
 
 def add_parsers(commands: Any, default_policies: str) -> None:
@@ -36,8 +35,8 @@ def add_parsers(commands: Any, default_policies: str) -> None:
         "diff", help="can decisions flip between two versions, exactly when, and only within a condition?",
         description="allow->deny and deny->allow: possible (with a witness), impossible or unknown; the exact "
                     "condition under which decisions differ, as CEL. With --within CEL: exit 0 if every "
-                    "difference lies inside it, 1 with a counterexample, 2 unknown (3: a witness the engine "
-                    "does not confirm).")
+                    "difference lies inside it, 1 with a counterexample, 2 unknown (4: a witness the engine "
+                    "does not confirm; 3: the policies do not load).")
     diff.add_argument("old")
     diff.add_argument("new")
     diff.add_argument("--policies", default=default_policies, help="policy folder (default: policies)")
@@ -47,18 +46,13 @@ def add_parsers(commands: Any, default_policies: str) -> None:
     diff.set_defaults(handler=_prove_diff)
 
 
-def _load(folder: str) -> PolicySet | None:
-    try:
-        return load_policies(folder)
-    except PolicyLoadError as exc:
-        print(exc, file=sys.stderr)
-        return None
+def _load(folder: str) -> PolicySet:
+    """The policy set; a PolicyLoadError reaches the CLI's main(), which says it as every command does."""
+    return load_policies(folder)
 
 
 def _prove_rules(args: argparse.Namespace) -> int:
     policies = _load(args.policies)
-    if policies is None:
-        return 2
     names = args.versions or policies.names()
     missing = [n for n in names if policies.get(n) is None]
     if missing:
@@ -103,8 +97,6 @@ def _prove_diff(args: argparse.Namespace) -> int:
     from engine.prover.diff import prove_diff, render
 
     policies = _load(args.policies)
-    if policies is None:
-        return 2
     old, new = policies.get(args.old), policies.get(args.new)
     if old is None or new is None:
         print(f"no version '{args.old if old is None else args.new}' in {args.policies}", file=sys.stderr)
@@ -124,7 +116,7 @@ def _prove_diff(args: argparse.Namespace) -> int:
 
 
 def check_rules(policies: PolicySet) -> int:
-    """`check --prove`: 1 if a rule is dead or shadowed, 3 on a bug."""
+    """`check --prove`: 1 if a rule is dead or shadowed, 4 on a bug."""
     code = 0
     for version in policies:
         report = prove_rules(policies, version)

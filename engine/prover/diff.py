@@ -62,9 +62,9 @@ class DiffProof:
 
     @property
     def exit_code(self) -> int:
-        """For --within: 0 every difference lies inside, 1 a counterexample, 2 unknown (3 a bug)."""
+        """For --within: 0 every difference lies inside, 1 a counterexample, 2 unknown (4 a bug; 3 is "the policies do not load")."""
         if self.bugs:
-            return 3
+            return 4
         if self.within is None:
             return 0
         holds = self.within.get("holds")

@@ -1,0 +1,110 @@
+"""What authors and auditors see of a change: fields a version newly needs, whole rule bodies in
+`diff`, and the same clear error (never a traceback) from every command on policies that do not load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.cli import EXIT_BAD_POLICY, main
+from engine.differ import diff_versions, render
+from engine.loader import load_policies
+
+from .conftest import POLICIES
+
+NEW_RULE = """\
+  - id: personal.health
+    actions: [bind]
+    roles: [official]
+    applies_when: account.type == "personal"
+    effect: deny
+    fires_when: account.health_score < params.min_health && (!has(account.upgrade) || account.upgrade.state != "trial")
+    message: {en: "needs a health score of {params.min_health}", zh: "健康分需达到{params.min_health}"}
+    source: test
+"""
+
+
+@pytest.fixture
+def changed(tmp_path: Path) -> Path:
+    """The bundled policies, with a v2 that adds a rule reading a field v1 never needed and
+    changes a parameter."""
+    root = tmp_path / "policies"
+    shutil.copytree(POLICIES, root, ignore=shutil.ignore_patterns("tests"))
+    (root / "v2" / "bind.yaml").write_text((root / "v2" / "bind.yaml").read_text() + NEW_RULE)
+    version = root / "v2" / "version.yaml"
+    version.write_text(version.read_text() + "parameters:\n  min_health: 300\n  min_age: 21\n")
+    return root
+
+
+def test_check_and_diff_name_the_fields_a_version_newly_needs(changed: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(changed)]) == 0
+    out = capsys.readouterr().out
+    assert ("v2 needs 1 request field that v1 did not (requests without them are refused, 400 missing_field):\n"
+            "  account.health_score  (in bind/official requests; read by personal.health)\n") in out
+    policies = load_policies(changed)
+    v1, v2 = policies.get("v1"), policies.get("v2")
+    assert v1 is not None and v2 is not None
+    diff = diff_versions(v1, v2)
+    # has(account.upgrade) guards the upgrade: v2 needs its state only where it is present, as v1 did.
+    assert [(n.field, n.contexts, n.readers) for n in diff.new_needs] == [
+        ("account.health_score", ("bind/official",), ("personal.health",))]
+    assert diff_versions(v2, v1).new_needs == []  # removing a rule needs nothing new
+    text, markdown = render(diff, "text"), render(diff, "markdown")
+    assert "  ! account.health_score  (in bind/official requests; read by personal.health)" in text
+    assert "| `account.health_score` | bind/official | `personal.health` |" in markdown
+    # The whole body of the added rule, both messages included, in text and Markdown.
+    body = ["effect: deny", 'applies_when: account.type == "personal"',
+            'fires_when: account.health_score < params.min_health && (!has(account.upgrade) || '
+            'account.upgrade.state != "trial")', "message: needs a health score of {params.min_health}",
+            "message_zh: 健康分需达到{params.min_health}", "source_section: test"]
+    start = text.index("  + personal.health")
+    assert text[start:].splitlines()[3:9] == [f"      {line}" for line in body]
+    assert all(f"  {line}" in markdown for line in body)
+    # Both bodies of a changed rule; and what a changed parameter reaches, by what reads it.
+    assert "      before (v1/bind.yaml:" in text and "      after (v2/bind.yaml:4):" in text
+    assert [(r.name, [x.split(" ")[0] for x in r.rules]) for r in diff.parameter_reach] == [
+        ("min_age", ["affiliate.min-age", "personal.min-age"]), ("min_health", ["personal.health"])]
+    assert "what the changed parameters reach:\n  params.min_age:\n    affiliate.min-age (v1/affiliate.yaml:" in text
+    removed = render(diff_versions(v2, v1), "markdown")
+    assert "- **removed** `personal.health`" in removed and "  message_zh: 健康分需达到{params.min_health}" in removed
+
+
+def test_no_command_prints_a_traceback_on_policies_that_do_not_load(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(POLICIES, broken)
+    bind = broken / "v1" / "bind.yaml"
+    bind.write_text(bind.read_text().replace("account.age < params.min_age", "account.agee < params.min_age", 1))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"action": "login"}\n')
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("serve went on to start a server"))
+    folder = str(broken)
+    commands = {
+        "check": ["check", folder], "test": ["test", folder],
+        "diff": ["diff", "v1", "v2", "--policies", folder],
+        "diff --new-policies": ["diff", "v1", "v2", "--policies", str(POLICIES), "--new-policies", folder],
+        "impact": ["impact", "v1", "v2", "--policies", folder, "--requests", str(requests)],
+        "eval": ["eval", "1 + 1", "--policies", folder],
+        "decide": ["decide", str(requests), "--policies", folder],
+        "prove rules": ["prove", "rules", "--policies", folder],
+        "prove diff": ["prove", "diff", "v1", "v2", "--policies", folder],
+        "serve": ["serve", "--policies", folder, "--data", str(tmp_path / "data")],
+    }
+    said = {}
+    for name, argv in commands.items():
+        code = main(argv)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err, name
+        assert code == EXIT_BAD_POLICY, (name, code, out, err)
+        said[name] = (out + err).strip()
+    expected = (f"the policies in {folder} do not load: 1 problem in the policy files\n"
+                f"  v1/bind.yaml:{_line(bind, 'account.agee')}:25: 'agee' is not a field of account; "
+                "did you mean 'age'? [unknown_field]")
+    assert set(said.values()) == {expected}, said
+
+
+def _line(path: Path, text: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
