@@ -116,10 +116,16 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
                 "get": {"operationId": "getDecision", "summary": "A logged request and its response",
                         "security": bearer,
                         "parameters": [{"name": "decision_id", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}],
-                        "responses": {"200": _json({"type": "object", "required": ["record"],
-                                                    "properties": {"record": _ref("LogRecord")}}, "The record"),
-                                      **_errors(401, 404)}}},
+                                        "schema": {"type": "string"}},
+                                       {"name": "lang", "in": "query", "required": False,
+                                        "description": "also render the messages in this language (or send "
+                                                       "Accept-Language)", "schema": {"enum": ["en", "zh"]}}],
+                        "responses": {"200": _json({"type": "object", "required": ["record"], "properties": {
+                            "record": _ref("LogRecord"),
+                            "rendered": {"type": "object", "required": ["language"], "properties": {
+                                "language": {"enum": ["en", "zh"]}, "response": {"type": "object"},
+                                "error": {"type": "string"}}}}}, "The record"),
+                                      **_errors(400, 401, 404)}}},
             "/v1/policies": {
                 "get": {"operationId": "listPolicies", "summary": "Versions, dates, digests, the one in force",
                         "responses": {"200": _json({"type": "object", "required": ["versions", "in_force"],

@@ -21,8 +21,9 @@ from engine.decisionlog import FILTERS, BrokenRecordError, LogError, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
-from engine.messages import negotiate
+from engine.messages import LANGUAGES, negotiate
 from engine.model import PolicyVersion
+from engine.replay import render_record
 from engine.request import parse_json, strict_json
 from engine.versions import format_timestamp, parse_timestamp
 
@@ -276,7 +277,21 @@ def get_decision(decision_id: str) -> Response:
         return jsonify({"record": exc.broken.to_dict()})
     if record is None:
         return error_response(404, "unknown_decision", f"no decision '{decision_id}' in the log")
-    return jsonify({"record": record.to_dict()})
+    # ?lang=zh|en, or Accept-Language: the logged decision's messages in that language as well,
+    # rendered from the rule ids, the request and the policy content the log keeps.
+    wanted = request.args.get("lang")
+    if wanted is not None and wanted not in LANGUAGES:
+        raise RequestError("invalid_query", "the log query is not valid",
+                           [Detail("?lang", f"expected one of {', '.join(LANGUAGES)}")])
+    if wanted is None and "Accept-Language" not in request.headers:
+        return jsonify({"record": record.to_dict()})
+    language = wanted or _language()
+    rendered, why = render_record(_service().store, record, language)
+    response = jsonify({"record": record.to_dict(),
+                        "rendered": {"language": language, **({"response": rendered} if rendered is not None
+                                                               else {"error": why})}})
+    _say_language(response, language)
+    return response
 
 
 @routes.get("/v1/decisions")

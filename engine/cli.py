@@ -260,6 +260,18 @@ def _parser() -> argparse.ArgumentParser:
     _evidence_options(prove)
     prove.add_argument("-o", "--output", metavar="FILE")
     prove.set_defaults(handler=_log_prove)
+    show = log_commands.add_parser(
+        "show", help="one logged decision, its messages in the language asked",
+        description="Print (JSON) the logged record of DECISION_ID; with --lang, its response with every "
+                    "message in that language, rendered from what the log keeps (the rule ids, the request "
+                    "and the policy content by digest) and checked to reproduce the logged decision. "
+                    "Read-only. Exit 0, 1 if the record is broken or cannot be rendered, 2 if there is no "
+                    "such decision or the log could not be read.")
+    show.add_argument("decision_id")
+    _log_options(show)
+    show.add_argument("--lang", choices=LANGUAGES, default=None,
+                      help="render the messages in en (English) or zh (Simplified Chinese)")
+    show.set_defaults(handler=_log_show)
     check_proof = log_commands.add_parser(
         "verify-proof", help="check an inclusion proof with the checkpoints' public key",
         description="Exit 0 if the record is in the tree the checkpoint signs, 1 if not (altered record, "
@@ -608,6 +620,32 @@ def _log_prove(args: argparse.Namespace) -> int:
         print(f"BROKEN: {exc}", file=sys.stderr)
         return 1
     _write(json.dumps(proof, indent=1, ensure_ascii=False) + "\n", args.output)
+    return 0
+
+
+@_audit_handler
+def _log_show(args: argparse.Namespace) -> int:
+    from engine.decisionlog import BrokenRecordError
+    from engine.replay import render_record
+
+    store = _store(args)
+    try:
+        record = store.get(args.decision_id)
+    except BrokenRecordError as exc:
+        print(f"BROKEN: {exc}", file=sys.stderr)
+        return 1
+    if record is None:
+        print(f"no decision '{args.decision_id}' in the log", file=sys.stderr)
+        return 2
+    if args.lang is None:
+        print(json.dumps(record.to_dict(), indent=2, ensure_ascii=False, default=str))
+        return 0
+    rendered, why = render_record(store, record, args.lang)
+    if rendered is None:
+        print(f"cannot render {args.decision_id} in {args.lang}: {why}", file=sys.stderr)
+        return 1
+    print(json.dumps({**record.to_dict(), "rendered": {"language": args.lang, "response": rendered}},
+                     indent=2, ensure_ascii=False, default=str))
     return 0
 
 

@@ -286,7 +286,8 @@ def parameter_reach(version: PolicyVersion, names: Iterable[str]) -> list[Parame
     out: list[ParameterReach] = []
     for name in names:
         reached: list[str] = []
-        for entry in (*version.rules, *version.outputs):
+        entries: list[Rule | Output] = [*version.rules, *version.outputs]
+        for entry in entries:
             texts = [e.text for e in (entry.applies_when, entry.fires_when if isinstance(entry, Rule) else entry.value)
                      if e is not None]
             in_logic = any(name in _PARAM_READ.findall(text) for text in texts)

@@ -31,6 +31,7 @@ class ReplayResult:
     differences: list[dict[str, Any]]
     message: str = ""
     policy_digest: str | None = None
+    rendered: dict[str, Any] | None = None  # with a language: the logged response in it (see render_record)
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "decision_id": self.decision_id, "policy_digest": self.policy_digest,
@@ -63,8 +64,10 @@ def replay(store: Store, decision_id: str) -> ReplayResult:
 
 
 def replay_record(store: PolicyArchive, record: LogRecord,
-                  engines: dict[tuple[str, str], _Built] | None = None) -> ReplayResult:
-    """Replay one record; `engines` keeps the engine built for each (digest, runtime) across records."""
+                  engines: dict[tuple[str, str], _Built] | None = None, language: str | None = None) -> ReplayResult:
+    """Replay one record; `engines` keeps the engine built for each (digest, runtime) across records.
+    With `language`, also render the logged response in it (only a reproduced decision is
+    rendered: the same rules, so the same ids)."""
     response = record.response if isinstance(record.response, dict) else {}
     policy = response.get("policy") or {}
     digest = policy.get("digest") or record.policy_digest
@@ -107,8 +110,28 @@ def replay_record(store: PolicyArchive, record: LogRecord,
     if "language" not in response:  # logged before responses said their language (always English then)
         replayed.pop("language")
     differences = _differences(response, replayed)
-    return ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
-                        "" if not differences else f"{len(differences)} difference(s)", digest)
+    result = ReplayResult(REPRODUCED if not differences else DIFFERENT, record.decision_id, differences,
+                          "" if not differences else f"{len(differences)} difference(s)", digest)
+    if language is not None and not differences:
+        again = engine.decide(request if "policy_version" in request else {**request, "policy_version": version},
+                              now=now, decision_id=record.decision_id, explain="explain" in response,
+                              language=language).to_dict()
+        result.rendered = again
+    return result
+
+
+def render_record(store: PolicyArchive, record: LogRecord, language: str) -> tuple[dict[str, Any] | None, str]:
+    """A logged decision with every message in `language` (the log keeps rule ids, the request and
+    the policy content by digest, not only the text it answered in): the response, or None and why."""
+    response = record.response if isinstance(record.response, dict) else {}
+    if response.get("language", DEFAULT_LANGUAGE) == language:
+        return response, ""
+    if record.outcome != "decided":
+        return None, "only a decision has messages to render; this record is a rejection"
+    result = replay_record(store, record, language=language)
+    if result.rendered is None:
+        return None, f"{result.status}: {result.message}"
+    return result.rendered, ""
 
 
 def content_digest(files: dict[str, bytes]) -> str:

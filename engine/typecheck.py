@@ -54,6 +54,15 @@ _ALIASES = {"len": "size(...)", "length": "size(...)", "count": "size(...)", "no
             "startswith": ".startsWith(...)", "endswith": ".endsWith(...)", "includes": ".contains(...)",
             "any": ".exists(x, ...)", "every": ".all(x, ...)", "float": "double(...)", "str": "string(...)",
             "regex": ".matches(...)", "date": "timestamp(...)", "in": "`x in list`"}
+# What each conversion takes (CEL's standard overloads): string(list) has none, and fails at run time.
+_CONVERSIONS = {
+    "int": ("int", "uint", "double", "string", "timestamp"),
+    "uint": ("int", "uint", "double", "string"),
+    "double": ("int", "uint", "double", "string"),
+    "string": ("string", "int", "uint", "double", "bool", "bytes", "timestamp", "duration"),
+    "bool": ("bool", "string"),
+    "bytes": ("bytes", "string"),
+}
 NUMERIC = ("int", "uint", "double")
 ORDERED = ("int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration")
 # RE2, which CEL's matches() uses, has no look-around and no back-references.
@@ -200,8 +209,8 @@ def _position(node: Any) -> tuple[int, int]:
         return node.line or 1, node.column or 1
     if isinstance(node, Tree):
         meta = node.meta
-        if not meta.empty:
-            return meta.line, meta.column
+        if not meta.empty and getattr(meta, "line", None) is not None:  # a tree the parser built has none
+            return meta.line, meta.column or 1
         for token in node.scan_values(lambda v: isinstance(v, Token)):
             return token.line or 1, token.column or 1
     return 1, 1
@@ -593,7 +602,8 @@ class _Checker:
             got = operands[index]
             if got.kind in (*allowed, "dyn"):
                 return True
-            place = "its receiver" if target is not None and index == 0 else _named(got)
+            place = "its receiver" if target is not None and index == 0 else (
+                got.name or got.literal or "its argument")
             self.report(args[index - (target is not None)] if index >= (target is not None) else node,
                         "bad_call", f"{shown} takes {' or '.join(allowed)}, and {place} is {got}")
             return False
@@ -628,8 +638,9 @@ class _Checker:
             if want(1) and kinds(0, "string", "timestamp", "int"):
                 self._time_literal(args[0], operands[0], parse_timestamp_checked)
             return TIMESTAMP
-        if name in ("int", "uint", "double", "string", "bool", "bytes"):
-            want(1)
+        if name in _CONVERSIONS:
+            if want(1):
+                kinds(0, *_CONVERSIONS[name])
             return CelType(name)
         if name == "type":
             want(1)

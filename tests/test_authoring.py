@@ -108,3 +108,43 @@ def test_no_command_prints_a_traceback_on_policies_that_do_not_load(
 
 def _line(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from .conftest import bind_request, make_app
+
+    log_headers = {"Authorization": "Bearer log-secret"}
+
+    app = make_app(tmp_path, f"sqlite:///{tmp_path / 'data' / 'decisions.db'}")
+    client = app.test_client()
+    young = bind_request()
+    young["account"]["age"] = 17  # type: ignore[index]
+    english = client.post("/v1/decisions", json=young).json
+    chinese = client.post("/v1/decisions", json=young, headers={"Accept-Language": "zh-CN"}).json
+    said = {"en": english["rule"]["message"], "zh": chinese["rule"]["message"]}
+    assert said["en"] != said["zh"] and "18" in said["en"] and "18" in said["zh"]
+    for logged, other in ((english, "zh"), (chinese, "en")):
+        path = f"/v1/decisions/{logged['decision_id']}"
+        plain = client.get(path, headers=log_headers).json
+        assert "rendered" not in plain and plain["record"]["response"]["rule"]["message"] == logged["rule"]["message"]
+        for asked in ({"query_string": {"lang": other}},
+                      {"headers": {**log_headers, "Accept-Language": "zh-Hans" if other == "zh" else "en-GB"}}):
+            got = client.get(path, headers=asked.get("headers", log_headers), query_string=asked.get("query_string"))
+            rendered = got.json["rendered"]
+            assert got.headers["Content-Language"] == other and rendered["language"] == other
+            assert rendered["response"]["rule"] == {**logged["rule"], "message": said[other]}
+            assert [v["message"] for v in rendered["response"]["violations"]] == [said[other]]
+            assert rendered["response"]["decision_id"] == logged["decision_id"]
+            assert got.json["record"]["response"]["rule"] == logged["rule"]  # the record stays as logged
+    assert client.get(f"/v1/decisions/{english['decision_id']}?lang=fr", headers=log_headers).status_code == 400
+    # The CLI: bindpolicy log show ID --lang zh|en.
+    data = str(tmp_path / "data")
+    for logged, other in ((english, "zh"), (chinese, "en")):
+        assert main(["log", "show", logged["decision_id"], "--data", data, "--lang", other]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["rendered"]["response"]["rule"]["message"] == said[other]
+        assert shown["response"]["rule"]["message"] == logged["rule"]["message"]  # the record as logged
+    assert main(["log", "show", "no-such-id", "--data", data]) == 2

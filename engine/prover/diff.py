@@ -62,7 +62,8 @@ class DiffProof:
 
     @property
     def exit_code(self) -> int:
-        """For --within: 0 every difference lies inside, 1 a counterexample, 2 unknown (4 a bug; 3 is "the policies do not load")."""
+        """For --within: 0 every difference lies inside, 1 a counterexample, 2 unknown, 4 a bug
+        (3 is every command's "the policies do not load")."""
         if self.bugs:
             return 4
         if self.within is None:
