@@ -236,9 +236,10 @@ def _check_parameters(raw: _RawVersion, inherited: Mapping[str, Any], entries: l
         if name in inherited:
             before, after = parameter_type(inherited[name]), parameter_type(value)
             if before != after:
+                article = "an" if before[0] in "aeiou" else "a"
                 problems.append(Problem(where, "parameter_type", (
-                    f"'{name}' is a {before} in '{raw.meta.get('extends')}' ({inherited[name]!r}); a version "
-                    f"may change its value, not its type: write a {before}")))
+                    f"'{name}' is {article} {before} in '{raw.meta.get('extends')}' ({inherited[name]!r}); a "
+                    f"version may change its value, not its type: write {article} {before}")))
         elif name not in read:
             problems.append(Problem(where, "unused_parameter", (
                 f"'{name}' is new in this version and no expression or message reads it"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -74,10 +75,19 @@ def test_check_and_diff_name_the_fields_a_version_newly_needs(changed: Path,
 
 def test_no_command_prints_a_traceback_on_policies_that_do_not_load(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small copy (the README's example policies) keeps ten loads cheap; one mistake in it.
+    from .authors_readme import FILES, example_files
+
     broken = tmp_path / "broken"
-    shutil.copytree(POLICIES, broken)
-    bind = broken / "v1" / "bind.yaml"
-    bind.write_text(bind.read_text().replace("account.age < params.min_age", "account.agee < params.min_age", 1))
+    for name, text in example_files("v1/rules.yaml", "account.age < params.min_age",
+                                    "account.agee < params.min_age").items():
+        (broken / name).parent.mkdir(parents=True, exist_ok=True)
+        (broken / name).write_text(textwrap.dedent(text))
+    good = tmp_path / "good"
+    for name, text in FILES.items():
+        (good / name).parent.mkdir(parents=True, exist_ok=True)
+        (good / name).write_text(textwrap.dedent(text))
+    bind = broken / "v1" / "rules.yaml"
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"action": "login"}\n')
     monkeypatch.setattr("os.execv", lambda *a: pytest.fail("serve went on to start a server"))
@@ -85,7 +95,7 @@ def test_no_command_prints_a_traceback_on_policies_that_do_not_load(
     commands = {
         "check": ["check", folder], "test": ["test", folder],
         "diff": ["diff", "v1", "v2", "--policies", folder],
-        "diff --new-policies": ["diff", "v1", "v2", "--policies", str(POLICIES), "--new-policies", folder],
+        "diff --new-policies": ["diff", "v1", "v2", "--policies", str(good), "--new-policies", folder],
         "impact": ["impact", "v1", "v2", "--policies", folder, "--requests", str(requests)],
         "eval": ["eval", "1 + 1", "--policies", folder],
         "decide": ["decide", str(requests), "--policies", folder],
@@ -101,7 +111,7 @@ def test_no_command_prints_a_traceback_on_policies_that_do_not_load(
         assert code == EXIT_BAD_POLICY, (name, code, out, err)
         said[name] = (out + err).strip()
     expected = (f"the policies in {folder} do not load: 1 problem in the policy files\n"
-                f"  v1/bind.yaml:{_line(bind, 'account.agee')}:25: 'agee' is not a field of account; "
+                f"  v1/rules.yaml:{_line(bind, 'account.agee')}:25: 'agee' is not a field of account; "
                 "did you mean 'age'? [unknown_field]")
     assert set(said.values()) == {expected}, said
 
@@ -126,25 +136,36 @@ def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path,
     chinese = client.post("/v1/decisions", json=young, headers={"Accept-Language": "zh-CN"}).json
     said = {"en": english["rule"]["message"], "zh": chinese["rule"]["message"]}
     assert said["en"] != said["zh"] and "18" in said["en"] and "18" in said["zh"]
-    for logged, other in ((english, "zh"), (chinese, "en")):
+    # English logged, asked with ?lang=zh; Chinese logged, asked with Accept-Language: en-GB.
+    for logged, other, asked in ((english, "zh", {"query_string": {"lang": "zh"}, "headers": log_headers}),
+                                 (chinese, "en", {"headers": {**log_headers, "Accept-Language": "en-GB"}})):
         path = f"/v1/decisions/{logged['decision_id']}"
-        plain = client.get(path, headers=log_headers).json
-        assert "rendered" not in plain and plain["record"]["response"]["rule"]["message"] == logged["rule"]["message"]
-        for asked in ({"query_string": {"lang": other}},
-                      {"headers": {**log_headers, "Accept-Language": "zh-Hans" if other == "zh" else "en-GB"}}):
-            got = client.get(path, headers=asked.get("headers", log_headers), query_string=asked.get("query_string"))
-            rendered = got.json["rendered"]
-            assert got.headers["Content-Language"] == other and rendered["language"] == other
-            assert rendered["response"]["rule"] == {**logged["rule"], "message": said[other]}
-            assert [v["message"] for v in rendered["response"]["violations"]] == [said[other]]
-            assert rendered["response"]["decision_id"] == logged["decision_id"]
-            assert got.json["record"]["response"]["rule"] == logged["rule"]  # the record stays as logged
+        got = client.get(path, **asked)  # type: ignore[arg-type]
+        rendered = got.json["rendered"]
+        assert got.headers["Content-Language"] == other and rendered["language"] == other
+        assert rendered["response"]["rule"] == {**logged["rule"], "message": said[other]}
+        assert [v["message"] for v in rendered["response"]["violations"]] == [said[other]]
+        assert rendered["response"]["decision_id"] == logged["decision_id"]
+        assert got.json["record"]["response"]["rule"] == logged["rule"]  # the record stays as logged
+    plain = client.get(f"/v1/decisions/{english['decision_id']}", headers=log_headers).json
+    assert "rendered" not in plain and plain["record"]["response"]["rule"] == english["rule"]
     assert client.get(f"/v1/decisions/{english['decision_id']}?lang=fr", headers=log_headers).status_code == 400
     # The CLI: bindpolicy log show ID --lang zh|en.
     data = str(tmp_path / "data")
-    for logged, other in ((english, "zh"), (chinese, "en")):
-        assert main(["log", "show", logged["decision_id"], "--data", data, "--lang", other]) == 0
-        shown = json.loads(capsys.readouterr().out)
-        assert shown["rendered"]["response"]["rule"]["message"] == said[other]
-        assert shown["response"]["rule"]["message"] == logged["rule"]["message"]  # the record as logged
+    assert main(["log", "show", chinese["decision_id"], "--data", data, "--lang", "en"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["rendered"]["response"]["rule"]["message"] == said["en"]
+    assert shown["response"]["rule"]["message"] == said["zh"]  # the record as logged
     assert main(["log", "show", "no-such-id", "--data", data]) == 2
+
+
+def test_the_readme_shows_what_check_and_test_really_say() -> None:
+    from . import authors_readme
+
+    made = authors_readme.section()
+    assert authors_readme.current() == made, "run: python -m tests.authors_readme --write"
+    # Every kind of message the issue names is shown once.
+    for code in ("[mismatch]", "[unknown_function]", "[not_boolean]", "[not_in_enum]", "[bad_literal]",
+                 "[constant]", "[unused_parameter]", "[parameter_type]", "[message_placeholder]",
+                 "[duplicate_case]", "no case is judged under v2", "asserts nothing"):
+        assert code in made, code
