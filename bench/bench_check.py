@@ -13,6 +13,7 @@ Run: .venv/bin/python bench/bench_check.py [--runs 3] [--rules 4000]
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ def cli_check(folder: Path) -> None:
 
 
 def many_rules(folder: Path, count: int) -> None:
-    """One version of `count` rules: the bundled v1 rules, each copy with its own numbers and strings."""
+    """One version of `count` rules: the bundled v1 rules, each copy with a condition of its own."""
     source = ROOT / "policies" / "v1"
     (folder / "v1").mkdir(parents=True)
     (folder / "v1" / "version.yaml").write_text((source / "version.yaml").read_text(encoding="utf-8"))
@@ -63,13 +64,13 @@ def many_rules(folder: Path, count: int) -> None:
             rules.extend(yaml.safe_load(path.read_text(encoding="utf-8")).get("rules", []))
     written: list[dict[str, Any]] = []
     for index in range(count):
-        rule = dict(rules[index % len(rules)])
-        copy = index // len(rules)
-        rule["id"] = f"{rule['id']}.{index}"
-        # A distinct condition each time (one more term, always true here, with this copy's number);
+        rule = copy.deepcopy(rules[index % len(rules)])
+        round_ = index // len(rules)
+        rule["id"] = f"{rule['id']}.n{index}"
+        # A distinct condition each time (one more term, always true here, with this round's number);
         # applies_when stays as written, shared as it would be between rules of one area.
         rule["fires_when"] = (f"({rule['fires_when']}) && "
-                              f"at > timestamp(\"2000-01-01T00:00:00Z\") + duration(\"{copy}s\")")
+                              f"at > timestamp(\"2000-01-01T00:00:00Z\") + duration(\"{round_}s\")")
         written.append(rule)
     per_file = 500
     for start in range(0, count, per_file):
