@@ -422,12 +422,11 @@ def _impact(args: argparse.Namespace) -> int:
         except InputError as exc:
             print(f"cannot read the requests: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-    try:  # as `check` says it: every problem, exit 1
-        policies = load_policies(args.policies)
+    policies = load_policies(args.policies)  # policies that do not load: main() says so, as for every command
+    try:
         new_policies = load_policies(args.new_policies) if args.new_policies else None
     except PolicyLoadError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+        return _unloadable(exc, args, args.new_policies)
     for name, found, where in ((args.old, policies, args.policies),
                                (args.new, new_policies or policies, args.new_policies or args.policies)):
         if found.get(name) is None:

@@ -179,11 +179,11 @@ class TestImpactReport:
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
         new = other_checkout(tmp_path)
         (new / "v2" / "bind.yaml").write_text("rules:\n  - id: [broken\n")
-        assert main(["check", str(new)]) == 1
+        assert main(["check", str(new)]) == 3  # every command: exit 3
         said = capsys.readouterr().out.strip()
         assert said and "Traceback" not in said
         for argv in (["--new-policies", str(new)], ["--policies", str(new)]):
-            assert main(["impact", "v1", "v2", *argv, "--requests", str(EXAMPLES), "--quiet"]) == 1
+            assert main(["impact", "v1", "v2", *argv, "--requests", str(EXAMPLES), "--quiet"]) == 3
             err = capsys.readouterr().err
             assert err.strip() == said and "Traceback" not in err
 
