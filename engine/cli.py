@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(allow→deny, deny→allow, same decision but another rule), grouped by the rule "
                     "responsible, with examples (where each was read, the deciding rule under each version and "
                     "the fields it read). A request rejected under either version (bad input) is no decision: "
-                    "it is counted apart, by reason. Exit 1 if the policies do not load (as check), 2 on bad "
+                    "it is counted apart, by reason. Exit 3 if the policies do not load (as every command), 2 on bad "
                     "input. Streams its input and uses every core; --engine ray spreads "
                     "it over a Ray cluster with the same report. Inputs: JSON Lines or Parquet files, folders "
                     "of them, or a log export (its decided records, each judged at its logged time), as local "
