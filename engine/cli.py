@@ -313,6 +313,17 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("-o", "--output", metavar="FILE")
     generate.set_defaults(handler=_generate)
 
+    compile_ = commands.add_parser(
+        "compile", help="show the Python that decides one (version, action, role)",
+        description="Every decision path is written out at load as one Python function (engine/codegen.py): "
+                    "the presence checks of the fields its rules need, the reads of only the fields they "
+                    "read, every rule in policy order, the outputs and the decision. --show prints it. "
+                    "Exit 0, 2 for an unknown version, action or role, 3 if the policies do not load.")
+    compile_.add_argument("--show", nargs="+", metavar="VERSION ACTION [ROLE]", required=True,
+                          help="the version, the action and (for bind and unbind) the role")
+    compile_.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    compile_.set_defaults(handler=_compile)
+
     from engine.prover.commands import add_parsers as add_prove_parsers
 
     add_prove_parsers(commands, DEFAULT_POLICIES)
@@ -871,6 +882,30 @@ def _fmt(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_BAD_INPUT
     return 1 if args.check and changed else 0
+
+
+
+
+def _compile(args: argparse.Namespace) -> int:
+    if len(args.show) not in (2, 3):
+        print("--show takes VERSION ACTION [ROLE]", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    engine = _load(args.policies)
+    if engine is None:
+        return EXIT_BAD_POLICY
+    name, action, role = args.show[0], args.show[1], (args.show[2] if len(args.show) == 3 else None)
+    version = engine.policies.get(name)
+    if version is None:
+        print(f"no policy version '{name}'; known: {', '.join(v.name for v in engine.policies)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = version.path(action, role)
+    if path is None:
+        known = sorted({f"{a} {r}" if r else a for a, r in version._paths})
+        print(f"{name} has no decision path for action {action!r}, role {role!r}; known: {', '.join(known)}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(path.source, end="")
+    return 0
 
 
 def _decide(args: argparse.Namespace) -> int:

@@ -5,23 +5,22 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import celpy
 from celpy.celparser import CELParseError
-from lark import Token, Tree
+from lark import Token
 
 from engine.errors import Location, Problem
-from engine.model import EACH, OPTIONAL, Expression, FieldPath
+from engine.model import OPTIONAL, Expression, FieldPath
 from engine.native import Unsupported, compile_native
+from engine.needs import Read, Scope, walk
 from engine.schemas import Schema, SchemaWalker
 from engine.typecheck import TypeEnvironment, TypeProblem, check_types
 from engine.yamlpos import Key, YamlDocument
 
-# Comprehension macros: the first argument names a loop variable bound to each item.
-MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 # Identifiers that CEL itself defines (type names usable in expressions).
 BUILTIN_NAMES = frozenset({"int", "uint", "double", "bool", "string", "bytes", "list", "map",
                            "null_type", "type", "dyn"})
@@ -30,22 +29,7 @@ PARAMS = "params"
 ALWAYS_BOUND = frozenset({"at"})
 # The policy fields that are conditions: they must give a bool.
 CONDITIONS = frozenset({"applies_when", "fires_when"})
-# Facts known before evaluation: the request's action and role.
 Context = tuple[str, str | None]
-Facts = Mapping[str, str | None]
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One field chain an expression reads, with the token of each segment for positions."""
-
-    tokens: tuple[Token, ...]
-    tested_only: bool  # the last segment is only tested by has()
-    guarded: int = 0  # inside `has(a.b) && ...`: the first `guarded` names may be absent
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(str(t.value) for t in self.tokens)
 
 
 @dataclass(frozen=True)
@@ -53,7 +37,8 @@ class _Parsed:
     tree: Any
     program: Any
     native: Any
-    reads: tuple[tuple[_Read, Mapping[str, FieldPath | None]], ...]
+    reads: tuple[tuple[Read, Scope], ...]
+    null_inequalities: tuple[tuple[Token, Read], ...]
     unsupported: str | None = None  # why the native runtime cannot take it
 
 
@@ -87,9 +72,9 @@ def compile_expression(text: str, location: Location | None = None) -> Expressio
 
     Parse errors raise celpy's CELParseError, with line and column.
     """
-    _, program, native, _ = parse_program(text)
+    tree, program, native, _ = parse_program(text)
     return Expression(text=text, program=program, location=location or Location("<expression>", 1, 1),
-                      needs=(), tests=(), native=native)
+                      needs=(), tests=(), native=native, tree=tree)
 
 
 class CelCompiler:
@@ -121,9 +106,9 @@ class CelCompiler:
         if cached is None:
             try:
                 tree, program, native, unsupported = parse_program(text)
-                reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
-                _collect(tree, {}, reads, {})
-                cached = _Parsed(tree, program, native, tuple(reads), unsupported)
+                found = walk(tree)
+                cached = _Parsed(tree, program, native, tuple(found.reads), tuple(found.null_inequalities),
+                                 unsupported)
             except CELParseError as exc:
                 cached = exc
             except Exception as exc:  # lark or celpy internals: still a problem of the text
@@ -156,7 +141,7 @@ class CelCompiler:
             problems.append(Problem(doc.location(key), "cel_unsupported", (
                 f"bindpolicy's CEL does not take this: {parsed.unsupported} (uint and bytes values, "
                 "protobuf messages and extension libraries are outside it; no request carries them)")))
-        for token, read in _null_inequalities(parsed.tree):
+        for token, read in parsed.null_inequalities:
             path = self._path(read, {})
             schema = self._schema_of(path) if path else None
             if schema is not None and self.walker.types(schema) & {"object", "array"}:
@@ -189,8 +174,7 @@ class CelCompiler:
             return None, problems
         by_context: dict[Context, tuple[FieldPath, ...]] = {}
         for context in contexts:
-            reads: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
-            _collect(parsed.tree, {}, reads, {"action": context[0], "role": context[1]})
+            reads = walk(parsed.tree, {"action": context[0], "role": context[1]}).reads
             paths = [self._path(read, scope, marked=True) for read, scope in reads]
             by_context[context] = tuple(dict.fromkeys(
                 need for path, (read, _) in zip(paths, reads, strict=True) if path is not None
@@ -198,7 +182,7 @@ class CelCompiler:
                 if need and need[0] not in ALWAYS_BOUND))
         expr = Expression(text=text, program=parsed.program, location=doc.location(key),
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
-                          needs_by_context=MappingProxyType(by_context), native=parsed.native)
+                          needs_by_context=MappingProxyType(by_context), native=parsed.native, tree=parsed.tree)
         return expr, problems  # warnings only
 
     def field_problem(self, path: FieldPath) -> str | None:
@@ -221,7 +205,7 @@ class CelCompiler:
             schema = self.walker.child(schema, segment) if schema is not None else None
         return schema
 
-    def _path(self, read: _Read, scope: Mapping[str, FieldPath | None],
+    def _path(self, read: Read, scope: Mapping[str, FieldPath | None],
               marked: bool = False) -> FieldPath | None:
         """The request path of a checked read (None for params, loops over literals...).
 
@@ -235,7 +219,7 @@ class CelCompiler:
             return None if base is None else (*base, *names[1:])
         return names if names[0] in self.variables else None
 
-    def _check(self, read: _Read, scope: Mapping[str, FieldPath | None], parameters: Mapping[str, Any],
+    def _check(self, read: Read, scope: Mapping[str, FieldPath | None], parameters: Mapping[str, Any],
                doc: YamlDocument, key: Key, problems: list[Problem]) -> FieldPath | None:
         """The full request path of a read, or None; a field the schema lacks is a problem."""
         names = read.names
@@ -309,202 +293,3 @@ def _syntax_message(exc: CELParseError) -> str:
 def _hint(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _token(node: Any) -> Token:
-    assert isinstance(node, Token)
-    return node
-
-
-def _tree(node: Any) -> Tree[Any]:
-    assert isinstance(node, Tree)
-    return node
-
-
-def _name(node: Any) -> str:
-    return str(node.value) if isinstance(node, Token) else ""
-
-
-def _unwrap(tree: Any) -> Any:
-    """Skip the grammar's one-child wrapper nodes (expr -> conditionalor -> ... -> member)."""
-    while isinstance(tree, Tree) and len(tree.children) == 1 and tree.data != "ident":
-        tree = tree.children[0]
-    return tree
-
-
-def _chain(tree: Any) -> list[Token] | None:
-    """The tokens of a plain field chain (a.b.c), or None if the tree is anything else."""
-    tree = _unwrap(tree)
-    if isinstance(tree, Tree) and tree.data == "ident":
-        return [_token(tree.children[0])]
-    if isinstance(tree, Tree) and tree.data == "member_dot":
-        base = _chain(tree.children[0])
-        return None if base is None else [*base, _token(tree.children[1])]
-    return None
-
-
-def _record(tokens: list[Token], tested: bool, scope: Mapping[str, FieldPath | None],
-            out: list[tuple[_Read, Mapping[str, FieldPath | None]]]) -> None:
-    out.append((_Read(tuple(tokens), tested), dict(scope)))
-
-
-def _scope_path(tree: Any, scope: Mapping[str, FieldPath | None]) -> FieldPath | None:
-    tokens = _chain(tree)
-    if tokens is None:
-        return None
-    names = tuple(str(t.value) for t in tokens)
-    if names[0] in scope:
-        base = scope[names[0]]
-        return None if base is None else (*base, *names[1:])
-    return names
-
-
-def _string_literal(tree: Any) -> str | None:
-    tree = _unwrap(tree)
-    if isinstance(tree, Tree) and tree.data == "literal":
-        tree = tree.children[0]
-    if isinstance(tree, Token) and tree.type == "STRING_LIT" and "\\" not in tree.value:
-        return str(tree.value)[1:-1]
-    return None
-
-
-def _has_guard(tree: Any, negated: bool) -> list[Token] | None:
-    """The chain tested by `has(chain)` (or by `!has(chain)` when `negated`), else None."""
-    tree = _unwrap(tree)
-    if negated:
-        if not (isinstance(tree, Tree) and tree.data == "unary" and len(tree.children) == 2
-                and isinstance(tree.children[0], Tree) and tree.children[0].data == "unary_not"):
-            return None
-        tree = _unwrap(tree.children[1])
-    if isinstance(tree, Tree) and tree.data == "ident_arg" and _name(tree.children[0]) == "has":
-        args = tree.children[1].children if len(tree.children) > 1 and tree.children[1] else []
-        chain = _chain(args[0]) if len(args) == 1 else None
-        return chain if chain is not None and len(chain) > 1 else None
-    return None
-
-
-def _known(tree: Any, facts: Facts) -> bool | None:
-    """The value of a condition on `action`/`role` alone (`action == "bind"`), else None."""
-    if not facts:
-        return None
-    tree = _unwrap(tree)
-    if not isinstance(tree, Tree):
-        return None
-    kids = tree.children
-    if tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
-        left, right = _known(kids[0], facts), _known(kids[1], facts)
-        decisive = tree.data == "conditionalor"  # true decides an or, false decides an and
-        if decisive in (left, right):
-            return decisive
-        return (not decisive) if left is not None and right is not None else None
-    if tree.data == "unary" and len(kids) == 2 and isinstance(kids[0], Tree) \
-            and kids[0].data == "unary_not":
-        inner = _known(kids[1], facts)
-        return None if inner is None else not inner
-    if tree.data == "relation" and len(kids) == 2 and isinstance(kids[0], Tree) \
-            and kids[0].data in ("relation_eq", "relation_ne"):
-        lhs, rhs = _tree(kids[0]).children[0], kids[1]
-        for name_side, literal_side in ((lhs, rhs), (rhs, lhs)):
-            chain = _chain(name_side)
-            literal = _string_literal(literal_side)
-            if chain and len(chain) == 1 and str(chain[0].value) in facts and literal is not None:
-                if facts[str(chain[0].value)] is None:
-                    return None
-                equal = facts[str(chain[0].value)] == literal
-                return equal if kids[0].data == "relation_eq" else not equal
-    return None
-
-
-def _null_inequalities(tree: Any) -> list[tuple[Token, _Read]]:
-    """Every `chain != null` (or `null != chain`) in the expression, with its first token."""
-    found: list[tuple[Token, _Read]] = []
-    for node in tree.iter_subtrees() if isinstance(tree, Tree) else ():
-        kids = node.children
-        if node.data == "relation" and len(kids) == 2 and isinstance(kids[0], Tree) \
-                and kids[0].data == "relation_ne":
-            lhs, rhs = _tree(kids[0]).children[0], kids[1]
-            for chain_side, null_side in ((lhs, rhs), (rhs, lhs)):
-                null = _unwrap(null_side)
-                tokens = _chain(chain_side)
-                if tokens and isinstance(null, Token) and null.type == "NULL_LIT":
-                    found.append((tokens[0], _Read(tuple(tokens), False)))
-    return found
-
-
-def _operands(tree: Any, kind: str) -> list[Any]:
-    """The operands of a chain of one logical operator: a && b && c -> [a, b, c]."""
-    tree = _unwrap(tree)
-    if isinstance(tree, Tree) and tree.data == kind and len(tree.children) == 2:
-        return [*_operands(tree.children[0], kind), tree.children[1]]
-    return [tree]
-
-
-def _collect_logical(tree: Any, scope: Mapping[str, FieldPath | None],
-                     out: list[tuple[_Read, Mapping[str, FieldPath | None]]], facts: Facts) -> None:
-    """Reads of an && or || chain: an operand the facts make decisive is the only one needed,
-    and a `has(a.b) &&` (or `!has(a.b) ||`) guard makes a.b optional for the operands after it."""
-    is_or = tree.data == "conditionalor"
-    operands = _operands(tree, tree.data)
-    for operand in operands:
-        if _known(operand, facts) is is_or:  # true decides an or, false decides an and
-            _collect(operand, scope, out, facts)
-            return
-    guards: list[tuple[str, ...]] = []
-    for operand in operands:
-        inner: list[tuple[_Read, Mapping[str, FieldPath | None]]] = []
-        _collect(operand, scope, inner, facts)
-        for read, inner_scope in inner:
-            for names in guards:
-                same_root = inner_scope.get(names[0]) == scope.get(names[0])
-                if same_root and read.names[:len(names)] == names:
-                    read = replace(read, guarded=max(read.guarded, len(names)))
-            out.append((read, inner_scope))
-        guard = _has_guard(operand, negated=is_or)
-        if guard is not None:
-            guards.append(tuple(str(t.value) for t in guard))
-
-
-def _collect(tree: Any, scope: Mapping[str, FieldPath | None],
-             out: list[tuple[_Read, Mapping[str, FieldPath | None]]], facts: Facts) -> None:
-    """Every field chain the expression reads, with the loop variables in scope at that point.
-
-    With `facts`, operands and branches that the known action and role rule out are skipped.
-    """
-    if not isinstance(tree, Tree):
-        return
-    tokens = _chain(tree)
-    if tokens is not None:
-        _record(tokens, False, scope, out)
-        return
-    tree = _unwrap(tree)
-    if not isinstance(tree, Tree):
-        return
-    kids = tree.children
-    if tree.data in ("conditionalor", "conditionaland") and len(kids) == 2:
-        _collect_logical(tree, scope, out, facts)
-        return
-    if facts and tree.data == "expr" and len(kids) == 3:
-        condition = _known(kids[0], facts)
-        if condition is not None:
-            _collect(kids[0], scope, out, facts)
-            _collect(kids[1] if condition else kids[2], scope, out, facts)
-            return
-    if tree.data == "ident_arg" and _name(tree.children[0]) == "has":
-        args = tree.children[1].children if len(tree.children) > 1 and tree.children[1] else []
-        inner = _chain(args[0]) if len(args) == 1 else None
-        if inner is not None and len(inner) > 1:
-            _record(inner, True, scope, out)
-            return
-    if tree.data == "member_dot_arg" and _name(tree.children[1]) in MACROS:
-        target = tree.children[0]
-        args = tree.children[2].children if len(tree.children) > 2 and tree.children[2] else []
-        variable = _chain(args[0]) if args else None
-        if variable is not None and len(variable) == 1:
-            _collect(target, scope, out, facts)
-            base = _scope_path(target, scope)
-            inner_scope = {**scope, str(variable[0].value): (*base, EACH) if base else None}
-            for arg in args[1:]:
-                _collect(arg, inner_scope, out, facts)
-            return
-    for child in kids:
-        _collect(child, scope, out, facts)

@@ -10,7 +10,7 @@ from typing import Any
 from celpy import celtypes
 
 from engine.errors import RequestError
-from engine.evaluator import NATIVE, NATIVE_WITH_REFERENCE, RUNTIMES, Activation, evaluate
+from engine.evaluator import NATIVE, NATIVE_WITH_REFERENCE, RUNTIMES, Activation, evaluate, run_path
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, PolicyVersion
@@ -25,13 +25,17 @@ def new_decision_id() -> str:
 class Engine:
     """Decides requests against one loaded, immutable policy set."""
 
-    def __init__(self, policies: PolicySet, runtime: str = NATIVE, max_list_items: int | None = None) -> None:
+    def __init__(self, policies: PolicySet, runtime: str = NATIVE, max_list_items: int | None = None,
+                 generated: bool = True) -> None:
         if runtime == NATIVE_WITH_REFERENCE:  # a recorded decision that cel-python helped: replayed natively
             runtime = NATIVE
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}")
         self.policies = policies
         self.runtime = runtime
+        # The generated paths decide (engine/codegen.py); False: the evaluator's closures, rule by
+        # rule (what the differential tests and bench compare them with).
+        self.generated = generated and runtime == NATIVE
         self.check = default_checker() if max_list_items is None else RequestChecker(max_list_items)
         self._to_cel = CelConverter()
         self._to_native = NativeConverter()
@@ -46,10 +50,17 @@ class Engine:
 
         `now` stands in for a missing `at`: the engine never reads a clock itself.
         """
-        request = self.check(raw)
+        request, usable = self.check.checked(raw)
         try:
             at = parse_timestamp(request["at"]) if "at" in request else now
             version = self.policies.select(at, request.get("policy_version"))
+            if usable and not explain and self.generated:  # its generated path (engine/codegen.py)
+                path = version.path(request["action"], request.get("role"))
+                if path is not None:
+                    decision = run_path(path.function, f"{version.name} {path.action} {path.role}", request, at,
+                                        decision_id or new_decision_id(), language)
+                    if decision is not None:
+                        return decision
             activation = self.activation(request, version, at)
         except ValueError:  # a timestamp the schema let through but Python cannot hold
             error = RequestError("invalid_request", "the request has timestamps that cannot be used",

@@ -8,15 +8,16 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
 from celpy import celtypes
 
-from engine.errors import Detail, RequestError
 from engine.messages import CHINESE, ENGLISH
-from engine.model import Decision, Expression, Finding, NeedsPlan, PolicyVersion, Rule, Trace
+from engine.model import Decision, Expression, Finding, Output, PolicyVersion, Rule, Trace
 from engine.native import CelError, CelType, Defer, format_duration
-from engine.request import absent_fields, value_at
+from engine.needs import MissingFields, absent_fields
+from engine.request import NativeConverter, value_at
 from engine.versions import format_timestamp
 
 PASSED, FIRED, NOT_APPLICABLE, ERROR = "passed", "fired", "not_applicable", "error"
@@ -37,6 +38,9 @@ NATIVE_WITH_REFERENCE = "native+cel-python"
 # it, or a value is), or it failed in a way it should not (a bug: counted, logged, and the
 # reference decides).
 UNSUPPORTED, DEFERRED, NATIVE_BUG = "unsupported", "deferred", "native_bug"
+# A generated decision path (engine/codegen.py) that raised other than a CEL error: a bug of the
+# generator, counted and logged; the evaluator decides the request.
+GENERATED_BUG = "generated_bug"
 
 log = logging.getLogger("bindpolicy.runtime")
 
@@ -123,6 +127,16 @@ class FallbackEvents:
         else:
             log.info("native runtime %s %r (%s); cel-python decided", kind, expr.text, expr.location)
 
+    def record_path(self, kind: str, where: str, exc: BaseException) -> None:
+        """A generated decision path that gave up on a request (Defer) or failed (a bug)."""
+        self.counts[kind] += 1
+        for listener in list(self._listeners):
+            listener.native_fallback(kind)
+        if kind == GENERATED_BUG:
+            log.error("generated path bug in %s: %s: %s; the evaluator decided", where, type(exc).__name__, exc)
+        else:
+            log.info("generated path %s %s; the evaluator decided", where, kind)
+
 
 REFERENCE, FAST = ReferenceRuntime(), NativeRuntime()
 FALLBACKS = FallbackEvents()
@@ -153,6 +167,19 @@ def run(expr: Expression, activation: Activation) -> Any:
     return REFERENCE.evaluate(expr, activation)
 
 
+def run_path(function: Callable[..., Decision | None], where: str, request: Mapping[str, Any], at: datetime,
+             decision_id: str, language: str) -> Decision | None:
+    """A request decided by its generated path (engine/codegen.py); None hands it to `evaluate`:
+    a field is missing (the evaluator names it), or the path deferred or failed (counted)."""
+    try:
+        return function(request, at, decision_id, language)
+    except Defer as exc:
+        FALLBACKS.record_path(DEFERRED, where, exc)
+    except Exception as exc:  # a bug of the generator: counted and logged; the evaluator decides
+        FALLBACKS.record_path(GENERATED_BUG, where, exc)
+    return None
+
+
 def run_condition(expr: Expression, activation: Activation) -> bool:
     result = run(expr, activation)
     if type(result) is bool:
@@ -160,46 +187,6 @@ def run_condition(expr: Expression, activation: Activation) -> bool:
     if not isinstance(result, celtypes.BoolType):
         raise EvaluationFailure(f"expected a boolean, the expression gave {type(result).__name__}")
     return bool(result)
-
-
-class _Needs:
-    """Collects the fields that applicable rules need and the request lacks."""
-
-    def __init__(self, request: Mapping[str, Any], plan: NeedsPlan | None) -> None:
-        self.request = request  # read only: never copied
-        # A complete request needs no look at all; with the `always` fields there, only the
-        # expressions of rules that apply need one, and a fast one; otherwise every expression
-        # is accounted for field by field.
-        self.complete = plan is not None and bool(plan.everything(self.request))
-        self.plan = plan if plan is not None and not self.complete and plan.always(self.request) else None
-        self.context = (request["action"], request.get("role"))
-        self.missing: dict[str, list[str]] = {}
-        self._absent: dict[tuple[str, ...], list[str]] = {}  # rules share paths: look once
-
-    def lacking(self, expr: Expression | None, owner: str) -> bool:
-        """True if the request lacks a field `expr` needs (and note it against `owner`)."""
-        if expr is None or self.complete:
-            return False
-        if self.plan is not None:
-            check = self.plan.conditional.get(id(expr))
-            if check is None or check(self.request):
-                return False
-        found = False
-        for path in expr.needs_for(*self.context):
-            absent = self._absent.get(path)
-            if absent is None:
-                absent = self._absent[path] = absent_fields(self.request, path)
-            for place in absent:
-                self.missing.setdefault(place, []).append(owner)
-                found = True
-        return found
-
-    def raise_if_any(self) -> None:
-        if self.missing:
-            details = [Detail(place, f"required by {', '.join(dict.fromkeys(owners))} but missing")
-                       for place, owners in self.missing.items()]
-            raise RequestError("missing_field", f"the request lacks {len(details)} field"
-                               f"{'s' if len(details) != 1 else ''} that the rules need", details)
 
 
 def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Activation, *,
@@ -213,7 +200,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
     violations: list[Finding] = []
     warnings: list[Finding] = []
     traces: list[Trace] = []
-    needs = _Needs(request, version.needs_plan(action, role))
+    needs = MissingFields(request, version.needs_plan(action, role))
     for rule in version.rules_for(action, role):
         outcome, error = PASSED, None
         try:
@@ -307,3 +294,85 @@ def _describe(exc: Exception) -> str:
     args = getattr(exc, "args", ())
     text = str(args[0]) if args else type(exc).__name__
     return text.replace("\n", " ").strip()
+
+
+def path_helpers(version_name: str, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """What a generated decision path (engine/codegen.py) calls that depends on its version: one rule
+    or output judged again by its native closures after a CEL error on the fast path, the request
+    as native values for an expression left to its closure, and a message that shows request fields.
+
+    The closures answer here, or raise Defer (or a bug raises): then the caller decides the whole
+    request with `evaluate`, which counts it. A field the rule needs and the request lacks returns
+    True: the caller hands over to `evaluate`, whose accounting names every missing field."""
+    to_native = _native_converter()
+
+    def activation(request: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+        values: dict[str, Any] = to_native(dict(request))
+        values["at"] = at
+        values["params"] = parameters
+        return values
+
+    def condition(expr: Expression, env: dict[str, Any]) -> bool:
+        value = _native_value(expr, env)
+        if type(value) is bool:
+            return value
+        raise EvaluationFailure(f"expected a boolean, the expression gave {type(value).__name__}")
+
+    def lacking(expr: Expression, request: Mapping[str, Any]) -> bool:
+        context = (request["action"], request.get("role"))
+        return any(absent_fields(request, path) for path in expr.needs_for(*context))
+
+    def again_rule(rule: Rule, request: Mapping[str, Any], at: datetime, language: str,
+                   violations: list[Finding], warnings: list[Finding]) -> bool:
+        env = activation(request, at)
+        outcome, error = PASSED, None
+        try:
+            if rule.applies_when is not None and not condition(rule.applies_when, env):
+                outcome = NOT_APPLICABLE
+            elif rule.applies_when is not None and lacking(rule.fires_when, request):
+                return True
+            elif condition(rule.fires_when, env):
+                outcome = FIRED
+        except EvaluationFailure as exc:
+            outcome, error = ERROR, str(exc)
+        if outcome == ERROR:
+            violations.append(_finding(rule, _FAILED[language == CHINESE].format(id=rule.id, error=error)))
+        elif outcome == FIRED:
+            message = rule.render(language, parameters, request)
+            (violations if rule.effect == "deny" else warnings).append(_finding(rule, message))
+        return False
+
+    def again_output(output: Output, request: Mapping[str, Any], at: datetime, language: str,
+                     outputs: dict[str, Any], violations: list[Finding]) -> bool:
+        env = activation(request, at)
+        try:
+            if output.applies_when is not None and not condition(output.applies_when, env):
+                return False
+            if output.applies_when is not None and lacking(output.value, request):
+                return True
+            outputs[output.name] = to_json(_native_value(output.value, env))
+        except EvaluationFailure as exc:
+            where = f"{output.location.file}:{output.location.line}"
+            message = _OUTPUT_FAILED[language == CHINESE].format(name=output.name, error=exc)
+            violations.append(Finding(f"output.{output.name}", message, output.defined_in, where))
+        return False
+
+    def render(rule: Rule, language: str, request: Mapping[str, Any]) -> Finding:
+        return _finding(rule, rule.render(language, parameters, request))
+
+    return {"_again_rule": again_rule, "_again_output": again_output, "_activation": activation,
+            "_render": render}
+
+
+def _native_value(expr: Expression, env: dict[str, Any]) -> Any:
+    if expr.native is None:
+        raise Defer
+    try:
+        return expr.native(env)
+    except CelError as exc:
+        raise EvaluationFailure(str(exc)) from exc
+
+
+@cache
+def _native_converter() -> NativeConverter:
+    return NativeConverter()

@@ -16,11 +16,13 @@ from celpy.adapter import json_to_cel
 
 from engine.celtime import is_duration
 from engine.checker import schema_problems, validator
+from engine.codegen import generate_path
 from engine.compiler import CelCompiler
+from engine.evaluator import path_helpers
 from engine.errors import Location, PolicyLoadError, Problem
 from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
-from engine.request import presence_check
+from engine.needs import needs_plan
 from engine.schemas import load_schema
 from engine.sources import FolderSource, PolicySource
 from engine.typecheck import parse_timestamp_checked
@@ -299,17 +301,22 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
             context = (action, role)
             by_action[context] = tuple(r for r in built_rules if r.applies_to(action, role))
             out_by_action[context] = tuple(o for o in built_outputs if o.applies_to(action, role))
-            presence[context] = _needs_plan(context, [(r.applies_when, r.fires_when) for r in by_action[context]]
+            presence[context] = needs_plan(context, [(r.applies_when, r.fires_when) for r in by_action[context]]
                                             + [(o.applies_when, o.value) for o in out_by_action[context]])
+    version_digest = f"sha256:{digest.hexdigest()}"
+    helpers = path_helpers(raw.name, params)
+    paths = {context: generate_path(raw.name, version_digest, context[0], context[1], by_action[context],
+                                    out_by_action[context], presence[context], compiler.request_schema, params, helpers)
+             for context in by_action}
     return PolicyVersion(
         name=raw.name, effective_from=parse_timestamp(raw.meta["effective_from"]),
         description=raw.meta["description"], extends=raw.meta.get("extends"),
         parameters=MappingProxyType(dict(params)), rules=tuple(built_rules),
-        outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=f"sha256:{digest.hexdigest()}",
+        outputs=tuple(built_outputs), files=tuple(sorted(files)), digest=version_digest,
         sources=MappingProxyType({name: files[name].decode("utf-8", "replace") for name in sorted(files)}),
         cel_parameters=json_to_cel(params), native_parameters=dict(params),
         _rules_by_action=MappingProxyType(by_action), _outputs_by_action=MappingProxyType(out_by_action),
-        _presence=MappingProxyType(presence))
+        _presence=MappingProxyType(presence), _paths=MappingProxyType(paths))
 
 
 def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, problems: list[Problem],
@@ -356,26 +363,6 @@ def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, pr
 def _hint(name: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(name, candidates, n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _needs_plan(context: tuple[str, str | None],
-                pairs: list[tuple[Expression | None, Expression]]) -> NeedsPlan:
-    """Fields needed whatever the request says, in one check; the rest, rule by rule."""
-    def needs(expr: Expression) -> tuple[tuple[str, ...], ...]:
-        return expr.needs_for(*context)
-
-    always: list[tuple[str, ...]] = []
-    everything: list[tuple[str, ...]] = []
-    conditional: dict[int, Any] = {}
-    for guard, body in pairs:
-        everything.extend(needs(body))
-        if guard is None:
-            always.extend(needs(body))
-        else:
-            always.extend(needs(guard))
-            everything.extend(needs(guard))
-            conditional[id(body)] = presence_check(needs(body))
-    return NeedsPlan(presence_check(everything), presence_check(always), MappingProxyType(conditional))
 
 
 def _check_dates(raws: Mapping[str, _RawVersion], problems: list[Problem]) -> None:

@@ -34,11 +34,14 @@ class Expression:
     # The same expression as native Python closures (engine/native.py); None where the
     # expression uses CEL outside the native subset.
     native: Any = field(default=None, compare=False, repr=False)
+    tree: Any = field(default=None, compare=False, repr=False)  # the parse tree (engine/codegen.py writes it out)
 
     def reads(self) -> tuple[FieldPath, ...]:
         return self.needs + self.tests
 
     def needs_for(self, action: str, role: str | None) -> tuple[FieldPath, ...]:
+        """The request fields this expression needs once the action and role are known (the
+        public way to ask; worked out by engine/needs.py's walker at load)."""
         return self.needs_by_context.get((action, role), self.needs)
 
 
@@ -104,6 +107,8 @@ class NeedsPlan:
     everything: Any  # Callable[[request], bool]: every field any of them could need is there
     always: Any  # Callable[[request], bool]
     conditional: Mapping[int, Any]  # id(expression) -> Callable[[request], bool]
+    # The paths behind `everything`, for the generated paths (engine/codegen.py) to write it out.
+    everything_paths: tuple[FieldPath, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,16 @@ class PolicyVersion:
         repr=False, compare=False, default_factory=dict)
     _presence: Mapping[tuple[str, str | None], NeedsPlan] = field(repr=False, compare=False,
                                                                    default_factory=dict)
+    # One generated function per (action, role) (engine/codegen.py's GeneratedPath), written at load.
+    _paths: Mapping[tuple[str, str | None], Any] = field(repr=False, compare=False, default_factory=dict)
 
     def needs_plan(self, action: str, role: str | None) -> NeedsPlan | None:
         plan: NeedsPlan | None = self._presence.get((action, role))
         return plan
+
+    def path(self, action: str, role: str | None) -> Any:
+        """The generated decision path of an action and role (engine/codegen.py), or None."""
+        return self._paths.get((action, role))
 
     def rules_for(self, action: str, role: str | None) -> tuple[Rule, ...]:
         """The rules that apply to an action and role, in policy order (indexed at load)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cache
 from typing import Any, cast
@@ -19,15 +19,11 @@ from jsonschema import Draft202012Validator, FormatChecker
 from engine.checker import first_problems
 from engine.errors import Detail, RequestError
 from engine.model import EACH, OPTIONAL, FieldPath
+from engine.needs import pointer
 from engine.schemas import Schema, SchemaWalker, load_schema
 from engine.versions import parse_timestamp
 
 Convert = Callable[[Any], Any]
-
-
-def pointer(path: Iterable[str | int]) -> str:
-    """A JSON pointer (RFC 6901) for a path of keys and indexes."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
 DEFAULT_MAX_ITEMS = 1000
@@ -142,6 +138,7 @@ class RequestChecker:
         self._fields: dict[tuple[str, ...], bool] = {}
         self._field_map(self.schema, (), self._fields)
         self.fast = jsonschema_rs.validator_for(self.schema, validate_formats=True)
+        self.usable = jsonschema_rs.validator_for(_usable_timestamps(self.schema), validate_formats=True)
         Draft202012Validator.check_schema(self.schema)
         self.reference = Draft202012Validator(self.schema, format_checker=FormatChecker())
 
@@ -175,6 +172,14 @@ class RequestChecker:
         else:
             message = f"the request breaks the contract in {total} place{'s' if total != 1 else ''}"
         raise RequestError("invalid_request", message, details)
+
+    def checked(self, raw: Any) -> tuple[dict[str, Any], bool]:
+        """The request as __call__ gives it, and whether every timestamp in it is surely one that
+        Python holds (then only the timestamps a rule reads need parsing: engine/codegen.py)."""
+        if isinstance(raw, dict) and self.usable.is_valid(raw):
+            return raw, True
+        request = self(raw)
+        return request, request is not raw and self.usable.is_valid(request)
 
     def drop_nulls(self, raw: dict[str, Any]) -> dict[str, Any]:
         """The request with every null that stands for an absent field removed (a copy, or the
@@ -215,6 +220,31 @@ class RequestChecker:
         schema = self.walker.resolve(schema)
         branches = schema.get("oneOf") or schema.get("anyOf") or [schema]
         return {b.get("type") for b in branches if isinstance(b.get("type"), str)}
+
+
+# A date-time that parse_timestamp surely takes: years 0002 to 9998 (an offset cannot push it out
+# of Python's 1 to 9999) and no leap second. Others (0000, 23:59:60...) the contract lets through,
+# and the evaluator's whole conversion refuses them with the field named: they take that path.
+USABLE_TIMESTAMP = ("^(?:000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9])"
+                    "-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5]")
+
+
+def _usable_timestamps(schema: Schema) -> Schema:
+    """The schema with USABLE_TIMESTAMP on every date-time: a request it accepts decides without
+    converting its timestamps first."""
+    def narrow(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: narrow(v) for k, v in node.items()}
+            if out.get("format") == "date-time":
+                out = {"allOf": [out, {"pattern": USABLE_TIMESTAMP}]} if "pattern" in out else \
+                    {**out, "pattern": USABLE_TIMESTAMP}
+            return out
+        if isinstance(node, list):
+            return [narrow(v) for v in node]
+        return node
+
+    narrowed: Schema = narrow(schema)
+    return narrowed
 
 
 def _long_lists(value: Any, limit: int) -> list[Detail]:
@@ -274,39 +304,6 @@ def timestamp_problems(request: Any, schema: Schema | None = None) -> list[Detai
                     walk(item, child, (*at, index))
 
     walk(request, schema or load_schema("request"), ())
-    return found
-
-
-def absent_fields(request: Mapping[str, Any], path: FieldPath) -> list[str]:
-    """JSON pointers of the places where `path` is missing from the request."""
-    if OPTIONAL not in path and EACH not in path:  # the common case, without recursion
-        value: Any = request
-        for depth, head in enumerate(path):
-            if value is None:
-                return []
-            if type(value) is not dict or head not in value:
-                return [pointer(path[: depth + 1])]
-            value = value[head]
-        return []
-    found: list[str] = []
-
-    def walk(value: Any, rest: FieldPath, at: tuple[str | int, ...], optional: bool) -> None:
-        if not rest or value is None:  # null on the way is present: the rule must guard it
-            return
-        head = rest[0]
-        if head == OPTIONAL:
-            walk(value, rest[1:], at, False)
-        elif head == EACH:
-            if isinstance(value, list):
-                for index, item in enumerate(value):
-                    walk(item, rest[1:], (*at, index), optional)
-        elif not isinstance(value, dict) or head not in value:
-            if not optional:
-                found.append(pointer((*at, head)))
-        else:
-            walk(value[head], rest[1:], (*at, head), optional)
-
-    walk(request, path, (), OPTIONAL in path)
     return found
 
 
@@ -429,65 +426,3 @@ class NativeConverter:
             self._defs.append(f"def {name}(v):\n    return None if v is None else [{expression} for x in v]")
             return name
         return None
-
-
-class _Node:
-    __slots__ = ("children", "required")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.required = False
-
-
-def presence_check(paths: Iterable[FieldPath]) -> Callable[[Mapping[str, Any]], bool]:
-    """One function that says whether a request carries every path (as absent_fields reads them).
-
-    The paths share prefixes (account.type, account.age...), so they are merged into a tree,
-    and the tree is written out as one Python function of nested lookups (no recursion, no
-    loop over the tree at run time): a complete request costs one lookup per distinct field.
-    False means "something may be missing": absent_fields then says what.
-    """
-    root = _Node()
-    for path in paths:
-        optional_until = path.index(OPTIONAL) if OPTIONAL in path else 0
-        node = root
-        for depth, segment in enumerate(p for p in path if p != OPTIONAL):
-            node = node.children.setdefault(segment, _Node())
-            node.required = node.required or depth >= optional_until
-    lines = ["def check(v0):"]
-    _emit(root, "v0", 1, lines, [0])
-    lines.append("    return True")
-    namespace: dict[str, Any] = {}
-    exec(compile("\n".join(lines), "<presence check>", "exec"), namespace)  # source written above, from the schema
-    check: Callable[[Mapping[str, Any]], bool] = namespace["check"]
-    return check
-
-
-def _emit(node: _Node, var: str, depth: int, lines: list[str], counter: list[int]) -> None:
-    """The source of the checks below `node` for the value in `var` (null on the way is present:
-    the rule must guard it; a required field that is absent, or under a non-object, is missing)."""
-    pad = "    " * depth
-    if not node.children:
-        return
-    lines.append(f"{pad}if {var} is not None:")
-    inner = pad + "    "
-    for segment, child in node.children.items():
-        counter[0] += 1
-        name = f"v{counter[0]}"
-        if segment == EACH:
-            lines.append(f"{inner}if isinstance({var}, list):")
-            lines.append(f"{inner}    for {name} in {var}:")
-            body = len(lines)
-            _emit(child, name, depth + 3, lines, counter)
-            if len(lines) == body:
-                lines.append(f"{inner}        pass")
-            continue
-        lines.append(f"{inner}if isinstance({var}, dict) and {segment!r} in {var}:")
-        if child.children:
-            lines.append(f"{inner}    {name} = {var}[{segment!r}]")
-            _emit(child, name, depth + 2, lines, counter)
-        else:
-            lines.append(f"{inner}    pass")
-        if child.required:
-            lines.append(f"{inner}else:")
-            lines.append(f"{inner}    return False")

@@ -317,7 +317,7 @@ def test_the_fast_validator_agrees_with_jsonschema(seed: int, pick: int, replace
 
 
 def test_presence_checks_agree_with_absent_fields(policies: PolicySet) -> None:
-    from engine.request import absent_fields, presence_check
+    from engine.needs import absent_fields, presence_check
 
     version = policies.get("v2")
     assert version is not None

@@ -1,0 +1,707 @@
+"""Each decision path, (version, action, role), written out at load as one Python function and compiled once.
+
+The function holds, in policy order, every rule and output that applies to the path: the
+presence checks of the fields they need, the reads (and conversions) of only the fields they
+read, each condition as inline Python with CEL's semantics, the findings, the outputs and the
+Decision. `bindpolicy compile --show VERSION ACTION [ROLE]` prints it.
+
+What the generator writes inline is CEL's meaning on the values a checked request can hold:
+a comparison is written as Python's own operator only where the operand types (known from the
+request schema, the literals and the parameters) make both agree; elsewhere it calls the
+native runtime's helpers (engine/native.py). An expression it cannot write calls the
+expression's native closure, and says so in a comment. Three ways out, all explicit:
+- a CEL error on the fast path (a null where an object was read, a value of the wrong type,
+  an error that `&&` or `||` may absorb): that one rule or output is judged again by its native
+  closures, which give CEL's exact answer (`_again_rule`, `_again_output` below);
+- a field that the rules need and the request lacks: the function returns None, and the
+  evaluator's field-by-field accounting names every missing field (the request is refused);
+- Defer from a helper, or any other exception (a bug of the generator): raised to the caller,
+  which counts it and decides with the evaluator (engine/decider.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from lark import Token, Tree
+
+from engine import native
+from engine.messages import CHINESE, LANGUAGES, PARAMS_ROOT
+from engine.model import EACH, OPTIONAL, Decision, Expression, FieldPath, Finding, NeedsPlan, Output, Rule
+from engine.evaluator import to_json
+from engine.native import CelError, Unsupported
+from engine.needs import presence_source
+from engine.schemas import Schema, SchemaWalker
+from engine.versions import format_timestamp, parse_timestamp
+
+SAFE_INTEGER = 2**53  # beyond it int and double comparisons part ways (native compares as doubles)
+NONE = type(None)
+Kinds = frozenset[type] | None  # the Python types a value may have; None: any
+BOOL: frozenset[type] = frozenset({bool})
+NUMBERS: frozenset[type] = frozenset({int, float})
+_ORDERED_ALIKE = (frozenset({str}), frozenset({datetime}), frozenset({timedelta}))
+_CONVERSION_KINDS: dict[str, Kinds] = {
+    "duration": frozenset({timedelta}), "timestamp": frozenset({datetime}), "int": frozenset({int}),
+    "double": frozenset({float}), "string": frozenset({str}), "bool": BOOL}
+_ARITHMETIC = {"addition_add": "_add", "addition_sub": "_sub", "multiplication_mul": "_mul",
+               "multiplication_div": "_div", "multiplication_mod": "_mod"}
+_ORDER = {"relation_lt": ("<", "_lt"), "relation_le": ("<=", "_le"), "relation_gt": (">", "_gt"),
+          "relation_ge": (">=", "_ge")}
+_TRANSPARENT = frozenset({"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication",
+                          "unary", "member", "primary", "paren_expr"})
+
+
+class NotInline(Exception):
+    """The generator does not write this expression inline: it calls its native closure."""
+
+
+@dataclass(frozen=True)
+class GeneratedPath:
+    """One decision path as Python source and the function compiled from it."""
+
+    action: str
+    role: str | None
+    source: str
+    function: Callable[..., Decision | None]
+    native_calls: int  # expressions left to their native closures (zero for the bundled policies)
+
+
+@dataclass(frozen=True)
+class _Code:
+    text: str
+    kinds: Kinds
+    raw: bool = False  # an object or list as the request holds it (timestamps unparsed): only null-tested
+
+
+class _Namespace:
+    """The constants and callables a generated module refers to, by the names it gives them."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._by_id: dict[int, str] = {}
+
+    def add(self, value: Any, prefix: str = "_k") -> str:
+        name = self._by_id.get(id(value))
+        if name is None:
+            name = f"{prefix}{len(self.values)}"
+            self.values[name] = value
+            self._by_id[id(value)] = name
+        return name
+
+
+def _unwrap(tree: Any) -> Any:
+    while isinstance(tree, Tree) and len(tree.children) == 1 and tree.data in _TRANSPARENT:
+        tree = tree.children[0]
+    return tree
+
+
+def _args(node: Any) -> list[Any]:
+    return list(node.children) if isinstance(node, Tree) else []
+
+
+def _literal_text(value: Any) -> str | None:
+    """Python source for a constant, where repr is exact; None where it must be a named constant."""
+    if value is None or type(value) in (bool, str):
+        return repr(value)
+    if type(value) is int and -SAFE_INTEGER <= value <= SAFE_INTEGER:
+        return repr(value)
+    if type(value) is float and value == value and value not in (float("inf"), float("-inf")):
+        return repr(value)
+    return None
+
+
+def _kinds_of(value: Any) -> Kinds:
+    if type(value) is int and not -SAFE_INTEGER <= value <= SAFE_INTEGER:
+        return None
+    return frozenset({type(value)})
+
+
+class _ExpressionWriter:
+    """Writes one CEL expression of a path as a Python expression over `request` and `at`."""
+
+    def __init__(self, path: _PathWriter, expr: Expression) -> None:
+        self.path = path
+        self.expr = expr
+        self.scope: dict[str, tuple[str, FieldPath, Schema]] = {}  # loop variable -> (local, path, item schema)
+        # Paths the presence checks guarantee (has()-guarded prefixes only where has() said so).
+        self.present: set[FieldPath] = set()
+        for need in expr.needs_for(path.action, path.role):
+            plain = tuple(p for p in need if p != OPTIONAL)
+            for depth in range(1, len(plain) + 1):
+                self.present.add(plain[:depth])
+
+    # --- entry points ---
+
+    def condition(self) -> str:
+        code = self.write(self.expr.tree)
+        return code.text if code.kinds == BOOL else f"_bool({code.text})"
+
+    def value(self) -> str:
+        code = self.write(self.expr.tree)
+        if code.kinds is not None and code.kinds <= {str, bool, NONE}:
+            return code.text
+        if code.kinds == frozenset({datetime}):
+            return f"_format_timestamp({code.text})"
+        return f"_to_json({code.text})"
+
+    # --- nodes ---
+
+    def write(self, tree: Any, mode: str = "value") -> _Code:
+        """`mode`: value (as CEL sees it), compare (numbers as they came), container (read, not copied)."""
+        node = _unwrap(tree)
+        folded = self.constant(node)
+        if folded is not _NO_CONSTANT:
+            return self.const(folded)
+        if isinstance(node, Token):
+            raise NotInline(f"token {node!r}")
+        kind, kids = str(node.data), node.children
+        if kind == "paren_expr":
+            return self.write(kids[0], mode)
+        if kind == "expr" and len(kids) == 3:
+            return self.ternary(*kids)
+        if kind in ("conditionalor", "conditionaland") and len(kids) == 2:
+            return self.logical(kind == "conditionalor", kids[0], kids[1])
+        if kind == "unary" and len(kids) == 2:
+            operand = self.write(kids[1])
+            if kids[0].data == "unary_not":
+                text = operand.text if operand.kinds == BOOL else f"_bool({operand.text})"
+                return _Code(f"(not {text})", BOOL)
+            return _Code(f"_negate({operand.text})", operand.kinds if operand.kinds and
+                         operand.kinds <= NUMBERS | {timedelta} else None)
+        if kind == "relation" and len(kids) == 2:
+            return self.relation(str(kids[0].data), kids[0].children[0], kids[1])
+        if kind in ("addition", "multiplication") and len(kids) == 2:
+            return self.arithmetic(str(kids[0].data), kids[0].children[0], kids[1])
+        if kind in ("member_dot", "ident"):
+            return self.read(node, mode)
+        if kind == "member_dot_arg":
+            return self.method(node, mode)
+        if kind == "ident_arg":
+            return self.function(node)
+        if kind == "member_index" and len(kids) == 2:
+            base, index = self.write(kids[0]), self.write(kids[1])
+            return _Code(f"_index({base.text}, {index.text})", None)
+        if kind == "list_lit":
+            items = [self.write(k) for k in _args(kids[0] if kids else None)]
+            return _Code("[" + ", ".join(i.text for i in items) + "]", frozenset({list}))
+        raise NotInline(f"CEL construct {kind!r}")
+
+    def const(self, value: Any) -> _Code:
+        text = _literal_text(value)
+        if text is None:
+            text = self.path.names.add(value)
+        return _Code(text, _kinds_of(value))
+
+    def constant(self, node: Any) -> Any:
+        """The value of a subtree that reads only literals, `params` and the path's action and role."""
+        if isinstance(node, Token):
+            try:
+                return native.literal_value(node)
+            except Unsupported:
+                return _NO_CONSTANT
+        known = {"params", "action"} | ({"role"} if self.path.role is not None else set())
+        for sub in node.iter_subtrees():
+            if sub.data == "ident" and str(sub.children[0]) not in known:
+                return _NO_CONSTANT
+            if sub.data == "ident" and str(sub.children[0]) in self.scope:
+                return _NO_CONSTANT
+        try:
+            return native.compile_native(node)(self.path.facts)
+        except (CelError, native.Defer, Unsupported):
+            return _NO_CONSTANT
+
+    def ternary(self, condition: Any, when_true: Any, when_false: Any) -> _Code:
+        known = self.constant(_unwrap(condition))
+        if known is True or known is False:  # the action or role decides it: only that branch is read
+            return self.write(when_true if known else when_false)
+        test = self.write(condition)
+        yes, no = self.write(when_true), self.write(when_false)
+        text = test.text if test.kinds == BOOL else f"_bool({test.text})"
+        kinds = yes.kinds | no.kinds if yes.kinds is not None and no.kinds is not None else None
+        return _Code(f"({yes.text} if {text} else {no.text})", kinds)
+
+    def logical(self, is_or: bool, left_tree: Any, right_tree: Any) -> _Code:
+        """CEL's && and ||, written as Python's where both sides are booleans. An error on the left
+        that the right would absorb is a CEL error here: the closures judge the rule again."""
+        left, right = self.write(left_tree), self.write(right_tree)
+        left_value = self.constant(_unwrap(left_tree))
+        right_value = self.constant(_unwrap(right_tree))
+        for value, other in ((left_value, right), (right_value, left)):
+            if value is is_or:  # true decides an or, false decides an and, whatever the other side
+                return _Code(repr(is_or), BOOL)
+            if value is (not is_or):
+                return _Code(other.text if other.kinds == BOOL else f"_bool({other.text})", BOOL)
+        parts = [c.text if c.kinds == BOOL else f"_bool({c.text})" for c in (left, right)]
+        return _Code(f"({parts[0]} {'or' if is_or else 'and'} {parts[1]})", BOOL)
+
+    def relation(self, operator: str, left_tree: Any, right_tree: Any) -> _Code:
+        if operator in ("relation_eq", "relation_ne"):
+            left, right = self.write(left_tree, "compare"), self.write(right_tree, "compare")
+            equal = operator == "relation_eq"
+            for one, other in ((left, right), (right, left)):
+                if one.text == "None":  # x == null: only null equals null
+                    return _Code(f"({other.text} is {'' if equal else 'not '}None)", BOOL)
+            if left.raw or right.raw:
+                raise NotInline("an object or list compared whole")
+            if _plain_equality(left.kinds, right.kinds):
+                return _Code(f"({left.text} {'==' if equal else '!='} {right.text})", BOOL)
+            return _Code(f"{'_eq' if equal else '_ne'}({left.text}, {right.text})", BOOL)
+        if operator in _ORDER:
+            left, right = self.write(left_tree, "compare"), self.write(right_tree, "compare")
+            symbol, helper = _ORDER[operator]
+            if left.raw or right.raw:
+                raise NotInline("an object or list compared whole")
+            if _plain_order(left.kinds, right.kinds):
+                return _Code(f"({left.text} {symbol} {right.text})", BOOL)
+            return _Code(f"{helper}({left.text}, {right.text})", BOOL)
+        if operator == "relation_in":
+            item = self.write(left_tree, "compare")
+            if item.raw:
+                raise NotInline("an object or list looked for whole")
+            container_value = self.constant(_unwrap(right_tree))
+            if (item.kinds == frozenset({str}) and type(container_value) is list
+                    and all(type(v) is str for v in container_value)):
+                return _Code(f"({item.text} in {self.path.names.add(frozenset(container_value), '_set')})", BOOL)
+            container = self.write(right_tree)
+            return _Code(f"_in({item.text}, {container.text})", BOOL)
+        raise NotInline(f"operator {operator}")
+
+    def arithmetic(self, operator: str, left_tree: Any, right_tree: Any) -> _Code:
+        helper = _ARITHMETIC.get(operator)
+        if helper is None:
+            raise NotInline(f"operator {operator}")
+        left, right = self.write(left_tree), self.write(right_tree)
+        kinds: Kinds = None
+        if left.kinds is not None and right.kinds is not None and len(left.kinds) == len(right.kinds) == 1:
+            a, b = next(iter(left.kinds)), next(iter(right.kinds))
+            if (a is b and a in (int, float, timedelta)) or (a is b is str and helper == "_add"):
+                kinds = left.kinds
+            elif a is datetime and b is datetime and helper == "_sub":
+                kinds = frozenset({timedelta})
+            elif {a, b} == {datetime, timedelta} and helper in ("_add", "_sub"):
+                kinds = frozenset({datetime})
+        return _Code(f"{helper}({left.text}, {right.text})", kinds)
+
+    def function(self, node: Tree[Any]) -> _Code:
+        name = str(node.children[0])
+        args = _args(node.children[1] if len(node.children) > 1 else None)
+        if name == "has" and len(args) == 1:
+            target = _unwrap(args[0])
+            if not (isinstance(target, Tree) and target.data == "member_dot"):
+                raise NotInline("has() of something other than a field")
+            base = self.write(target.children[0], "container")
+            field_name = str(target.children[1])
+            if base.kinds == frozenset({dict}):
+                return _Code(f"({field_name!r} in {base.text})", BOOL)
+            return _Code(f"_has({base.text}, {field_name!r})", BOOL)
+        if name == "size" and len(args) == 1:
+            return self.size(args[0])
+        if name in _CONVERSION_KINDS and len(args) == 1:
+            operand = self.write(args[0])
+            return _Code(f"{self.path.names.add(native._CONVERSIONS[name], '_to_')}({operand.text})",
+                         _CONVERSION_KINDS[name])
+        raise NotInline(f"function {name}()")
+
+    def size(self, tree: Any) -> _Code:
+        node = _unwrap(tree)
+        if isinstance(node, Tree) and node.data == "member_dot_arg" and str(node.children[1]) == "filter":
+            return self.count(node)
+        operand = self.write(tree, "container")
+        if operand.kinds is not None and len(operand.kinds) == 1 and next(iter(operand.kinds)) in (str, list, dict):
+            return _Code(f"len({operand.text})", frozenset({int}))
+        return _Code(f"_size({operand.text})", frozenset({int}))
+
+    def method(self, node: Tree[Any], mode: str) -> _Code:
+        target, name = node.children[0], str(node.children[1])
+        args = _args(node.children[2] if len(node.children) > 2 else None)
+        if name == "size" and not args:
+            return self.size(target)
+        if name in ("exists", "all") and len(args) == 2:
+            with self.loop(target, args[0]) as (local, items):
+                body = self.write(args[1])
+                test = body.text if body.kinds == BOOL else f"_bool({body.text})"
+            return _Code(f"{'any' if name == 'exists' else 'all'}({test} for {local} in {items})", BOOL)
+        if name in ("startsWith", "endsWith", "contains") and len(args) == 1:
+            text, other = self.write(target), self.write(args[0])
+            if text.kinds == frozenset({str}) and other.kinds == frozenset({str}):
+                if name == "contains":
+                    return _Code(f"({other.text} in {text.text})", BOOL)
+                return _Code(f"{text.text}.{name.lower()}({other.text})", BOOL)
+        raise NotInline(f"method .{name}()")
+
+    def count(self, node: Tree[Any]) -> _Code:
+        """`list.filter(x, p).size()`: how many items pass, without building the list."""
+        args = _args(node.children[2] if len(node.children) > 2 else None)
+        if len(args) != 2:
+            raise NotInline("filter() with other than two arguments")
+        with self.loop(node.children[0], args[0]) as (local, items):
+            body = self.write(args[1])
+            test = body.text if body.kinds == BOOL else f"_bool({body.text})"
+        return _Code(f"sum(1 for {local} in {items} if {test})", frozenset({int}))
+
+    def loop(self, target: Any, variable: Any) -> _Loop:
+        items = self.write(target, "container")
+        if items.kinds != frozenset({list}):
+            raise NotInline("a macro over something other than a list")
+        name_node = _unwrap(variable)
+        if not (isinstance(name_node, Tree) and name_node.data == "ident"):
+            raise NotInline("a macro without a loop variable")
+        path = self.path_of(target)
+        schema = self.path.walker.child(self.schema_of(path), EACH) if path is not None else None
+        if path is None or schema is None:
+            raise NotInline("a macro over a list that is not a request field")
+        return _Loop(self, str(name_node.children[0]), items.text, (*path, EACH), schema)
+
+    # --- reads ---
+
+    def path_of(self, tree: Any) -> FieldPath | None:
+        """The request path a chain reads (through loop variables), or None."""
+        node = _unwrap(tree)
+        names: list[str] = []
+        while isinstance(node, Tree) and node.data == "member_dot":
+            names.append(str(node.children[1]))
+            node = _unwrap(node.children[0])
+        if not (isinstance(node, Tree) and node.data == "ident"):
+            return None
+        root = str(node.children[0])
+        if root in self.scope:
+            return (*self.scope[root][1], *reversed(names))
+        if root in self.path.variables:
+            return (root, *reversed(names))
+        return None
+
+    def schema_of(self, path: FieldPath) -> Schema:
+        schema: Schema | None = self.path.schema
+        for segment in path:
+            schema = self.path.walker.child(schema, segment) if schema is not None else None
+        if schema is None:
+            raise NotInline(f"{'.'.join(path)} is not in the request schema")
+        return schema
+
+    def read(self, node: Tree[Any], mode: str) -> _Code:
+        names: list[str] = []
+        while isinstance(node, Tree) and node.data == "member_dot":
+            names.append(str(node.children[1]))
+            node = _unwrap(node.children[0])
+        if not (isinstance(node, Tree) and node.data == "ident"):
+            base = self.write(node, "container")  # a field of something computed: the helper checks it
+            text = base.text
+            for name in reversed(names):
+                text = f"_step({text}, {name!r})"
+            return _Code(text, None)
+        root = str(node.children[0])
+        names.reverse()
+        if root in self.scope:
+            text, path, schema = self.scope[root]
+        elif root == "at" and not names:
+            return _Code("at", frozenset({datetime}))
+        elif root in self.path.variables:
+            path, schema = (root,), self.schema_of((root,))
+            text = f"request[{root!r}]" if path in self.present else f"_step(request, {root!r})"
+        else:
+            raise NotInline(f"the name {root!r}")
+        for name in names:
+            child = self.path.walker.child(schema, name)
+            if child is None:
+                raise NotInline(f"{'.'.join((*path, name))} is not in the request schema")
+            parent_is_object = self.path.types(schema) == {"object"} and not self.path.nullable(schema)
+            path = (*path, name)
+            text = f"{text}[{name!r}]" if parent_is_object and path in self.present else f"_step({text}, {name!r})"
+            schema = child
+        return self.finish(text, schema, mode)
+
+    def finish(self, text: str, schema: Schema, mode: str) -> _Code:
+        """A read value as CEL sees it: timestamps parsed, numbers as their schema types say."""
+        types = self.path.types(schema)
+        nullable = {NONE} if self.path.nullable(schema) else set()
+        if types == {"timestamp"} or types == {"timestamp", "string"}:
+            return _Code(f"_timestamp({text})", frozenset({datetime, *nullable}))
+        if types == {"string"}:
+            return _Code(text, frozenset({str, *nullable}))
+        if types == {"boolean"}:
+            return _Code(text, frozenset({bool, *nullable}))
+        if types <= {"integer", "number"} and types:
+            bounded = all(abs(schema.get(k, SAFE_INTEGER + 1)) <= SAFE_INTEGER for k in ("minimum", "maximum"))
+            if mode == "compare" and bounded:
+                return _Code(text, frozenset({int, float, *nullable}))
+            convert = "_as_int" if types == {"integer"} else "_as_double"
+            kind = int if types == {"integer"} else float
+            return _Code(f"{convert}({text})", frozenset({kind, *nullable}) if bounded else None)
+        if types in ({"object"}, {"array"}) and mode in ("container", "compare"):
+            return _Code(text, frozenset({dict if types == {"object"} else list, *nullable}),
+                         raw=mode == "compare" and self.path.converts(schema))
+        if types in ({"object"}, {"array"}) and not self.path.converts(schema):
+            return _Code(text, frozenset({dict if types == {"object"} else list, *nullable}))
+        raise NotInline("a whole object or list that holds values to convert")
+
+
+class _Loop:
+    """A macro's loop variable in scope while its body is written."""
+
+    def __init__(self, writer: _ExpressionWriter, variable: str, items: str, path: FieldPath,
+                 schema: Schema) -> None:
+        self.writer, self.variable, self.items = writer, variable, items
+        self.local = f"_{variable}{len(writer.scope) + 1}"
+        self.entry = (self.local, path, schema)
+        self.saved: tuple[str, FieldPath, Schema] | None = None
+
+    def __enter__(self) -> tuple[str, str]:
+        self.saved = self.writer.scope.get(self.variable)
+        self.writer.scope[self.variable] = self.entry
+        return self.local, self.items
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is None:
+            del self.writer.scope[self.variable]
+        else:
+            self.writer.scope[self.variable] = self.saved
+
+
+_NO_CONSTANT = object()
+
+
+def _plain_equality(a: Kinds, b: Kinds) -> bool:
+    """Python's == is CEL's for these operand types (no containers, no bool against a number)."""
+    if a is None or b is None or {list, dict} & (a | b):
+        return False
+    scalars = {bool, int, float, str, datetime, timedelta, NONE}
+    if not (a <= scalars and b <= scalars):
+        return False
+    return not ((bool in a and b & NUMBERS) or (bool in b and a & NUMBERS))
+
+
+def _plain_order(a: Kinds, b: Kinds) -> bool:
+    """Python's < is CEL's for these operand types (and neither can be null or another type)."""
+    if a is None or b is None:
+        return False
+    if a <= NUMBERS and b <= NUMBERS:
+        return True
+    return any(a == same and b == same for same in _ORDERED_ALIKE)
+
+
+class _PathWriter:
+    """Writes the module source of one (version, action, role)."""
+
+    def __init__(self, version_name: str, action: str, role: str | None, schema: Schema,
+                 params: Mapping[str, Any]) -> None:
+        self.version_name, self.action, self.role = version_name, action, role
+        self.schema = schema
+        self.walker = SchemaWalker(schema)
+        self.variables = frozenset(schema["properties"])
+        self.facts = {"params": dict(params), "action": action, **({"role": role} if role is not None else {})}
+        self.names = _Namespace()
+        self.native_calls = 0
+        self._types: dict[int, set[str]] = {}
+
+    def types(self, schema: Schema) -> set[str]:
+        return self.walker.types(schema)
+
+    def nullable(self, schema: Schema) -> bool:
+        resolved = self.walker.resolve(schema)
+        branches = resolved.get("oneOf") or resolved.get("anyOf") or [resolved]
+        for branch in branches:
+            branch = self.walker.resolve(branch)
+            kind = branch.get("type")
+            if kind == "null" or (isinstance(kind, list) and "null" in kind) or None in branch.get("enum", ()):
+                return True
+        return False
+
+    def converts(self, schema: Schema) -> bool:
+        """True if values of this schema, or within it, differ as native values (timestamps, numbers)."""
+        types = self.types(schema)
+        if types & {"timestamp", "integer", "number"}:
+            return True
+        children = [self.walker.child(schema, name) for name in self.walker.fields(schema)]
+        items = self.walker.child(schema, EACH)
+        return any(self.converts(c) for c in [*children, items] if c is not None)
+
+    def expression(self, expr: Expression, as_condition: bool) -> tuple[str, str]:
+        """(Python source, a note): the expression inline, or a call of its native closure."""
+        writer = _ExpressionWriter(self, expr)
+        try:
+            if expr.tree is None:
+                raise NotInline("no parse tree")
+            return (writer.condition() if as_condition else writer.value()), ""
+        except NotInline as exc:
+            self.native_calls += 1
+            closure = self.names.add(expr.native, "_native")
+            call = f"{closure}(_activation(request, at))"
+            note = f"  # the native closure: {exc}"
+            if as_condition:
+                return f"_bool({call})", note
+            return f"_to_json({call})", note
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}".rstrip() for line in text.strip().splitlines()]
+
+
+def generate_path(version_name: str, digest: str, action: str, role: str | None, rules: tuple[Rule, ...],
+                  outputs: tuple[Output, ...], plan: NeedsPlan, schema: Schema, params: Mapping[str, Any],
+                  helpers: Mapping[str, Any]) -> GeneratedPath:
+    """The decision path's Python source and its compiled function.
+
+    `helpers` holds what the generated code calls that depends on the whole version
+    (engine/evaluator.py's `path_helpers`): `_again_rule` and `_again_output` (one rule or
+    output judged by the native closures, after a CEL error), `_activation` (the request as
+    native values, for an expression left to its closure) and `_render` (a message that shows
+    request fields).
+    """
+    writer = _PathWriter(version_name, action, role, schema, params)
+    names = writer.names
+    function = f"decide_{_identifier(action)}_{_identifier(role or 'any')}"
+    lines = [f"# {version_name}: action {action!r}, role {role!r}: {len(rules)} rules, {len(outputs)} outputs.",
+             "# Generated at load by engine/codegen.py; what runs is this text, compiled once.", ""]
+    # Presence checks (engine/needs.py). The rules' guards, and the bodies of rules without one,
+    # are needed whatever the request says; a rule's body once its guard holds; an output's
+    # fields only for an allowed decision (so they are checked where it is evaluated).
+    def needs(expr: Expression | None) -> tuple[FieldPath, ...]:
+        return () if expr is None else expr.needs_for(action, role)
+
+    always = [p for r in rules for p in (needs(r.applies_when) if r.applies_when is not None else needs(r.fires_when))]
+    lines += ["# Presence checks (engine/needs.py): False means a field may be missing.",
+              *presence_source("_always", dict.fromkeys(always)), "",
+              *presence_source("_everything", plan.everything_paths), ""]
+    checks: dict[tuple[FieldPath, ...], str] = {}
+    always_set = set(always)
+
+    def check(paths: tuple[FieldPath, ...], indent: str) -> list[str]:
+        """The lines that hand over to the evaluator when one of `paths` may be missing."""
+        paths = tuple(p for p in paths if p not in always_set)  # those were checked first
+        if not paths:
+            return []
+        name = checks.get(paths)
+        if name is None:
+            name = checks[paths] = f"_needs_{len(checks)}"
+            lines[insert_at:insert_at] = [*presence_source(name, paths), ""]
+        return [f"{indent}if not complete and not {name}(request):", f"{indent}    return None"]
+
+    insert_at = len(lines)
+    lines += [f"def {function}(request, at, decision_id, language):",
+              "    if not _always(request):",
+              "        return None  # a field needed whatever the request says is missing: the evaluator names it",
+              "    complete = _everything(request)",
+              "    violations = []",
+              "    warnings = []"]
+    for rule in rules:
+        rule_name = names.add(rule, "_rule")
+        findings = {language: Finding(rule.id, rule.render(language, params, {}), rule.defined_in, rule.where)
+                    for language in LANGUAGES if _static_message(rule, language)}
+        found = names.add(findings, "_found")
+        into = "violations" if rule.effect == "deny" else "warnings"
+        lines += ["", f"    # rule {rule.id} ({rule.effect}), {rule.where}, defined in {rule.defined_in}"]
+        body_indent = "        "
+        lines.append("    try:")
+        if rule.applies_when is not None:
+            lines += _comment(f"applies_when: {rule.applies_when.text}", "        ")
+            text, note = writer.expression(rule.applies_when, True)
+            lines.append(f"        if {text}:{note}")
+            body_indent = "            "
+            lines += check(needs(rule.fires_when), body_indent)
+        lines += _comment(f"fires_when: {rule.fires_when.text}", body_indent)
+        text, note = writer.expression(rule.fires_when, True)
+        lines.append(f"{body_indent}if {text}:{note}")
+        lines.append(f"{body_indent}    {into}.append({found}.get(language) or _render({rule_name}, language, request))")
+        lines.append("    except CelError:  # judged again by the native closures, which absorb errors as CEL does")
+        lines.append(f"        if _again_rule({rule_name}, request, at, language, violations, warnings):")
+        lines.append("            return None")
+    lines += ["", "    outputs = {}"]
+    if outputs:
+        lines.append("    if not violations:  # allowed decisions only")
+    for output in outputs:
+        output_name = names.add(output, "_output")
+        lines += ["", f"        # output {output.name}, {output.location.file}:{output.location.line}"]
+        lines.append("        try:")
+        indent = "            "
+        if output.applies_when is not None:
+            lines += check(needs(output.applies_when), indent)
+            lines += _comment(f"applies_when: {output.applies_when.text}", indent)
+            text, note = writer.expression(output.applies_when, True)
+            lines.append(f"{indent}if {text}:{note}")
+            indent += "    "
+        lines += check(needs(output.value), indent)
+        lines += _comment(f"value: {output.value.text}", indent)
+        text, note = writer.expression(output.value, False)
+        lines.append(f"{indent}outputs[{output.name!r}] = {text}{note}")
+        lines.append("        except CelError:")
+        lines.append(f"            if _again_output({output_name}, request, at, language, outputs, violations):")
+        lines.append("                return None")
+    if outputs:
+        lines += ["        if violations:  # an output that failed denies: a denial carries no outputs",
+                  "            outputs = {}"]
+    lines += ["",
+              "    return _Decision(",
+              "        decision_id=decision_id, decision='deny' if violations else 'allow',",
+              "        rule=violations[0] if violations else None, violations=tuple(violations),",
+              f"        warnings=tuple(warnings), outputs=outputs, policy_version={version_name!r},",
+              f"        policy_digest={digest!r}, runtime='native', at=_format_timestamp(at),",
+              "        explain=None, language=language)", ""]
+    source = "\n".join(lines)
+    namespace: dict[str, Any] = {**_RUNTIME, **helpers, **names.values}
+    exec(compile(source, f"<{version_name} {action} {role}>", "exec"), namespace)  # written above, from the policy
+    return GeneratedPath(action, role, source, namespace[function], writer.native_calls)
+
+
+def _static_message(rule: Rule, language: str) -> bool:
+    """True if the rule's message in `language` reads no request field (it can be built once)."""
+    if rule.messages is None:
+        return True
+    return all(placeholder.path[0] == PARAMS_ROOT for lang, placeholder in rule.messages.placeholders()
+               if lang == language or (language == CHINESE and lang not in rule.messages.templates))
+
+
+def _identifier(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    raise native._no_overload("bool", value)
+
+
+def _has(value: Any, name: str) -> bool:
+    if type(value) is dict:
+        return name in value
+    if value is None:
+        return False
+    raise native._no_overload("has", value)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:  # checked at the door; a caller that skipped the check gets a CEL error
+        raise CelError(str(exc)) from None
+
+
+def _as_int(value: Any) -> Any:
+    return int(value) if type(value) is float else value
+
+
+def _as_double(value: Any) -> Any:
+    return float(value) if type(value) is int else value
+
+
+def _step(value: Any, name: str) -> Any:
+    if type(value) is dict:
+        try:
+            return value[name]
+        except KeyError:
+            raise CelError(f"no such key: {name!r}") from None
+    return native._step(value, name)
+
+
+_RUNTIME: dict[str, Any] = {
+    "CelError": CelError, "_Decision": Decision, "_bool": _bool, "_has": _has, "_timestamp": _timestamp,
+    "_as_int": _as_int, "_as_double": _as_double, "_step": _step, "_format_timestamp": format_timestamp,
+    "_eq": native._eq, "_ne": native._ne, "_lt": native._lt, "_le": native._le, "_gt": native._gt,
+    "_ge": native._ge, "_in": native._in, "_add": native._add, "_sub": native._sub, "_mul": native._mul,
+    "_div": native._div, "_mod": native._mod, "_negate": native._negate, "_size": native._size,
+    "_index": native._index, "_to_json": to_json,
+}

@@ -1,0 +1,215 @@
+"""The generated decision paths (engine/codegen.py) decide exactly as the native closures and cel-python do."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from engine.cli import main
+from engine.decider import Engine
+from engine.errors import RequestError
+from engine.evaluator import CEL_PYTHON, FALLBACKS, GENERATED_BUG, NATIVE
+from engine.generator import generate_requests
+from engine.loader import load_policies
+from engine.versions import PolicySet, parse_timestamp
+
+from .conftest import NOW, VERSION_V1, WriteFiles
+from .conftest import POLICIES as POLICIES_DIR
+from .test_differential import suite_requests
+
+
+def answer(engine: Engine, request: dict[str, Any]) -> dict[str, Any]:
+    """The whole response (the runtime included), or the refusal with every detail."""
+    try:
+        return engine.decide(copy.deepcopy(request), now=NOW, decision_id="same").to_dict()
+    except RequestError as exc:
+        return {"rejected": exc.code, "details": [d.to_dict() for d in exc.details]}
+
+
+def generated_only(engine: Engine, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The generated function's own answer, called directly (None: it hands over to the evaluator)."""
+    policies = engine.policies
+    checked, usable = engine.check.checked(copy.deepcopy(request))
+    assert usable, json.dumps(request)
+    at = parse_timestamp(checked["at"]) if "at" in checked else NOW  # select: RequestError as in decide
+    version = policies.select(at, checked.get("policy_version"))
+    path = version.path(checked["action"], checked.get("role"))
+    assert path is not None, json.dumps(request)
+    decision = path.function(checked, at, "same", "en")
+    return None if decision is None else decision.to_dict()
+
+
+def same_but_error_words(answer: dict[str, Any]) -> dict[str, Any]:
+    """cel-python words its errors its own way: the rule that failed closed is what must agree."""
+    out = copy.deepcopy(answer)
+    for finding in [*out.get("violations", []), *out.get("warnings", []), out.get("rule") or {}]:
+        if "fail closed" in finding.get("message", ""):
+            finding["message"] = "<failed>"
+    return out
+
+
+def compare_all(policies: PolicySet, requests: list[dict[str, Any]],
+                reference: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> int:
+    """Generated path == native closures (== cel-python where asked) on each request; the count decided."""
+    closures, generated = Engine(policies, generated=False), Engine(policies)
+    decided = 0
+    for request in requests:
+        try:
+            generated.check(copy.deepcopy(request))
+        except RequestError:
+            continue  # refused at the door, before any path
+        expected = answer(closures, request)
+        try:
+            direct = generated_only(generated, request)
+        except RequestError as exc:  # no version for it: refused before any path, by both
+            assert expected["rejected"] == exc.code, json.dumps(request)
+            continue
+        if direct is None:  # a missing field: the evaluator names it
+            assert "rejected" in expected, json.dumps(request)
+        else:
+            assert direct == expected, json.dumps(request)
+            decided += 1
+        if reference is not None:
+            got = reference(request)
+            if "rejected" not in got:
+                got["policy"]["runtime"] = NATIVE
+            assert same_but_error_words(got) == same_but_error_words(expected), json.dumps(request)
+    return decided
+
+
+def test_every_suite_case_generated_closures_and_cel_python_alike(policies: PolicySet) -> None:
+    before = dict(FALLBACKS.counts)
+    cel_python = Engine(policies, runtime=CEL_PYTHON)
+    decided = compare_all(policies, suite_requests(), lambda r: answer(cel_python, r))
+    assert decided > 150
+    assert dict(FALLBACKS.counts) == before  # zero fallbacks, zero bugs
+
+
+def test_a_generated_corpus_generated_and_closures_alike(policies: PolicySet) -> None:
+    before = dict(FALLBACKS.counts)
+    requests = list(generate_requests(1500, seed=2024, broken=0.03))
+    decided = compare_all(policies, requests)
+    assert decided > 1000
+    cel_python = Engine(policies, runtime=CEL_PYTHON)  # and cel-python (slow), on a twentieth
+    compare_all(policies, requests[::20], lambda r: answer(cel_python, r))
+    assert dict(FALLBACKS.counts) == before
+
+
+def test_the_bundled_policies_are_written_inline(policies: PolicySet) -> None:
+    paths = [(v.name, context, v.path(*context)) for v in policies for context in v._paths]
+    assert len(paths) > 20
+    assert [(name, context) for name, context, path in paths if path.native_calls] == []
+    source = policies.get("v2").path("bind", "official").source  # type: ignore[union-attr]
+    assert "# rule personal.kyc (deny), v2/bind.yaml:" in source
+    assert "_native" not in source and "def decide_bind_official(request, at, decision_id, language):" in source
+
+
+# A policy whose expressions raise CEL errors on the fast path, some absorbed by && and ||.
+ERRORS_V1 = {
+    "v1/version.yaml": VERSION_V1,
+    "v1/rules.yaml": """\
+rules:
+  - id: absorbed.or
+    actions: [bind]
+    effect: deny
+    fires_when: 1 / (account.age - account.age) == 1 || account.age > 10
+    message: an error on the left, true on the right
+    source: test
+  - id: absorbed.and
+    actions: [bind]
+    effect: warn
+    fires_when: account.age / 0 == 1 && account.age < 0
+    message: an error on the left, false on the right
+    source: test
+  - id: fails.closed
+    actions: [bind]
+    effect: warn
+    fires_when: account.age / (account.age - account.age) > 1
+    message: division by zero
+    source: test
+  - id: null.object
+    actions: [bind]
+    effect: deny
+    fires_when: shop.official_account.account_id == account.id
+    message: a field of null
+    source: test
+  - id: names.field
+    actions: [bind]
+    roles: [channel]
+    effect: deny
+    applies_when: account.age >= params.min_age
+    fires_when: account.name.startsWith("x") && size(account.name) > 2
+    message:
+      en: "{account.name} starts with x"
+      zh: "{account.name} 以 x 开头"
+    source: test
+""",
+}
+
+
+def test_cel_errors_on_the_fast_path_are_judged_by_the_closures(write_policies: WriteFiles) -> None:
+    policies = load_policies(write_policies(ERRORS_V1))
+    requests = []
+    for age, name, official in ((5, "xavier", None), (30, "xavier", {"account_id": "a", "account_type": "personal",
+                                                                      "bound_at": "2024-06-01T00:00:00Z"}),
+                                (30, "bob", None)):
+        requests.append({"action": "bind", "role": "channel", "at": "2024-07-01T00:00:00Z",
+                         "shop": {"id": "s", "official_account": official},
+                         "account": {"id": "a", "age": age, "name": name}})
+    requests.append({**requests[0], "account": {"id": "a", "age": 30}})  # a field missing: refused
+    cel_python = Engine(policies, runtime=CEL_PYTHON)
+    before = dict(FALLBACKS.counts)
+    assert compare_all(policies, requests, lambda r: answer(cel_python, r)) == 3
+    assert dict(FALLBACKS.counts) == before
+    decision = Engine(policies).decide(copy.deepcopy(requests[1]), now=NOW)
+    # a warn rule that fails denies (fail closed)
+    assert [v.id for v in decision.violations] == ["absorbed.or", "fails.closed", "null.object", "names.field"]
+    assert decision.violations[3].message == "xavier starts with x"
+    assert "fail closed" in decision.violations[1].message
+    refused = answer(Engine(policies), requests[3])
+    assert refused["rejected"] == "missing_field" and refused["details"][0]["path"] == "/account/name"
+
+
+def test_a_generated_path_that_fails_is_counted_and_the_closures_decide(
+        policies: PolicySet, caplog: pytest.LogCaptureFixture) -> None:
+    fresh = load_policies(POLICIES_DIR)
+    request = next(r for r in suite_requests() if r["action"] == "bind" and r.get("role") == "official")
+    version = fresh.select(parse_timestamp(request["at"]), request.get("policy_version"))
+    path = version.path("bind", "official")
+
+    def broken(*args: Any) -> Any:
+        raise KeyError("a bug")
+
+    object.__setattr__(path, "function", broken)
+    before = FALLBACKS.counts[GENERATED_BUG]
+    with caplog.at_level(logging.ERROR, logger="bindpolicy.runtime"):
+        got = answer(Engine(fresh), request)
+    assert FALLBACKS.counts[GENERATED_BUG] == before + 1
+    assert any("generated path bug in v" in r.getMessage() and "KeyError" in r.getMessage() for r in caplog.records)
+    assert got == answer(Engine(policies, generated=False), request)
+
+
+def test_unusable_timestamps_take_the_evaluator_and_are_refused_as_before(policies: PolicySet) -> None:
+    request = next(r for r in suite_requests() if r["action"] == "bind" and r.get("role") == "official")
+    request = copy.deepcopy(request)
+    request["account"]["bind_history"] = [{"shop_id": "x", "bound_at": "2024-12-31T23:59:60Z"}]
+    checked, usable = Engine(policies).check.checked(copy.deepcopy(request))
+    assert not usable
+    got = answer(Engine(policies), request)
+    assert got["rejected"] == "invalid_request"
+    assert got["details"][0]["path"] == "/account/bind_history/0/bound_at"
+
+
+def test_compile_show_prints_the_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "--show", "v2", "bind", "channel", "--policies", str(POLICIES_DIR)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# v2: action 'bind', role 'channel': 12 rules, 3 outputs.")
+    assert "# rule channel.invited (deny)" in out and "outputs['unbind_not_before']" in out
+    assert main(["compile", "--show", "v2", "bind", "nobody", "--policies", str(POLICIES_DIR)]) == 2
+    assert "no decision path for action 'bind', role 'nobody'" in capsys.readouterr().err
+
