@@ -33,7 +33,6 @@ from engine.messages import CHINESE, LANGUAGES, PARAMS_ROOT
 from engine.model import EACH, OPTIONAL, Decision, Expression, FieldPath, Finding, NeedsPlan, Output, Rule
 from engine.evaluator import to_json
 from engine.native import CelError, Unsupported
-from engine.needs import presence_source
 from engine.schemas import Schema, SchemaWalker
 from engine.versions import format_timestamp, parse_timestamp
 
@@ -400,7 +399,11 @@ class _ExpressionWriter:
             return _Code("at", frozenset({datetime}))
         elif root in self.path.variables:
             path, schema = (root,), self.schema_of((root,))
-            text = f"request[{root!r}]" if path in self.present else f"_step(request, {root!r})"
+            if root in self.path.required_at_top:  # read once, at the top of the function
+                self.path.hoisted.add(root)
+                text = f"_{root}"
+            else:
+                text = f"request[{root!r}]" if path in self.present else f"_step(request, {root!r})"
         else:
             raise NotInline(f"the name {root!r}")
         for name in names:
@@ -494,6 +497,8 @@ class _PathWriter:
         self.facts = {"params": dict(params), "action": action, **({"role": role} if role is not None else {})}
         self.names = _Namespace()
         self.native_calls = 0
+        self.required_at_top: set[str] = set()  # fields the schema requires of this action
+        self.hoisted: set[str] = set()  # those read: bound to locals first
         self._types: dict[int, set[str]] = {}
 
     def types(self, schema: Schema) -> set[str]:
@@ -535,6 +540,80 @@ class _PathWriter:
             return f"_to_json({call})", note
 
 
+class _Presence:
+    """Presence checks written for requests the schema accepted (engine/needs.py's presence_source
+    reads any value): a field the schema requires is there, and a present field has its type."""
+
+    def __init__(self, writer: _PathWriter, action: str) -> None:
+        self.writer = writer
+        self.top_required: set[str] = set(writer.schema.get("required", ()))
+        for clause in writer.schema.get("allOf", ()):  # {"if": action is one of..., "then": required}
+            wanted = clause.get("if", {}).get("properties", {}).get("action", {})
+            if action in wanted.get("enum", ()) or wanted.get("const") == action:
+                self.top_required.update(clause.get("then", {}).get("required", ()))
+
+    def required(self, schema: Schema, top: bool) -> set[str]:
+        if top:
+            return self.top_required
+        alternatives = self.writer.walker.alternatives(schema)
+        found = [set(a.get("required", ())) for a in alternatives]
+        return set.intersection(*found) if found else set()
+
+    def source(self, name: str, paths: Any) -> list[str]:
+        tree: dict[str, Any] = {}  # segment -> (subtree, required)
+        for path in paths:
+            optional_until = path.index(OPTIONAL) if OPTIONAL in path else 0
+            node = tree
+            for depth, segment in enumerate(p for p in path if p != OPTIONAL):
+                entry = node.setdefault(segment, [{}, False])
+                entry[1] = entry[1] or depth >= optional_until
+                node = entry[0]
+        lines = [f"def {name}(v0):"]
+        self.emit(tree, "v0", self.writer.schema, True, "    ", lines, [0])
+        lines.append("    return True")
+        return lines
+
+    def emit(self, tree: dict[str, Any], var: str, schema: Schema, top: bool, pad: str, lines: list[str],
+             counter: list[int]) -> None:
+        """The checks of `tree` below the object in `var`; nothing where the schema already says so."""
+        walker = self.writer.walker
+        required = self.required(schema, top)
+        for segment, (children, needed) in tree.items():
+            counter[0] += 1
+            name = f"v{counter[0]}"
+            child = walker.child(schema, segment)
+            if child is None:  # not in the schema (the compiler refuses it): cannot be vouched for
+                lines.append(f"{pad}return False")
+                return
+            if segment == EACH:
+                below = self.below(children, name, child, pad + "    ", counter)
+                if below:
+                    lines += [f"{pad}for {name} in {var}:", *below]
+                continue
+            inner = pad
+            if segment not in required and needed:
+                lines += [f"{pad}if {segment!r} not in {var}:", f"{pad}    return False"]
+            below = self.below(children, name, child, pad + ("    " if segment not in required and not needed
+                                                            else ""), counter)
+            if not below:
+                continue
+            if segment not in required and not needed:
+                lines.append(f"{pad}if {segment!r} in {var}:")
+                inner = pad + "    "
+            lines += [f"{inner}{name} = {var}[{segment!r}]", *below]
+
+    def below(self, children: dict[str, Any], var: str, schema: Schema, pad: str, counter: list[int]) -> list[str]:
+        """The checks below a present value (null on the way is present: the rule must guard it)."""
+        if not children:
+            return []
+        lines: list[str] = []
+        if self.writer.nullable(schema):
+            self.emit(children, var, schema, False, pad + "    ", lines, counter)
+            return [f"{pad}if {var} is not None:", *lines] if lines else []
+        self.emit(children, var, schema, False, pad, lines, counter)
+        return lines
+
+
 def _comment(text: str, indent: str) -> list[str]:
     return [f"{indent}# {line}".rstrip() for line in text.strip().splitlines()]
 
@@ -562,9 +641,12 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         return () if expr is None else expr.needs_for(action, role)
 
     always = [p for r in rules for p in (needs(r.applies_when) if r.applies_when is not None else needs(r.fires_when))]
-    lines += ["# Presence checks (engine/needs.py): False means a field may be missing.",
-              *presence_source("_always", dict.fromkeys(always)), "",
-              *presence_source("_everything", plan.everything_paths), ""]
+    presence = _Presence(writer, action)
+    writer.required_at_top = presence.top_required
+    lines += ["# Presence checks (the paths of engine/needs.py over a request the schema accepted: fields it",
+              "# requires, and the types it fixes, are not looked at again). False: a field may be missing.",
+              *presence.source("_always", dict.fromkeys(always)), "",
+              *presence.source("_everything", plan.everything_paths), ""]
     checks: dict[tuple[FieldPath, ...], str] = {}
     always_set = set(always)
 
@@ -576,14 +658,14 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         name = checks.get(paths)
         if name is None:
             name = checks[paths] = f"_needs_{len(checks)}"
-            lines[insert_at:insert_at] = [*presence_source(name, paths), ""]
+            lines[insert_at:insert_at] = [*presence.source(name, paths), ""]
         return [f"{indent}if not complete and not {name}(request):", f"{indent}    return None"]
 
     insert_at = len(lines)
     lines += [f"def {function}(request, at, decision_id, language):",
-              "    if not _always(request):",
-              "        return None  # a field needed whatever the request says is missing: the evaluator names it",
               "    complete = _everything(request)",
+              "    if not complete and not _always(request):",
+              "        return None  # a field needed whatever the request says is missing: the evaluator names it",
               "    violations = []",
               "    warnings = []"]
     for rule in rules:
@@ -632,6 +714,9 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     if outputs:
         lines += ["        if violations:  # an output that failed denies: a denial carries no outputs",
                   "            outputs = {}"]
+    start = lines.index(f"def {function}(request, at, decision_id, language):") + 1
+    lines[start:start] = [f"    _{name} = request[{name!r}]  # required for {action!r}: there"
+                          for name in sorted(writer.hoisted)]
     lines += ["",
               "    return _Decision(",
               "        decision_id=decision_id, decision='deny' if violations else 'allow',",
@@ -697,9 +782,22 @@ def _step(value: Any, name: str) -> Any:
     return native._step(value, name)
 
 
+_FORMATTED: dict[datetime, str] = {}
+
+
+def _format_timestamp(value: datetime) -> str:
+    """format_timestamp, remembered: requests of one second share their `at` (and so their outputs)."""
+    text = _FORMATTED.get(value)
+    if text is None:
+        if len(_FORMATTED) >= 4096:
+            _FORMATTED.clear()
+        text = _FORMATTED[value] = format_timestamp(value)
+    return text
+
+
 _RUNTIME: dict[str, Any] = {
     "CelError": CelError, "_Decision": Decision, "_bool": _bool, "_has": _has, "_timestamp": _timestamp,
-    "_as_int": _as_int, "_as_double": _as_double, "_step": _step, "_format_timestamp": format_timestamp,
+    "_as_int": _as_int, "_as_double": _as_double, "_step": _step, "_format_timestamp": _format_timestamp,
     "_eq": native._eq, "_ne": native._ne, "_lt": native._lt, "_le": native._le, "_gt": native._gt,
     "_ge": native._ge, "_in": native._in, "_add": native._add, "_sub": native._sub, "_mul": native._mul,
     "_div": native._div, "_mod": native._mod, "_negate": native._negate, "_size": native._size,

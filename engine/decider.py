@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,20 @@ from engine.versions import PolicySet, parse_timestamp
 
 
 def new_decision_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, unique: 64 random bits drawn per process (again in a forked child) and a
+    64-bit count (uuid4 costs a system call per id: about a tenth of a whole decision)."""
+    return f"{_ID_PREFIX[0]}{next(_ID_COUNT[0]):016x}"
+
+
+def _new_id_source() -> None:
+    _ID_PREFIX[:] = [os.urandom(8).hex()]
+    _ID_COUNT[:] = [itertools.count()]
+
+
+_ID_PREFIX: list[str] = []
+_ID_COUNT: list[Iterator[int]] = []
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)
 
 
 class Engine:
