@@ -57,6 +57,11 @@ def realistic_bind() -> dict[str, Any]:
     }
 
 
+def measure(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """(median, p99) in microseconds over n calls, after a warm-up (bench/bench_scale.py's rows)."""
+    return measure_all({"one": fn}, n, rounds=1)["one"]
+
+
 def measure_all(rows: dict[str, Callable[[], object]], n: int, rounds: int = 20) -> dict[str, tuple[float, float]]:
     """(median, p99) in microseconds per row, over n calls each: the rows take turns in `rounds`
     rounds (their order rotating), so that drift of a shared machine falls on all of them alike."""

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from engine.decider import Engine
 from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
@@ -924,9 +926,10 @@ def _decide(args: argparse.Namespace) -> int:
     with stream:
         if jsonl:
             worst = EXIT_ALLOW
+            write = sys.stdout.write
             for line_number, text in _lines(stream):
                 code, answer = _answer(engine, text, args, now, line_number)
-                print(json.dumps(answer, ensure_ascii=False), flush=False)
+                write(orjson.dumps(answer).decode() + "\n")  # one line, UTF-8 as it is
                 worst = max(worst, code)
             sys.stdout.flush()
             return worst

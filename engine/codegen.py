@@ -29,9 +29,9 @@ from typing import Any
 from lark import Token, Tree
 
 from engine import native
+from engine.evaluator import to_json
 from engine.messages import CHINESE, LANGUAGES, PARAMS_ROOT
 from engine.model import EACH, OPTIONAL, Decision, Expression, FieldPath, Finding, NeedsPlan, Output, Rule
-from engine.evaluator import to_json
 from engine.native import CelError, Unsupported
 from engine.schemas import Schema, SchemaWalker
 from engine.versions import format_timestamp, parse_timestamp
@@ -640,7 +640,8 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     def needs(expr: Expression | None) -> tuple[FieldPath, ...]:
         return () if expr is None else expr.needs_for(action, role)
 
-    always = [p for r in rules for p in (needs(r.applies_when) if r.applies_when is not None else needs(r.fires_when))]
+    always = [p for r in rules
+              for p in (needs(r.applies_when) if r.applies_when is not None else needs(r.fires_when))]
     presence = _Presence(writer, action)
     writer.required_at_top = presence.top_required
     lines += ["# Presence checks (the paths of engine/needs.py over a request the schema accepted: fields it",
@@ -686,7 +687,8 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         lines += _comment(f"fires_when: {rule.fires_when.text}", body_indent)
         text, note = writer.expression(rule.fires_when, True)
         lines.append(f"{body_indent}if {text}:{note}")
-        lines.append(f"{body_indent}    {into}.append({found}.get(language) or _render({rule_name}, language, request))")
+        finding = f"{found}.get(language) or _render({rule_name}, language, request)"
+        lines.append(f"{body_indent}    {into}.append({finding})")
         lines.append("    except CelError:  # judged again by the native closures, which absorb errors as CEL does")
         lines.append(f"        if _again_rule({rule_name}, request, at, language, violations, warnings):")
         lines.append("            return None")

@@ -18,8 +18,8 @@ from engine.celtime import is_duration
 from engine.checker import schema_problems, validator
 from engine.codegen import generate_path
 from engine.compiler import CelCompiler
-from engine.evaluator import path_helpers
 from engine.errors import Location, PolicyLoadError, Problem
+from engine.evaluator import path_helpers
 from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.needs import needs_plan

@@ -51,6 +51,12 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
         raise RequestError("invalid_json", "the request has too many values", [Detail(
             "", f"{containers} '{{' and '[' and {commas} ',' characters: a body holds at most {MAX_CONTAINERS} "
                 f"objects and arrays and {MAX_VALUES} values (strings included in the count)")])
+    value = _strict_in_one_parse(raw) if strict else _NOT_PARSED
+    if value is not _NOT_PARSED:
+        if (shape(value) if isinstance(value, dict | list) else 0) > MAX_DEPTH:
+            raise RequestError("invalid_json", f"the request nests deeper than {MAX_DEPTH} levels",
+                               [Detail("", f"objects and arrays nest at most {MAX_DEPTH} deep")])
+        return value
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -62,6 +68,27 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
     if strict:
         strict_json(raw)
     return value
+
+
+_NOT_PARSED = object()
+
+
+def _strict_in_one_parse(raw: bytes) -> Any:
+    """The common case in one parse: the standard library's, with the strict hooks, gives the value
+    itself. Anything it would not say exactly as the two-step reading does (a \\u escape, which
+    orjson checks for lone surrogates; bytes that are not UTF-8; NaN; any error at all) is
+    _NOT_PARSED, and parse_json reads it the two-step way, with the same words as ever."""
+    if b"\\u" in raw:
+        return _NOT_PARSED
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_int=_safe_integer,
+                          parse_float=_exact_number, parse_constant=_no_constant)
+    except (ValueError, RequestError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        return _NOT_PARSED
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
 
 
 def strict_json(raw: bytes) -> None:

@@ -198,7 +198,7 @@ def test_unusable_timestamps_take_the_evaluator_and_are_refused_as_before(polici
     request = next(r for r in suite_requests() if r["action"] == "bind" and r.get("role") == "official")
     request = copy.deepcopy(request)
     request["account"]["bind_history"] = [{"shop_id": "x", "bound_at": "2024-12-31T23:59:60Z"}]
-    checked, usable = Engine(policies).check.checked(copy.deepcopy(request))
+    _, usable = Engine(policies).check.checked(copy.deepcopy(request))
     assert not usable
     got = answer(Engine(policies), request)
     assert got["rejected"] == "invalid_request"

@@ -40,8 +40,16 @@ def _version(package: str) -> str:
 def bindpolicy(engine: Engine) -> Peer:
     def decide(request: dict[str, Any]) -> list[str]:
         return [v.id for v in engine.decide(request, now=NOW).violations]
-    return Peer("bindpolicy (native closures)", f"{ALL_RULES}/{ALL_RULES} (CEL)", decide,
+    return Peer("bindpolicy (generated path)", f"{ALL_RULES}/{ALL_RULES} (CEL)", decide,
                 f"bindpolicy {_version('bindpolicy')}")
+
+
+def bindpolicy_closures(engine: Engine) -> Peer:
+    closures = Engine(engine.policies, generated=False)
+
+    def decide(request: dict[str, Any]) -> list[str]:
+        return [v.id for v in closures.decide(request, now=NOW).violations]
+    return Peer("bindpolicy, native closures rule by rule (before)", f"{ALL_RULES}/{ALL_RULES} (CEL)", decide, "")
 
 
 def bindpolicy_cel_python(engine: Engine) -> Peer:
@@ -188,7 +196,7 @@ def all_peers(engine: Engine) -> list[Peer]:
         raise SystemExit(f"policy v2's parameters changed ({parameters} != {PARAMETERS}): the floor, the "
                          "JDM graph and the Cedar policies write them in and must be updated")
     return [bindpolicy(engine), floor(), regopy(parameters), zen_engine(), zen_engine_loader(), cedarpy(),
-            bindpolicy_cel_python(engine)]
+            bindpolicy_closures(engine), bindpolicy_cel_python(engine)]
 
 
 def as_json(value: Any) -> str:

@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=500, help="corpus size (default 500)")
     parser.add_argument("--seed", type=int, default=20250701, help="corpus seed")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--write", action="store_true",
+                        help="write the table into README.md and bench/peers/README.md (between their markers)")
     args = parser.parse_args()
     if args.n < 1 or args.corpus < 1:
         parser.error("--n and --corpus must be positive")
@@ -160,18 +162,44 @@ def main() -> None:
                           "corpus": {"size": len(corpus), "seed": args.seed, "allowed": allowed},
                           "n": args.n, "machine": info, "engines": rows}, indent=2, ensure_ascii=False))
         return
-    print(f"\nmachine: {info['platform']}, Python {info['python']}, nproc {info['nproc']}"
-          + (f", {info['cpu']}" if info["cpu"] else ""))
-    print(f"decision: bind as official account, policy v2, {len(rule_ids)} rules; corpus {len(corpus)} requests "
-          f"(seed {args.seed}); {args.n} timed decisions per engine, one thread\n")
+    lines = table(rows, info, rule_ids, len(corpus), args)
+    print("\n" + "\n".join(lines))
+    if args.write:
+        for path in (ROOT / "README.md", ROOT / "bench/peers/README.md"):
+            write_between_markers(path, lines)
+            print(f"written into {path.relative_to(ROOT)}")
+
+
+START, END = "<!-- peers-table: written by bench/peers/run.py --write -->", "<!-- end of peers-table -->"
+
+
+def table(rows: list[dict[str, Any]], info: dict[str, str], rule_ids: list[str], corpus: int,
+          args: argparse.Namespace) -> list[str]:
+    """The run as Markdown: what was measured, where, and one row per engine."""
     width = max(len(r["engine"]) for r in rows)
     expressed_width = max(len("rules expressed"), *(len(r["rules_expressed"]) for r in rows))
-    print(f"| {'engine':<{width}} | {'rules expressed':<{expressed_width}} | median µs | p99 µs | × bindpolicy |")  # noqa: RUF001
-    print(f"|{'-' * (width + 2)}|{'-' * (expressed_width + 2)}|----------:|-------:|-------------:|")
+    out = [f"Measured by `bench/peers/run.py --write` (this table is written into README.md and "
+           f"bench/peers/README.md by the same run): {info['platform']}, Python {info['python']}, "
+           f"nproc {info['nproc']}" + (f", {info['cpu']}" if info["cpu"] else "") +
+           f", load average {os.getloadavg()[0]:.1f} at the end; bind as official account, policy v2, "
+           f"{len(rule_ids)} rules; corpus {corpus} requests (seed {args.seed}); {args.n} timed decisions "
+           "per engine, one thread.", "",
+           f"| {'engine':<{width}} | {'rules expressed':<{expressed_width}} | median µs | p99 µs | x bindpolicy |",
+           f"|{'-' * (width + 2)}|{'-' * (expressed_width + 2)}|----------:|-------:|-------------:|"]
     for r in rows:
-        print(f"| {r['engine']:<{width}} | {r['rules_expressed']:<{expressed_width}} | {r['median_us']:9.1f} "
-              f"| {r['p99_us']:6.1f} | {r['ratio']:12.2f} |")
-    print("\nversions: " + ", ".join(p.version for p in peers if p.version))
+        out.append(f"| {r['engine']:<{width}} | {r['rules_expressed']:<{expressed_width}} | {r['median_us']:9.1f} "
+                   f"| {r['p99_us']:6.1f} | {r['ratio']:12.2f} |")
+    out += ["", "Versions: " + ", ".join(r["version"] for r in rows if r["version"]) + "."]
+    return out
+
+
+def write_between_markers(path: Path, lines: list[str]) -> None:
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        fail(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""The command line per JSON line: `bindpolicy decide --jsonl` against Google's CEL runtime
+(cel-expr-python, bench/peers/cel_expr_lines.py) over the same official binds, in one run.
+
+Each side runs as its own process over a file of N lines and over a file of 1 line; the cost
+per line is the difference divided by N - 1 (start-up, imports and policy loading cancel
+out). bindpolicy takes ten times the lines of the reference, so that on a busy machine its
+run stays long against the noise of a start-up. Each is run `--repeat` times, alternating;
+the medians are compared. Before timing, both must fire the same rules on every line.
+
+Run: .venv/bin/python bench/peers/cli.py [--lines 4000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.peers.corpus import build_corpus  # noqa: E402
+
+BINDPOLICY = [str(ROOT / ".venv/bin/bindpolicy"), "decide", "--jsonl", "--now", "2025-07-01T00:00:00Z",
+              "--policies", str(ROOT / "policies")]
+CEL_EXPR = [sys.executable, str(ROOT / "bench/peers/cel_expr_lines.py")]
+
+
+def run(command: list[str], path: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run([*command, str(path)], capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"{command[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return elapsed, done.stdout
+
+
+def fired_bindpolicy(line: str) -> list[str]:
+    answer = json.loads(line)
+    return sorted(f["id"] for f in answer["violations"] + answer["warnings"])
+
+
+def measure(lines: int, repeat: int, seed: int = 20250701) -> dict[str, Any]:
+    corpus = build_corpus(500, seed)
+    requests = [corpus[i % len(corpus)] for i in range(lines * 10)]
+    with tempfile.TemporaryDirectory() as folder:
+        many, more, one = Path(folder) / "many.jsonl", Path(folder) / "more.jsonl", Path(folder) / "one.jsonl"
+        many.write_text("".join(json.dumps(r) + "\n" for r in requests[:lines]))
+        more.write_text("".join(json.dumps(r) + "\n" for r in requests))
+        one.write_text(json.dumps(requests[0]) + "\n")
+        _, ours = run(BINDPOLICY, many)
+        _, theirs = run(CEL_EXPR, many)
+        for number, (a, b) in enumerate(zip(ours.splitlines(), theirs.splitlines(), strict=True), start=1):
+            if fired_bindpolicy(a) != sorted(json.loads(b)["fired"]):
+                raise SystemExit(f"line {number}: bindpolicy fires {fired_bindpolicy(a)}, "
+                                 f"cel-expr-python {json.loads(b)['fired']}")
+        per_line: dict[str, list[float]] = {"bindpolicy": [], "cel-expr-python": []}
+        for _ in range(repeat):
+            for name, command, path, count in (("bindpolicy", BINDPOLICY, more, lines * 10),
+                                               ("cel-expr-python", CEL_EXPR, many, lines)):
+                long, _ = run(command, path)
+                short, _ = run(command, one)
+                per_line[name].append((long - short) / (count - 1) * 1e6)
+    ours_us, theirs_us = statistics.median(per_line["bindpolicy"]), statistics.median(per_line["cel-expr-python"])
+    return {"lines": lines, "repeat": repeat, "bindpolicy_us": ours_us, "cel_expr_python_us": theirs_us,
+            "ratio": ours_us / theirs_us}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=2000, help="lines for the reference (bindpolicy: ten times)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    found = measure(args.lines, args.repeat)
+    print(f"per JSON line, median of {args.repeat}: bindpolicy decide --jsonl ({args.lines * 10} lines) "
+          f"{found['bindpolicy_us']:.1f} µs, cel-expr-python ({args.lines} lines) "
+          f"{found['cel_expr_python_us']:.1f} µs: "
+          f"{found['ratio']:.2f}x (goal ≤ 0.35x)")
+
+
+if __name__ == "__main__":
+    main()
