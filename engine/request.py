@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import cache
@@ -71,14 +72,15 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
 
 
 _NOT_PARSED = object()
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _strict_in_one_parse(raw: bytes) -> Any:
     """The common case in one parse: the standard library's, with the strict hooks, gives the value
-    itself. Anything it would not say exactly as the two-step reading does (a \\u escape, which
-    orjson checks for lone surrogates; bytes that are not UTF-8; NaN; any error at all) is
+    itself. Anything it would not say exactly as the two-step reading does (a \\u escape of a
+    surrogate, which orjson checks for lone ones; bytes that are not UTF-8; NaN; any error) is
     _NOT_PARSED, and parse_json reads it the two-step way, with the same words as ever."""
-    if b"\\u" in raw:
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):
         return _NOT_PARSED
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_int=_safe_integer,

@@ -51,9 +51,10 @@ def measure(lines: int, repeat: int, seed: int = 20250701) -> dict[str, Any]:
     requests = [corpus[i % len(corpus)] for i in range(lines * 10)]
     with tempfile.TemporaryDirectory() as folder:
         many, more, one = Path(folder) / "many.jsonl", Path(folder) / "more.jsonl", Path(folder) / "one.jsonl"
-        many.write_text("".join(json.dumps(r) + "\n" for r in requests[:lines]))
-        more.write_text("".join(json.dumps(r) + "\n" for r in requests))
-        one.write_text(json.dumps(requests[0]) + "\n")
+        # UTF-8 as it is, as a JSON Lines file usually holds it (json.dumps's default escapes it)
+        many.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests[:lines]), encoding="utf-8")
+        more.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in requests), encoding="utf-8")
+        one.write_text(json.dumps(requests[0], ensure_ascii=False) + "\n", encoding="utf-8")
         _, ours = run(BINDPOLICY, many)
         _, theirs = run(CEL_EXPR, many)
         for number, (a, b) in enumerate(zip(ours.splitlines(), theirs.splitlines(), strict=True), start=1):

@@ -545,7 +545,7 @@ class Encoder:
 
 
 def needs_met(value: Sym, rest: FieldPath, optional: bool) -> Z:
-    """True when the request carries `rest` below `value` as engine/request.py's absent_fields requires."""
+    """True when the request carries `rest` below `value` as engine/needs.py's absent_fields requires."""
     if not rest:
         return TRUE
     if isinstance(value, SNullable):
