@@ -125,6 +125,7 @@ class _ExpressionWriter:
         self.path = path
         self.expr = expr
         self.scope: dict[str, tuple[str, FieldPath, Schema]] = {}  # loop variable -> (local, path, item schema)
+        self.idents: dict[int, frozenset[str]] = {}  # id(subtree) -> the identifiers under it
         # Paths the presence checks guarantee (has()-guarded prefixes only where has() said so).
         self.present: set[FieldPath] = set()
         for need in expr.needs_for(path.action, path.role):
@@ -202,15 +203,27 @@ class _ExpressionWriter:
             except Unsupported:
                 return _NO_CONSTANT
         known = {"params", "action"} | ({"role"} if self.path.role is not None else set())
-        for sub in node.iter_subtrees():
-            if sub.data == "ident" and str(sub.children[0]) not in known:
-                return _NO_CONSTANT
-            if sub.data == "ident" and str(sub.children[0]) in self.scope:
-                return _NO_CONSTANT
+        names = self.names_below(node)
+        if not names <= known or names & set(self.scope):
+            return _NO_CONSTANT
         try:
             return native.compile_native(node)(self.path.facts)
         except (CelError, native.Defer, Unsupported):
             return _NO_CONSTANT
+
+    def names_below(self, node: Tree[Any]) -> frozenset[str]:
+        """The identifiers a subtree reads, worked out for the whole tree in one pass, once."""
+        if not self.idents:
+            for sub in self.expr.tree.iter_subtrees():  # children before their parents
+                found: set[str] = {str(sub.children[0])} if sub.data == "ident" else set()
+                for child in sub.children:
+                    if isinstance(child, Tree):
+                        found |= self.idents.get(id(child), frozenset())
+                self.idents[id(sub)] = frozenset(found)
+        known = self.idents.get(id(node))
+        if known is None:  # a node outside the expression's tree: looked at on its own
+            known = frozenset(str(s.children[0]) for s in node.iter_subtrees() if s.data == "ident")
+        return known
 
     def ternary(self, condition: Any, when_true: Any, when_false: Any) -> _Code:
         known = self.constant(_unwrap(condition))

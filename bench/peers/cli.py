@@ -75,7 +75,7 @@ def measure(lines: int, repeat: int, seed: int = 20250701) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lines", type=int, default=2000, help="lines for the reference (bindpolicy: ten times)")
+    parser.add_argument("--lines", type=int, default=3000, help="lines for the reference (bindpolicy: ten times)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     found = measure(args.lines, args.repeat)
