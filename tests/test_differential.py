@@ -27,7 +27,7 @@ from engine.generator import generate_requests
 from engine.loader import load_policies
 from engine.native import CelError, Unsupported, compile_native, to_native
 from engine.request import default_checker
-from engine.tester import _build, find_suites
+from engine.tester import FIXTURES, SUITE_FOLDER, _build, _shared_bases, find_suites
 from engine.versions import PolicySet, parse_timestamp
 from engine.yamlpos import read_yaml
 
@@ -57,11 +57,13 @@ def outcome(engine: Engine, request: dict[str, Any]) -> dict[str, Any]:
 
 def suite_requests() -> list[dict[str, Any]]:
     requests = []
+    fixtures = POLICIES / SUITE_FOLDER / FIXTURES  # the bases every suite may start from
+    shared = _shared_bases(read_yaml(fixtures, fixtures.name), []) if fixtures.exists() else {}
     for path in find_suites(POLICIES):
         doc, _ = read_yaml(path, path.name)
         assert doc is not None
         for index, case in enumerate(doc.data["cases"]):
-            request = _build(case, doc.data.get("bases", {}), doc, ("cases", index), ())
+            request = _build(case, {**shared, **doc.data.get("bases", {})}, doc, ("cases", index), ())
             if "policy_version" in case:
                 request["policy_version"] = case["policy_version"]
             requests.append(request)
