@@ -35,7 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "DATA_DIR": "data",
     "DATABASE_URL": "",  # empty: sqlite:///<DATA_DIR>/decisions.db
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of one request body
-    "MAX_BATCH": 1000,  # requests in one batch
+    # A batch is bounded so that one costs about as much CPU as the costliest single request
+    # (under 20 ms, bench/bench_abuse.py): requests, and bytes of its body.
+    "MAX_BATCH": 50,  # requests in one batch
+    "MAX_BATCH_BYTES": 64 * 1024,  # bytes of one batch's body
     "MAX_LIST_ITEMS": 1000,  # items in any list inside a request (histories, unbind times...)
     "RELOAD_INTERVAL": 1.0,  # seconds between checks of the policy files; 0: no hot reload
     "RUNTIME": NATIVE,
@@ -59,6 +62,7 @@ ENVIRONMENT = {  # configuration key -> environment variable
     "DATABASE_URL": "BINDPOLICY_DATABASE_URL",
     "MAX_CONTENT_LENGTH": "BINDPOLICY_MAX_BODY_BYTES",
     "MAX_BATCH": "BINDPOLICY_MAX_BATCH",
+    "MAX_BATCH_BYTES": "BINDPOLICY_MAX_BATCH_BYTES",
     "MAX_LIST_ITEMS": "BINDPOLICY_MAX_LIST_ITEMS",
     "RELOAD_INTERVAL": "BINDPOLICY_RELOAD_INTERVAL",
     "RUNTIME": "BINDPOLICY_RUNTIME",

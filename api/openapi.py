@@ -48,7 +48,7 @@ def _examples() -> dict[str, Any]:
     return {f"generated-{i}": {"value": request} for i, request in enumerate(generate_requests(24, seed=1))}
 
 
-def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
+def build_openapi(max_batch: int, request: dict[str, Any], max_batch_bytes: int = 64 * 1024) -> dict[str, Any]:
     """The document; `request` is the request schema the service checks with (its list bounds)."""
     response = load_schema("response")
     schemas: dict[str, Any] = {"DecisionRequest": _rehome(request, "request")}
@@ -56,6 +56,9 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
     schemas.update({f"response.{k}": _rehome(v, "response") for k, v in response["$defs"].items()})
     schemas["BatchRequest"] = {
         "type": "object", "required": ["requests"], "additionalProperties": False,
+        "description": f"At most {max_batch} requests and {max_batch_bytes} bytes of body (a 413 "
+                       "`batch_too_large` names the limit): a batch is bounded so that it costs about as "
+                       "much CPU as the costliest single request; send more as several batches.",
         "properties": {"requests": {"type": "array", "maxItems": max_batch,
                                     "items": {"description": "A decision request; a bad one gets its own error"}}}}
     schemas["LogRecord"] = {
@@ -105,7 +108,8 @@ def build_openapi(max_batch: int, request: dict[str, Any]) -> dict[str, Any]:
                                       **_errors(400, 401)}},
             },
             "/v1/decisions/batch": {
-                "post": {"operationId": "decideBatch", "summary": f"Decide up to {max_batch} requests, in order",
+                "post": {"operationId": "decideBatch", "summary": f"Decide up to {max_batch} requests "
+                                                                   f"({max_batch_bytes} bytes), in order",
                          "parameters": [explain],
                          "requestBody": {"required": True, "content": {JSON: {
                              "schema": _ref("BatchRequest"),

@@ -24,7 +24,7 @@ from engine.errors import Detail, RequestError
 from engine.messages import LANGUAGES, negotiate
 from engine.model import PolicyVersion
 from engine.replay import render_record
-from engine.request import parse_json, strict_json
+from engine.request import batch_bytes_problem, batch_count_problem, parse_json, strict_json
 from engine.versions import format_timestamp, parse_timestamp
 
 routes = Blueprint("bindpolicy", __name__)
@@ -118,8 +118,9 @@ def _decidable(value: Any) -> bool:
     return isinstance(value, dict) and (check.fast.is_valid(value) or check.fast.is_valid(check.drop_nulls(value)))
 
 
-def _body() -> tuple[Any, bytes]:
-    """The body's JSON (strict: see parse_json) and its bytes; _Rejected for a body we cannot take."""
+def _body(batch: bool = False) -> tuple[Any, bytes]:
+    """The body's JSON (strict: see parse_json) and its bytes; _Rejected for a body we cannot take.
+    A batch is held to its own bounds (bytes, then requests) before the strict reading."""
     if request.mimetype != "application/json":
         raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
     charset = request.mimetype_params.get("charset", "utf-8").lower()
@@ -131,14 +132,34 @@ def _body() -> tuple[Any, bytes]:
     except RequestEntityTooLarge as exc:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
+    if batch and len(raw) > current_app.config["MAX_BATCH_BYTES"]:
+        limit = current_app.config["MAX_BATCH_BYTES"]
+        raise _Rejected(413, "batch_too_large", f"a batch's body holds at most {limit} bytes",
+                        [Detail("/requests", batch_bytes_problem(len(raw)))],
+                        logged=_logged_body(raw))
     try:
         value = parse_json(raw, strict=False)
+        if batch:
+            _check_batch(value, raw)
         if _decidable(value):  # the strict reading costs a call per object: only for what may be decided
             strict_json(raw)
         return value, raw
     except RequestError as exc:
         # The raw text is what the log keeps of a body that is not JSON.
         raise _Rejected(400, exc.code, exc.message, exc.details, logged=_logged_body(raw)) from exc
+
+
+def _check_batch(value: Any, raw: bytes) -> None:
+    """A batch's shape and number of requests, before anything costs per request."""
+    if not isinstance(value, dict) or not isinstance(value.get("requests"), list) or set(value) != {"requests"}:
+        raise _Rejected(400, "invalid_request", 'a batch is {"requests": [...]}',
+                        [Detail("/requests", "expected an object with one field, an array of requests")],
+                        logged=_bounded(value, raw))
+    limit = current_app.config["MAX_BATCH"]
+    if len(value["requests"]) > limit:
+        raise _Rejected(413, "batch_too_large", f"a batch holds at most {limit} requests",
+                        [Detail("/requests", batch_count_problem(len(value["requests"])))],
+                        logged=_bounded(value, raw))
 
 
 def _language() -> str:
@@ -238,16 +259,7 @@ def decide_batch() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized_and_logged()
     try:
-        raw, received = _body()
-        if not isinstance(raw, dict) or not isinstance(raw.get("requests"), list) or set(raw) != {"requests"}:
-            raise _Rejected(400, "invalid_request", 'a batch is {"requests": [...]}',
-                            [Detail("/requests", "expected an object with one field, an array of requests")],
-                            logged=_bounded(raw, received))
-        limit = current_app.config["MAX_BATCH"]
-        if len(raw["requests"]) > limit:
-            raise _Rejected(413, "batch_too_large", f"a batch holds at most {limit} requests",
-                            [Detail("/requests", f"has {len(raw['requests'])} requests")],
-                            logged=_bounded(raw, received))
+        raw, _received = _body(batch=True)
     except _Rejected as exc:
         return _reject_and_log(exc)
     now, explain, language = datetime.now(UTC), _explain(), _language()
@@ -447,4 +459,5 @@ def metrics() -> Response:
 
 @routes.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(build_openapi(current_app.config["MAX_BATCH"], _service().holder.engine.check.schema))
+    return jsonify(build_openapi(current_app.config["MAX_BATCH"], _service().holder.engine.check.schema,
+                                 current_app.config["MAX_BATCH_BYTES"]))

@@ -14,6 +14,7 @@ from engine.decisionlog import Breach, BrokenRecord, ChainVerifier, LogRecord, S
 from engine.errors import PolicyLoadError, RequestError
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE
+from engine.request import batch_bytes_problem, batch_count_problem
 from engine.sources import SET_VERSION, ArchiveSource, PolicyArchive, PolicySource, UnknownDigestError, set_digest
 from engine.versions import parse_timestamp
 
@@ -233,6 +234,8 @@ def _replay_rejection(record: LogRecord) -> ReplayResult:
                             "not kept, so there is nothing to decide again")
     if code == "batch_too_large" or (message.startswith("a batch") and details
                                      and isinstance(details[0], dict) and details[0].get("path") == "/requests"):
+        if message.startswith("a batch's body"):
+            return judged(_batch_bytes_problem(record.request, message), "a batch refused for its bytes")
         return judged(_batch_problem(record.request, message), "a whole-batch rejection")
     if isinstance(record.request, str):  # the body as received, when it was not JSON
         try:
@@ -259,7 +262,16 @@ def _batch_problem(raw: Any, message: str) -> dict[str, Any] | None:
     limit = re.search(r"at most ([0-9]+)", message)
     if limit and len(raw["requests"]) > int(limit.group(1)):
         return {"code": "batch_too_large", "details": [{"path": "/requests",
-                                                        "problem": f"has {len(raw['requests'])} requests"}]}
+                                                        "problem": batch_count_problem(len(raw["requests"]))}]}
+    return None
+
+
+def _batch_bytes_problem(raw: Any, message: str) -> dict[str, Any] | None:
+    """A batch refused for its bytes: what the log kept of it says how many there were."""
+    limit = re.search(r"at most ([0-9]+) bytes", message)
+    size = raw.get("body_bytes") if isinstance(raw, dict) else len(raw.encode()) if isinstance(raw, str) else None
+    if limit and isinstance(size, int) and size > int(limit.group(1)):
+        return {"code": "batch_too_large", "details": [{"path": "/requests", "problem": batch_bytes_problem(size)}]}
     return None
 
 

@@ -39,6 +39,19 @@ MAX_VALUES = 60_000  # ',' + 1: a batch of 1000 generated requests holds about 3
 SAFE_INTEGER = 2**53  # beyond it a JSON number is not the same integer in every client (IEEE doubles)
 
 
+BATCH_ADVICE = "send them as several batches (a batch is bounded to cost about as much CPU as one request)"
+
+
+def batch_count_problem(count: int) -> str:
+    """The detail of a batch with too many requests (the service's answer, and replay's)."""
+    return f"has {count} requests: {BATCH_ADVICE}"
+
+
+def batch_bytes_problem(size: int) -> str:
+    """The detail of a batch whose body has too many bytes."""
+    return f"the body has {size} bytes: {BATCH_ADVICE}"
+
+
 def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
     """A request's JSON, strictly, at a cost bounded before anything is built:
 
@@ -63,7 +76,7 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
     except orjson.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}: {exc.msg}"
         raise RequestError("invalid_json", "the request is not valid JSON", [Detail("", where)]) from exc
-    if (shape(value) if isinstance(value, dict | list) else 0) > MAX_DEPTH:
+    if nests_deeper(raw, MAX_DEPTH):
         raise RequestError("invalid_json", f"the request nests deeper than {MAX_DEPTH} levels",
                            [Detail("", f"objects and arrays nest at most {MAX_DEPTH} deep")])
     if strict:
@@ -99,6 +112,29 @@ def strict_json(raw: bytes) -> None:
     in order and each number as written: a Python call per object and number, so the service
     runs it only on a body it is about to decide (parse_json has bounded its size and syntax)."""
     json.loads(raw, object_pairs_hook=_unique_keys, parse_int=_safe_integer, parse_float=_exact_number)
+
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether objects and arrays in valid JSON text nest deeper than `limit`, from the text
+    alone, in C loops over the bytes (walking the parsed value costs a Python step per object:
+    19,000 objects took 16 ms). Escaped backslashes, then escaped quotes, are taken out; of the
+    rest only quotes and brackets are kept; two quotes side by side go (a string without
+    brackets, or nothing between two strings: the quotes left still alternate, opening and
+    closing); what lies between the quotes left is dropped (strings holding brackets). Each
+    pass then takes away the innermost level (an empty pair is marked, then dropped, so that a
+    pass never takes two levels)."""
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
+    brackets = text.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = b"".join(brackets.split(b'"')[::2])
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"{}", b"\0").replace(b"[]", b"\0").replace(b"\0", b"")
+    return bool(brackets)
 
 
 def shape(value: Any) -> int:

@@ -68,6 +68,33 @@ def test_a_refusal_is_bounded_in_answer_and_record(client: FlaskClient, body: by
         assert record["request"]["body_bytes"] == len(body)
 
 
+def test_a_batch_is_bounded_in_requests_and_bytes_and_says_which(client: FlaskClient, tmp_path: Path) -> None:
+    """A batch costs about as much as one request: at most MAX_BATCH requests and MAX_BATCH_BYTES
+    bytes; past either, a 413 naming the limit, checked before the requests are read strictly."""
+    config = client.application.config
+    full = [bind_request()] * config["MAX_BATCH"]
+    answer = client.post("/v1/decisions/batch", json={"requests": full})
+    assert answer.status_code == 200 and len(answer.json["decisions"]) == config["MAX_BATCH"]
+    over = client.post("/v1/decisions/batch", json={"requests": [*full, bind_request()]})
+    assert over.status_code == 413 and over.json["error"]["code"] == "batch_too_large"
+    assert f"at most {config['MAX_BATCH']} requests" in over.json["error"]["message"]
+    assert over.json["error"]["details"][0]["problem"].startswith(f"has {config['MAX_BATCH'] + 1} requests")
+    big = {"requests": [bind_request(x="y" * config["MAX_BATCH_BYTES"])]}
+    refused = client.post("/v1/decisions/batch", json=big)
+    assert refused.status_code == 413
+    assert f"at most {config['MAX_BATCH_BYTES']} bytes" in refused.json["error"]["message"]
+    record = logged(client, refused.json["decision_id"])
+    assert record["request"]["body_bytes"] == len(orjson.dumps(big))
+    spec = client.get("/openapi.json").json["components"]["schemas"]["BatchRequest"]
+    assert spec["properties"]["requests"]["maxItems"] == config["MAX_BATCH"]
+    assert f"{config['MAX_BATCH_BYTES']} bytes" in spec["description"]
+    from engine.replay import REPRODUCED, replay
+
+    store = open_store(config["DATABASE_URL"], read_only=True)
+    for decision_id in (over.json["decision_id"], refused.json["decision_id"]):
+        assert replay(store, decision_id).status == REPRODUCED, decision_id  # type: ignore[arg-type]
+
+
 def test_a_refusal_with_many_problems_says_how_many(client: FlaskClient) -> None:
     response = post(client, with_list("channel_unbinds", ["not a time"] * 60))
     error = response.json["error"]
