@@ -22,8 +22,10 @@ from api.holder import PolicyHolder, ReloadFailure
 from api.metrics import Metrics
 from api.routes import routes
 from engine.decider import Engine
-from engine.decisionlog import Breach, DecisionLog, Store, open_store
+from engine.decisionlog import Breach, DecisionLog, LogError, Store, open_store
+from engine.errors import PolicyLoadError
 from engine.evaluator import NATIVE
+from engine.loader import load_policies
 from engine.logcheck import LogWatch
 from engine.logkeys import MacKeyring, read_mac_keys, read_signing_key
 from engine.sources import LAST_GOOD, SET_VERSION, ArchiveSource, PolicySource, UnknownDigestError
@@ -111,16 +113,31 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # The whole set too, under its own digest: what a worker serves if it starts on broken files.
         # It also judged the rejections no version took (unknown_version...): replay reads it by this digest.
         store.save_policy(engine.policies.digest, SET_VERSION, engine.policies.sources)
-        _write_atomically(last_good_file, engine.policies.digest)
+        # The digest, then the versions it holds: what the next start compares its files with.
+        _write_atomically(last_good_file,
+                          engine.policies.digest + "\n" + " ".join(v.name for v in engine.policies) + "\n")
 
     def last_good() -> PolicySource | None:
         try:
-            digest = last_good_file.read_text().strip()
+            digest = last_good_file.read_text().split("\n", 1)[0].strip()
             source = ArchiveSource(store, digest)
         except (OSError, UnknownDigestError):
             return None
         metrics.from_archive.set(1)
         return source
+
+    def served_before() -> set[str]:
+        """The versions of the last good set (older files name only its digest: read from the archive)."""
+        try:
+            lines = last_good_file.read_text().splitlines()
+        except OSError:
+            return set()
+        if len(lines) > 1:
+            return set(lines[1].split())
+        try:
+            return {v.name for v in load_policies(ArchiveSource(store, lines[0].strip()))} if lines else set()
+        except (UnknownDigestError, PolicyLoadError, LogError):
+            return set()
 
     def failed(_: ReloadFailure) -> None:
         metrics.reload_failures.inc()
@@ -128,7 +145,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     holder = PolicyHolder(app.config["POLICY_DIR"], app.config["RUNTIME"],
                           interval=float(app.config["RELOAD_INTERVAL"]),
                           max_list_items=int(app.config["MAX_LIST_ITEMS"]), on_load=loaded, on_failure=failed,
-                          last_good=last_good)
+                          last_good=last_good, served_before=served_before)
     tokens = {key: tuple(t.strip() for t in str(app.config[key]).split(",") if t.strip())
               for key in ("LOG_TOKENS", "DECISION_TOKENS")}
     signing = app.config["CHECKPOINT_KEY_FILE"]

@@ -71,12 +71,15 @@ class PolicyHolder:
 
     If the files do not load when it starts, it serves the last good set, read by digest from
     `archive` (the log keeps every set it served) through `last_good()`; `fallback` says so.
+    So it does if they lack a version that the last good set had (`served_before()`: removed
+    while the service was stopped) and `retired.yaml` does not retire it.
     """
 
     def __init__(self, folder: Path | str, runtime: str, *, interval: float = 1.0, max_list_items: int = 1000,
                  on_load: Callable[[Engine], None] | None = None,
                  on_failure: Callable[[ReloadFailure], None] | None = None,
-                 last_good: Callable[[], PolicySource | None] | None = None) -> None:
+                 last_good: Callable[[], PolicySource | None] | None = None,
+                 served_before: Callable[[], set[str]] | None = None) -> None:
         self.folder = Path(folder)
         self.runtime = runtime
         self.max_list_items = max_list_items
@@ -88,7 +91,9 @@ class PolicyHolder:
         self._signature = signature(self.folder)
         self._seen = self._signature  # what the last check saw
         try:
-            self.engine = self._build()
+            engine = self._build()
+            self._refuse_removals(served_before() if served_before else set(), engine)
+            self.engine = engine
         except PolicyLoadError as exc:  # a bad set never serves; the last good one may
             source = last_good() if last_good else None
             if source is None:
@@ -147,7 +152,10 @@ class PolicyHolder:
 
     def _check_removals(self, engine: Engine) -> None:
         """A reload may drop a version that served (or is in force) only if the set retires it."""
-        gone = sorted({v.name for v in self.engine.policies} - {v.name for v in engine.policies})
+        self._refuse_removals({v.name for v in self.engine.policies}, engine)
+
+    def _refuse_removals(self, served: set[str], engine: Engine) -> None:
+        gone = sorted(served - {v.name for v in engine.policies})
         if not gone:
             return
         retired = _retired(self.folder.resolve())

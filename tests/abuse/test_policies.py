@@ -106,6 +106,30 @@ def test_a_reload_that_drops_a_version_is_refused_unless_retired(tmp_path: Path,
     assert [v.name for v in holder.engine.policies] == ["v1"]
 
 
+@pytest.mark.parametrize("last_good", ["digest and versions", "digest only (older services)"])
+def test_a_version_removed_while_stopped_is_refused_at_the_next_start(tmp_path: Path, policy_copy: Path,
+                                                                      last_good: str) -> None:
+    app_on(tmp_path, policy_copy)  # served v1 and v2
+    if last_good.startswith("digest only"):
+        path = tmp_path / "data" / "last-good-policies"
+        path.write_text(path.read_text().splitlines()[0] + "\n")
+    shutil.rmtree(policy_copy / "v2")  # while the service is stopped
+    client = app_on(tmp_path, policy_copy).test_client()
+    assert [v["version"] for v in client.get("/v1/policies").json["versions"]] == ["v1", "v2"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and "archive" in ready.json["policies_from"]
+    assert "version v2 served and is missing" in ready.json["last_reload"]["error"]
+    assert "retired.yaml" in ready.json["last_reload"]["error"]
+    assert "bindpolicy_policy_from_archive 1.0" in client.get("/metrics").data.decode()
+    (policy_copy / "retired.yaml").write_text("retired: [v2]\n")
+    client = app_on(tmp_path, policy_copy).test_client()  # retired: the files serve, without v2
+    assert [v["version"] for v in client.get("/v1/policies").json["versions"]] == ["v1"]
+    assert "policies_from" not in client.get("/readyz").json
+    (policy_copy / "retired.yaml").unlink()  # v2 is gone from the last good set now: no longer missed
+    client = app_on(tmp_path, policy_copy).test_client()
+    assert "policies_from" not in client.get("/readyz").json
+
+
 def test_a_deploy_through_a_swapped_symlink_is_seen_even_with_the_same_sizes_and_times(tmp_path: Path) -> None:
     releases = tmp_path / "releases"
     shutil.copytree(POLICIES, releases / "one", copy_function=shutil.copy2)
