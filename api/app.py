@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import logging
 import os
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "CHECKPOINT_DIR": "",  # empty: <DATA_DIR>/checkpoints
     "CHECKPOINT_INTERVAL": 60.0,  # seconds between signed checkpoints
     "LOG_CHECK_INTERVAL": 5.0,  # seconds between the service's checks of its own log; 0: only at start
+    "LOG_SWEEP_BUDGET": 0.1,  # of one core: the CPU the re-check of older records may take
 }
 
 ENVIRONMENT = {  # configuration key -> environment variable
@@ -80,6 +82,7 @@ ENVIRONMENT = {  # configuration key -> environment variable
     "CHECKPOINT_DIR": "BINDPOLICY_CHECKPOINT_DIR",
     "CHECKPOINT_INTERVAL": "BINDPOLICY_CHECKPOINT_INTERVAL",
     "LOG_CHECK_INTERVAL": "BINDPOLICY_LOG_CHECK_INTERVAL",
+    "LOG_SWEEP_BUDGET": "BINDPOLICY_LOG_SWEEP_BUDGET",
 }
 
 
@@ -150,6 +153,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
               for key in ("LOG_TOKENS", "DECISION_TOKENS")}
     signing = app.config["CHECKPOINT_KEY_FILE"]
     watch = LogWatch(store, interval=float(app.config["LOG_CHECK_INTERVAL"]), tail=TAIL_CHECKED,
+                     budget=float(app.config["LOG_SWEEP_BUDGET"]),
                      signing_key=read_signing_key(signing) if signing else None,
                      checkpoint_dir=Path(app.config["CHECKPOINT_DIR"] or Path(app.config["DATA_DIR"]) / "checkpoints"),
                      checkpoint_interval=float(app.config["CHECKPOINT_INTERVAL"]),
@@ -157,6 +161,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The chain's tail is checked at start, then new records as they come: an altered log is
     # reported (readyz, metrics, logs), never extended silently, and never stops the service.
     watch.start()
+    atexit.register(watch.close)  # a graceful stop signs the head
     if keys is None:
         logging.getLogger("bindpolicy.log").warning(
             "decision log without a MAC key: records are chained with plain SHA-256", extra={

@@ -24,6 +24,9 @@ from engine.merkle import Frontier
 
 FORMAT = "bindpolicy-checkpoint/1"
 NAME = re.compile(r"checkpoint-([0-9]{12})\.json")
+# The head, signed again at every check of the running service (one file, replaced): records
+# removed from the end after it are found by `log verify` too, without a file per check.
+HEAD = "head.json"
 
 
 class CheckpointError(ValueError):
@@ -78,11 +81,11 @@ def make_checkpoint(frontier: Frontier, head_hash: str, key: Ed25519PrivateKey,
     return replace(unsigned, signature=sign(key, unsigned.payload()))
 
 
-def write_checkpoint(folder: Path | str, checkpoint: Checkpoint) -> Path:
+def write_checkpoint(folder: Path | str, checkpoint: Checkpoint, name: str | None = None) -> Path:
     """Written whole or not at all (a temporary file renamed), and synced."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"checkpoint-{checkpoint.tree_size:012d}.json"
+    target = folder / (name or f"checkpoint-{checkpoint.tree_size:012d}.json")
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:

@@ -5,8 +5,9 @@ incremental watch, and inclusion proofs of one decision against a signed checkpo
   checkpoint's size with the signed root: a record rewritten, removed or inserted, the end cut
   off, or a checkpoint altered, is named.
 - `LogWatch` runs in each worker: every few seconds it checks the records written since, the
-  last records and a rolling window of older ones again, and that the records it verified are
-  still there; it writes a signed checkpoint at the configured interval.
+  last records, and that the records it verified are still there; it sweeps the older records
+  again within a CPU budget (see `LogWatch._sweep`); it writes a signed checkpoint at the
+  configured interval, and at shutdown (`close`).
 - `prove` and `verify_proof`: RFC 6962 inclusion proofs, checked with the public key only.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from engine.checkpoints import (
+    HEAD,
     Checkpoint,
     CheckpointError,
     checkpoint_files,
@@ -43,6 +46,7 @@ from engine.decisionlog import (
     LogRecord,
     Store,
     canonical,
+    record_from_row,
 )
 from engine.logkeys import MacKeyring, public_key_id
 from engine.merkle import Frontier, inclusion_proof, leaf_hash, root_of, verify_inclusion
@@ -115,7 +119,9 @@ def read_checkpoints(checkpoint_dir: Path | str | None, public_keys: dict[str, E
     """The checkpoints that are readable and signed by one of `public_keys`, smallest first;
     the others are named in `report`."""
     pending: list[Checkpoint] = []
-    for path in checkpoint_files(checkpoint_dir) if checkpoint_dir else []:
+    head = Path(checkpoint_dir) / HEAD if checkpoint_dir else None
+    for path in [*checkpoint_files(checkpoint_dir), *([head] if head and head.exists() else [])] \
+            if checkpoint_dir else []:
         try:
             checkpoint = read_checkpoint(path)
         except CheckpointError as exc:
@@ -156,6 +162,10 @@ def verify_chain(items: Iterable[LogRecord | BrokenRecord], keys: MacKeyring | N
     return verifier
 
 
+def _digest(texts: Any) -> bytes:
+    return hashlib.sha256("\n".join(texts).encode("utf-8", "surrogateescape")).digest()
+
+
 def _compare(checkpoint: Checkpoint, verifier: ChainVerifier, report: VerifyReport) -> None:
     assert verifier.frontier is not None
     if checkpoint.tree_size == 0:
@@ -181,13 +191,18 @@ class LogWatch:
     """
 
     CHUNK = 20_000  # new records read in one step (a log met for the first time takes a few)
+    RANGE = 2000  # records the sweep checks, and keeps a digest of, at a time
 
-    def __init__(self, store: Store, *, interval: float = 5.0, tail: int = 1000, window: int = 1000,
+    def __init__(self, store: Store, *, interval: float = 5.0, tail: int = 1000, budget: float = 0.1,
                  signing_key: Ed25519PrivateKey | None = None, checkpoint_dir: Path | None = None,
                  checkpoint_interval: float = 60.0,
                  on_breach: Callable[[Breach], None] | None = None) -> None:
         self.store = store
-        self.interval, self.tail, self.window = interval, tail, window
+        self.interval, self.tail = interval, tail
+        self.budget = budget  # of one core, for the sweep: CPU seconds per second of wall time
+        self._digests: dict[int, bytes] = {}  # range number -> digest of its rows, once verified
+        self.swept = 0  # records the sweep has checked, for the metrics and the bench
+        self.sweep_cpu = 0.0  # CPU seconds it took
         self.signing_key = signing_key
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_interval = checkpoint_interval
@@ -198,7 +213,8 @@ class LogWatch:
         self.frontier: Frontier | None = None
         self.last_checkpoint: Checkpoint | None = None
         self._last_checkpoint_at = 0.0
-        self._cursor = 0  # where the rolling window starts next
+        self._cursor = 0  # the range the sweep checks next
+        self._head_written = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -259,11 +275,64 @@ class LogWatch:
         self.verified_seq, self.verified_hash = verifier.seq, verifier.prev_hash
         if self._found(self.store.verify(self.store.tail(self.tail))):
             return
-        window = list(self.store.scan(after_seq=self._cursor, limit=self.window))
-        self._cursor = 0 if len(window) < self.window else self._cursor + self.window
-        if self._found(self.store.verify(window) if window else None):
+        if self._found(self._sweep()):
             return
         self._maybe_checkpoint()
+
+    # --- the sweep: older records, again and again, within a CPU budget -------------------------
+    def _sweep(self) -> Breach | None:
+        """Check ranges of RANGE verified records in turn, for at most `budget` x `interval` CPU
+        seconds a step (one range at least, one pass at most).
+
+        A range met for the first time is checked in full (links and MACs, from the text as
+        stored, without parsing it), and the digest of its rows kept (each row as one text in
+        which any change of a cell or of its type shows); after that, only the digest is taken
+        again, a few times cheaper. A digest that changed sends the range to the full check,
+        which names the record."""
+        complete = self.verified_seq // self.RANGE
+        if complete == 0:
+            return None
+        allowed = self.budget * max(self.interval, 1.0)
+        started = time.thread_time()
+        try:
+            for _ in range(complete):
+                number = self._cursor % complete
+                self._cursor = number + 1
+                breach = self._check_range(number)
+                self.swept += self.RANGE
+                if breach is not None or time.thread_time() - started >= allowed:
+                    return breach
+            return None
+        finally:
+            self.sweep_cpu += time.thread_time() - started
+
+    def _check_range(self, number: int) -> Breach | None:
+        first, last = number * self.RANGE, (number + 1) * self.RANGE
+        known = self._digests.get(number)
+        if known is not None and _digest(row[0] for row in self.store.rows_between(first + 1, last, full=False)) \
+                == known:
+            return None
+        rows = self.store.rows_between(max(first, 1), last, full=True)
+        if first:  # the record before the range anchors its first link
+            if not rows or rows[0][1] != first or not isinstance(rows[0][-1], str):
+                return Breach(first, None, "verified earlier, it is now gone or unreadable")
+            anchor, rows = rows[0][-1], rows[1:]
+        else:
+            anchor = GENESIS
+        verifier = ChainVerifier(self.store.keys, seq=first, prev_hash=anchor, from_first_seen=False)
+        verifier.frontier = None  # links and MACs only: the tree was checked when they were new
+        for row in rows:
+            breach = verifier.feed(record_from_row(row[1:], parse=False))
+            if breach is not None:
+                return breach
+        if verifier.seq != last:
+            return Breach(verifier.seq + 1, None, "verified earlier, it is now missing")
+        digest = _digest(row[0] for row in rows)
+        if known is not None and digest != known:
+            return Breach(first + 1, None, f"records {first + 1}..{last} changed since they were verified "
+                                           "(their MACs still hold: a cell's type or an unhashed field)")
+        self._digests[number] = digest
+        return None
 
     def _found(self, breach: Breach | None) -> bool:
         if breach is None:
@@ -275,11 +344,32 @@ class LogWatch:
             self.on_breach(breach)
         return True
 
+    def close(self) -> None:
+        """At shutdown: check what came since, and sign the head (records removed from the end
+        while the service is stopped are then found by `log verify` and at the next start)."""
+        with self._lock, contextlib.suppress(LogError, OSError):
+            self._step()
+            self._write_head(force=True)
+
+    def _write_head(self, force: bool = False) -> None:
+        """The head signed again, into one file replaced each time (at most every check)."""
+        if self.signing_key is None or self.checkpoint_dir is None or self.frontier is None:
+            return
+        if self.frontier.size != self.verified_seq or self.verified_seq == 0:
+            return
+        if not force and self.verified_seq == self._head_written:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(self.checkpoint_dir, make_checkpoint(self.frontier, self.verified_hash, self.signing_key),
+                         HEAD)
+        self._head_written = self.verified_seq
+
     def _maybe_checkpoint(self) -> None:
         if self.signing_key is None or self.checkpoint_dir is None or self.frontier is None:
             return
         if self.frontier.size != self.verified_seq or self.verified_seq == 0:
             return
+        self._write_head()
         if self.store.head()[0] != self.verified_seq and time.monotonic() - self._last_checkpoint_at < 5 * \
                 self.checkpoint_interval:
             return  # still catching up with the log (or it grows too fast): checkpoint once caught up
