@@ -161,7 +161,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The chain's tail is checked at start, then new records as they come: an altered log is
     # reported (readyz, metrics, logs), never extended silently, and never stops the service.
     watch.start()
-    atexit.register(watch.close)  # a graceful stop signs the head
+    if watch.interval > 0:  # a running service: a graceful stop signs the head
+        atexit.register(watch.close)
     if keys is None:
         logging.getLogger("bindpolicy.log").warning(
             "decision log without a MAC key: records are chained with plain SHA-256", extra={

@@ -215,6 +215,7 @@ class LogWatch:
         self._last_checkpoint_at = 0.0
         self._cursor = 0  # the range the sweep checks next
         self._head_written = 0
+        self._sweep_lock: Any = None  # the open lock file, once this worker is the one that sweeps
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -290,7 +291,7 @@ class LogWatch:
         again, a few times cheaper. A digest that changed sends the range to the full check,
         which names the record."""
         complete = self.verified_seq // self.RANGE
-        if complete == 0:
+        if complete == 0 or not self._sweeper():
             return None
         allowed = self.budget * max(self.interval, 1.0)
         started = time.thread_time()
@@ -305,6 +306,23 @@ class LogWatch:
             return None
         finally:
             self.sweep_cpu += time.thread_time() - started
+
+    def _sweeper(self) -> bool:
+        """Whether this worker sweeps: one worker of a service does (the first to take a lock in
+        the checkpoint folder; the kernel frees it when that worker ends, and another takes it)."""
+        if self._sweep_lock is not None or self.checkpoint_dir is None:
+            return True
+        with contextlib.suppress(OSError):
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.checkpoint_dir / ".sweep.lock", "a+b")  # noqa: SIM115 - held while this worker lives
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                return False
+            self._sweep_lock = lock
+            return True
+        return False
 
     def _check_range(self, number: int) -> Breach | None:
         first, last = number * self.RANGE, (number + 1) * self.RANGE

@@ -132,9 +132,7 @@ def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(serve
          "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
          # Not the coverage phase: under Python 3.11 it crashed inside schemathesis now and then
          # ("SystemError: AST constructor recursion depth mismatch"), never on a response of ours.
-         # Deterministic generation: the same requests however loaded the machine (a loaded run
-         # once reached only 13 refusals).
-         "--max-examples", "60", "--phases", "examples,fuzzing", "--seed", "1", "--generation-deterministic",
+         "--max-examples", "60", "--phases", "examples,fuzzing", "--seed", "1",
          "--header", f"Authorization: Bearer {TOKEN}",
          "--generation-database", "none", "--workers", "2", "--request-timeout", "10",
          # Requests with the NUL-free string patterns are slow to generate, not wrong.
@@ -144,7 +142,9 @@ def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(serve
     # The examples of the document are requests the contract accepts: the run reaches decisions.
     outcomes = Counter(r.outcome for r in open_store(f"sqlite:///{server.data / 'decisions.db'}").query())
     print(f"\nschemathesis: {dict(outcomes)}")
-    assert outcomes["decided"] >= 20 and outcomes["rejected"] >= 20 and outcomes["failed"] == 0, outcomes
+    # (A loaded run once logged 32 decided and 13 refused: schemathesis's summary says what it sent.)
+    assert outcomes["decided"] >= 20 and outcomes["rejected"] >= 20 and outcomes["failed"] == 0, \
+        f"{dict(outcomes)}\n{result.stdout[-3000:]}"
 
 
 def load(url: str, answered: list[str], failures: list[str], stop: threading.Event,

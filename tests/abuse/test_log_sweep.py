@@ -86,3 +86,17 @@ def test_an_altered_head_is_named(evidence: Evidence, capsys: pytest.CaptureFixt
     head: Path = evidence.data / "checkpoints" / HEAD
     head.write_text(head.read_text().replace('"tree_size": 30', '"tree_size": 31'))
     assert evidence.verify() == 1 and "head.json" in capsys.readouterr().out
+
+
+def test_one_worker_of_a_service_sweeps(evidence: Evidence) -> None:
+    from engine.logcheck import LogWatch
+
+    ev = swept(evidence)  # this worker took the sweep
+    other = LogWatch(ev.watch.store, tail=3, checkpoint_dir=ev.watch.checkpoint_dir)
+    other.RANGE = 5
+    other.start()
+    other.step()
+    assert other.swept == 0 and other.verified_seq == 30  # it still checks what is new
+    ev.watch._sweep_lock.close()  # the sweeping worker ends: the kernel frees its lock
+    other.step()
+    assert other.swept > 0
