@@ -1,4 +1,4 @@
-"""The entry point for granian: `granian --interface asgi api.asgi:app` (`bindpolicy serve` runs it).
+"""The entry point for uvicorn: `uvicorn --http api.server:JsonHttpProtocol api.asgi:app` (`bindpolicy serve` runs it).
 
 The Flask app behind the buffering front (api/front.py), configured from the environment.
 """

@@ -1,13 +1,15 @@
 """The front: reads each request whole, off the Python threads, before the WSGI app sees it.
 
-granian (Rust, tokio) accepts connections and reads request lines and headers, with a header
-timeout; this ASGI app then reads the body on the event loop, with a deadline and the byte
+uvicorn's httptools protocol (api/server.py) accepts connections and reads request lines and
+headers on the event loop, with a size cap and a deadline; this ASGI app then reads the body
+there too, with a deadline and the byte
 limit, however it is framed (Content-Length or chunked), and only a complete body is handed
 to a thread of the pool that runs the Flask app. A slow client costs a coroutine, not a thread:
 sixty-four clients that send one byte a minute hold no thread that others need.
 
-Why not granian's own WSGI interface: it calls the app as soon as the headers are in and
-reads the body when the app asks, from the app's thread (measured: a slow body holds it).
+Why not a WSGI server: each calls the app as soon as the headers are in, and the body is read
+when the app asks, from the app's thread (measured with granian's WSGI interface: a slow body
+holds the thread).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 def forget_dead_workers() -> None:
     """Drop the live gauges of worker processes that are gone (a worker replaced after a crash):
-    granian has no hook when a worker exits, so each new worker does it as it starts."""
+    uvicorn has no hook when a worker exits, so each new worker does it as it starts."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
         return

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -81,6 +82,8 @@ def _unauthorized_and_logged() -> Response:
 
 
 def _explain() -> bool:
+    if not request.query_string:  # most requests: no query to parse
+        return False
     return request.args.get("explain", "false").lower() in ("1", "true", "yes")
 
 
@@ -169,7 +172,12 @@ def _language() -> str:
 
 def _say_language(response: Response, language: str) -> None:
     response.headers["Content-Language"] = language
-    response.vary.add("Accept-Language")
+    response.headers["Vary"] = "Accept-Language"  # the only Vary these answers have
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    """A JSON answer, serialized once by orjson (jsonify's provider takes about 3x as long)."""
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
 def _decide_one(raw: Any, now: datetime, explain: bool, language: str) -> tuple[int, dict[str, Any], str, str | None]:
@@ -218,9 +226,7 @@ def _reject_and_log(exc: _Rejected) -> Response:
     failure = _commit([record])
     if failure is not None:
         return failure
-    response = jsonify(body)
-    response.status_code = exc.status
-    return response
+    return _json(body, exc.status)
 
 
 def _elapsed_us() -> int:
@@ -237,19 +243,18 @@ def decide() -> Response:
         return _reject_and_log(exc)
     language = _language()
     status, body, outcome, digest = _decide_one(raw, datetime.now(UTC), _explain(), language)
-    record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status,
-                        request=raw if status == 200 else _bounded(raw, received),
-                        response=body, duration_us=_elapsed_us())
-    if record.request is raw:  # the body's exact bytes (valid UTF-8, checked by the parser)
-        record = replace(record, request_text=received.decode("utf-8"))
+    logged = raw if status == 200 else _bounded(raw, received)
+    record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=logged,
+                        response=body, duration_us=_elapsed_us(),
+                        # the body's exact bytes (valid UTF-8, checked by the parser)
+                        request_text=received.decode("utf-8") if logged is raw else "")
     if digest is not None:
         record = replace(record, policy_digest=digest)
     failure = _commit([record])
     if failure is not None:
         return failure
     _service().metrics.latency.labels("decide").observe(time.perf_counter() - g.started)
-    response = jsonify(body)
-    response.status_code = status
+    response = _json(body, status)
     _say_language(response, language)
     return response
 
@@ -274,7 +279,7 @@ def decide_batch() -> Response:
     if failure is not None:
         return failure
     _service().metrics.latency.labels("batch").observe(time.perf_counter() - g.started)
-    response = jsonify({"decisions": answers})
+    response = _json({"decisions": answers})
     _say_language(response, language)
     return response
 

@@ -1,4 +1,4 @@
-"""A plain WSGI entry point (`api.wsgi:app`) for other servers; `bindpolicy serve` runs granian over api.asgi."""
+"""A plain WSGI entry point (`api.wsgi:app`) for other servers; `bindpolicy serve` runs uvicorn over api.asgi."""
 
 from __future__ import annotations
 

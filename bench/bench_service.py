@@ -1,9 +1,22 @@
-"""The service under load, on this machine over loopback: decisions per second and latency.
+"""The service under load, against a reference measured in the same run on the same machine.
 
-For each decision log (SQLite, PostgreSQL): the most single decisions and batched decisions per
-second the service answers, then p50/p99 latency of single decisions at half that rate.
-The load comes from `hey` (Debian package; `make bench-service` installs it), bounded in count.
-Run: make bench-service   (or .venv/bin/python bench/bench_service.py [--requests 20000])
+Reference: a minimal Flask "hello" app (bench/hello.py) on gunicorn, 3 gthread workers x 4
+threads. Against it, `bindpolicy serve` as `make run` starts it (uvicorn + httptools, the
+buffering front, Flask; every decision committed to the log before it is answered), with the
+log on SQLite (WAL) and on PostgreSQL (a fresh server with fsync ON, as production runs it).
+
+Measured, with `hey` (Debian package; `make bench-service` installs it) on loopback, bounded
+in count: the most hellos per second; the most single logged decisions per second; decisions
+per second in batches (of 50, the service's MAX_BATCH; issue 10 named 100); then, at half of bindpolicy's maximum rate, p50/p99 of both the
+reference (hellos) and bindpolicy (decisions) at that same rate. The servers take turns, round
+after round, and each figure is the median of its rounds (the machine is shared: turns spread
+the noise over both). The server CPU each answer costs (from /proc, every process of the
+server) is reported too: it is steadier than rates on a loaded machine.
+
+Goals (issue 10): single >= 1.0x the reference's hellos/s; batched >= 8x; at half load p50
+and p99 <= 1.5x the reference's at that rate. `--write-readme` puts the table into README.md.
+
+Run: make bench-service   (or .venv/bin/python bench/bench_service.py [--rounds 3] [--write-readme])
 """
 
 from __future__ import annotations
@@ -14,100 +27,278 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import bind_request  # noqa: E402
-from tests.postgres import free_port, fresh_schema, postgres_server  # noqa: E402
+from tests.postgres import free_port, fresh_schema, postgres_cluster  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CONCURRENCY = 16
+BATCH_CONCURRENCY = 4
+README_START, README_END = "<!-- bench_service: start -->", "<!-- bench_service: end -->"
 
 
-def run_hey(url: str, body: Path, requests: int, concurrency: int, rate: float | None = None) -> dict[str, float]:
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.samples[key])
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server's process tree so far."""
+        total, tick = 0, os.sysconf("SC_CLK_TCK")
+        for pid in _tree(self.process.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / tick
+
+
+def _tree(pid: int) -> list[int]:
+    found = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                found += _tree(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def hey(url: str, body: Path, requests: int, concurrency: int, rate: float | None = None) -> dict[str, float]:
     command = ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "application/json",
                "-D", str(body)]
     if rate:
-        command += ["-q", f"{rate / concurrency:.2f}"]
-    out = subprocess.run([*command, url], capture_output=True, text=True, check=True, timeout=600).stdout
-    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+        command += ["-q", f"{rate / concurrency:.2f}"]  # hey's -q is per connection
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True, timeout=900).stdout
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"hey printed no rate:\n{out}")
+    figures = {"rps": float(found.group(1))}
     for pct in ("50", "99"):
-        found = re.search(rf"{pct}% in ([\d.]+) secs", out)
-        figures[f"p{pct}_ms"] = float(found.group(1)) * 1000 if found else float("nan")
+        at = re.search(rf"{pct}% in ([\d.]+) secs", out)
+        figures[f"p{pct}_ms"] = float(at.group(1)) * 1000 if at else float("nan")
     codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
-    if set(codes) - {"200"}:
-        raise RuntimeError(f"non-200 answers under load: {codes}")
+    if set(codes) - {"200"} or "Error distribution" in out:
+        raise RuntimeError(f"answers other than 200 under load: {codes}\n{out[-2000:]}")
+    figures["answered"] = float(codes.get("200", 0))
     return figures
 
 
-def start(data: Path, database_url: str, workers: int, threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("bindpolicy")), "serve", "--data", str(data), "--port", str(port),
-         "--workers", str(workers), "--threads", str(threads), "--database-url", database_url],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "BINDPOLICY_LOG_LEVEL": "WARNING"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
+def measure(server: Server, path: str, body: Path, requests: int, concurrency: int, key: str,
+            rate: float | None = None) -> dict[str, float]:
+    before = server.cpu_seconds()
+    figures = hey(server.url + path, body, requests, concurrency, rate)
+    server.add(f"{key}_cpu_us", (server.cpu_seconds() - before) / requests * 1e6)
+    for name, value in figures.items():
+        server.add(f"{key}_{name}", value)
+    return figures
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], what: str) -> None:
+    for _ in range(300):
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1):
-                return process, url
+            with urllib.request.urlopen(url, timeout=1):
+                return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError("the service did not start")
+    raise RuntimeError(f"{what} did not start")
+
+
+@contextmanager
+def running(command: list[str], ready_path: str, name: str, port: int,
+            env: dict[str, str] | None = None) -> Iterator[Server]:
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url + ready_path, process, name)
+        yield Server(name, url, process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 15)
+            process.wait(timeout=60)
+
+
+def reference(port: int) -> list[str]:
+    return [str(BIN / "gunicorn"), "-k", "gthread", "-w", "3", "--threads", "4", "-b", f"127.0.0.1:{port}",
+            "--log-level", "warning", "bench.hello:app"]
+
+
+def bindpolicy(port: int, data: Path, database_url: str, workers: int, threads: int) -> list[str]:
+    return [str(BIN / "bindpolicy"), "serve", "--data", str(data), "--port", str(port), "--workers", str(workers),
+            "--threads", str(threads), "--database-url", database_url]
+
+
+def logged_records(database_url: str) -> int:
+    from engine.decisionlog import open_store
+
+    store = open_store(database_url, read_only=True)
+    try:
+        return store.head()[0]
+    finally:
+        store.close()
+
+
+def postgres_settings(url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        values = [conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                  for name in ("fsync", "synchronous_commit", "wal_sync_method")]
+    return f"fsync={values[0]}, synchronous_commit={values[1]}, wal_sync_method={values[2]}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                                         f"{platform.python_version()}", "rounds": args.rounds}
+    with tempfile.TemporaryDirectory() as temp, ExitStack() as stack:
+        one, batch, hello = Path(temp) / "one.json", Path(temp) / "batch.json", Path(temp) / "hello.json"
+        one.write_text(json.dumps(bind_request()))
+        batch.write_text(json.dumps({"requests": [bind_request()] * args.batch_size}))
+        hello.write_text("{}")
+        cluster = stack.enter_context(postgres_cluster(fsync=True))
+        pg_url = fresh_schema(cluster.url, "bench")
+        report["postgres"] = postgres_settings(pg_url)
+        logs = {"SQLite (WAL)": f"sqlite:///{temp}/sqlite/decisions.db", "PostgreSQL (fsync on)": pg_url}
+        port = free_port()
+        ref = stack.enter_context(running(reference(port), "/healthz", "reference", port))
+        servers = []
+        for name, url in logs.items():
+            if args.only and args.only not in name:
+                continue
+            port = free_port()
+            data = Path(temp) / name.split()[0].lower()
+            servers.append((stack.enter_context(running(
+                bindpolicy(port, data, url, args.workers, args.threads), "/readyz", name, port,
+                env={"BINDPOLICY_LOG_LEVEL": "WARNING"})), url))
+        for server in [ref] + [s for s, _ in servers]:  # warm up (and compile)
+            path, body = ("/hello", hello) if server is ref else ("/v1/decisions", one)
+            hey(server.url + path, body, 1000, CONCURRENCY)
+        answered = {s.name: 0.0 for s, _ in servers}
+        for number in range(args.rounds):
+            print(f"round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
+            measure(ref, "/hello", hello, args.requests, CONCURRENCY, "max")
+            for server, _ in servers:
+                answered[server.name] += measure(server, "/v1/decisions", one, args.requests, CONCURRENCY,
+                                                 "max")["answered"]
+                answered[server.name] += measure(server, "/v1/decisions/batch", batch, args.batches,
+                                                 BATCH_CONCURRENCY, "batch")["answered"] * args.batch_size
+            for server, _ in servers:  # half of this round's maximum, for both
+                rate = server.samples["max_rps"][-1] / 2
+                measure(ref, "/hello", hello, args.requests // 2, CONCURRENCY, f"half_{server.name}", rate)
+                answered[server.name] += measure(server, "/v1/decisions", one, args.requests // 2, CONCURRENCY,
+                                                 "half", rate)["answered"]
+        rows = []
+        for server, url in servers:
+            records = logged_records(url)
+            hellos = ref.median("max_rps")
+            row = {
+                "log": server.name, "reference_hellos_per_s": hellos,
+                "reference_cpu_us": ref.median("max_cpu_us"),
+                "single_per_s": server.median("max_rps"), "single_ratio": server.median("max_rps") / hellos,
+                "single_cpu_us": server.median("max_cpu_us"),
+                "single_p50_ms": server.median("max_p50_ms"), "single_p99_ms": server.median("max_p99_ms"),
+                "batch_decisions_per_s": server.median("batch_rps") * args.batch_size,
+                "batch_ratio": server.median("batch_rps") * args.batch_size / hellos,
+                "batch_cpu_us_per_decision": server.median("batch_cpu_us") / args.batch_size,
+                "half_rate": server.median("max_rps") / 2,
+                "half_p50_ms": server.median("half_p50_ms"), "half_p99_ms": server.median("half_p99_ms"),
+                "reference_half_p50_ms": ref.median(f"half_{server.name}_p50_ms"),
+                "reference_half_p99_ms": ref.median(f"half_{server.name}_p99_ms"),
+                "decisions_answered": int(answered[server.name]), "records_logged": records}
+            row["half_p50_ratio"] = row["half_p50_ms"] / row["reference_half_p50_ms"]
+            row["half_p99_ratio"] = row["half_p99_ms"] / row["reference_half_p99_ms"]
+            if records < row["decisions_answered"]:
+                raise RuntimeError(f"{server.name}: {row['decisions_answered']} decisions answered but only "
+                                   f"{records} records in the log")
+            rows.append(row)
+    report["rows"] = rows
+    report["batch_size"] = args.batch_size
+    report["settings"] = (f"bindpolicy: `bindpolicy serve --workers {args.workers} --threads {args.threads}`; "
+                          f"load: hey, {CONCURRENCY} connections ({BATCH_CONCURRENCY} for batches of "
+                          f"{args.batch_size}), {args.requests} requests a measurement, median of "
+                          f"{args.rounds} rounds")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"{report['machine']}; reference: Flask hello on gunicorn, 3 gthread workers x 4 threads; "
+             f"{report['settings']}; PostgreSQL: {report.get('postgres', 'not run')}.", "",
+             "| decision log | reference hellos/s | single decisions/s (ratio; goal >= 1.0) "
+             f"| decisions/s in batches of {report['batch_size']} (ratio; goal >= 8) | at half load (decisions/s) "
+             "| p50 ms: bindpolicy / reference (ratio; goal <= 1.5) "
+             "| p99 ms: bindpolicy / reference (ratio; goal <= 1.5) "
+             "| server CPU per answer: hello / decision / decision in a batch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['log']} | {r['reference_hellos_per_s']:.0f} | {r['single_per_s']:.0f} ({r['single_ratio']:.2f}x) "
+            f"| {r['batch_decisions_per_s']:.0f} ({r['batch_ratio']:.2f}x) | {r['half_rate']:.0f} "
+            f"| {r['half_p50_ms']:.1f} / {r['reference_half_p50_ms']:.1f} ({r['half_p50_ratio']:.2f}x) "
+            f"| {r['half_p99_ms']:.1f} / {r['reference_half_p99_ms']:.1f} ({r['half_p99_ratio']:.2f}x) "
+            f"| {r['reference_cpu_us']:.0f} / {r['single_cpu_us']:.0f} / {r['batch_cpu_us_per_decision']:.0f} µs |")
+    lines.append("")
+    lines.append("Every answered decision had its record in the log: " + ", ".join(
+        f"{r['log']}: {r['records_logged']} records for {r['decisions_answered']} decisions answered"
+        for r in report["rows"]) + ".")
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = content.find(README_START), content.find(README_END)
+    if start < 0 or end < start:
+        sys.exit(f"README.md has no {README_START} ... {README_END} block to fill")
+    readme.write_text(content[:start + len(README_START)] + "\n" + text + "\n" + content[end:])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=20000, help="single requests per measurement")
-    parser.add_argument("--batches", type=int, default=400, help="batch requests per measurement")
-    parser.add_argument("--batch-size", type=int, default=50)  # the service's MAX_BATCH
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--json", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=8000, help="single requests per measurement")
+    parser.add_argument("--batches", type=int, default=200, help="batch requests per measurement")
+    parser.add_argument("--batch-size", type=int, default=50, help="the service's MAX_BATCH (default 50)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--only", help="only the decision log whose name holds this (SQLite, PostgreSQL)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")
     args = parser.parse_args()
     if not shutil.which("hey"):
         sys.exit("hey is not installed: make bench-service installs it (apt-get install hey)")
-    rows = []
-    with tempfile.TemporaryDirectory() as temp, ExitStack() as stack:
-        one, batch = Path(temp) / "one.json", Path(temp) / "batch.json"
-        one.write_text(json.dumps(bind_request()))
-        batch.write_text(json.dumps({"requests": [bind_request()] * args.batch_size}))
-        postgres = stack.enter_context(postgres_server())
-        for name, url_of in (("SQLite (WAL)", lambda d: ""), ("PostgreSQL", lambda d: fresh_schema(postgres, "bench"))):
-            data = Path(temp) / name.split()[0]
-            process, url = start(data, url_of(data), args.workers, args.threads)
-            try:
-                run_hey(url + "/v1/decisions", one, 2000, args.concurrency)  # warm up
-                single = run_hey(url + "/v1/decisions", one, args.requests, args.concurrency)
-                batched = run_hey(url + "/v1/decisions/batch", batch, args.batches, 4)
-                half = run_hey(url + "/v1/decisions", one, args.requests // 2, args.concurrency, single["rps"] / 2)
-            finally:
-                os.killpg(process.pid, 15)
-                process.wait(timeout=30)
-            rows.append({"log": name, "single_per_s": single["rps"], "single_p50_ms": single["p50_ms"],
-                         "single_p99_ms": single["p99_ms"], "batch_decisions_per_s": batched["rps"] * args.batch_size,
-                         "batch_p99_ms": batched["p99_ms"], "half_load_per_s": half["rps"],
-                         "half_load_p50_ms": half["p50_ms"], "half_load_p99_ms": half["p99_ms"]})
+    report = run(args)
+    text = markdown(report)
+    print(text)
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    print(f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; service: "
-          f"{args.workers} gunicorn workers x {args.threads} threads; load: hey, {args.concurrency} connections "
-          f"(batches: 4 connections, {args.batch_size} decisions each), same machine, loopback")
-    print("| decision log | single decisions/s | p50 / p99 ms at full load | decisions/s in batches "
-          "| at half load: decisions/s | p50 / p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['log']} | {r['single_per_s']:.0f} | {r['single_p50_ms']:.1f} / {r['single_p99_ms']:.1f} "
-              f"| {r['batch_decisions_per_s']:.0f} | {r['half_load_per_s']:.0f} "
-              f"| {r['half_load_p50_ms']:.1f} / {r['half_load_p99_ms']:.1f} |")
+        print(json.dumps(report, indent=2))
+    if args.write_readme:
+        write_readme(text)
 
 
 if __name__ == "__main__":

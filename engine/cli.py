@@ -116,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     decide.set_defaults(handler=_decide)
 
     serve = commands.add_parser(
-        "serve", help="run the decision service (granian)",
-        description="Start the HTTP service (granian, reading each request whole before a Python thread "
+        "serve", help="run the decision service (uvicorn)",
+        description="Start the HTTP service (uvicorn with httptools, reading each request whole before a Python thread "
                     "takes it) on the given policies. Every option can also come from its environment "
                     "variable (shown in brackets).")
     env = os.environ.get
@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--header-timeout", type=float, default=float(env("BINDPOLICY_HEADER_TIMEOUT", "10")),
                        help="seconds a client has to send its request line and headers "
                             "[BINDPOLICY_HEADER_TIMEOUT] (default: 10)")
+    serve.add_argument("--max-header-bytes", type=int,
+                       default=int(env("BINDPOLICY_MAX_HEADER_BYTES", str(32 * 1024))),
+                       help="largest request line and headers, in bytes; past it a 431 "
+                            "[BINDPOLICY_MAX_HEADER_BYTES] (default: 32768)")
     serve.add_argument("--body-timeout", type=float, default=float(env("BINDPOLICY_BODY_TIMEOUT", "10")),
                        help="seconds a client has to send its body, once the headers are in "
                             "[BINDPOLICY_BODY_TIMEOUT] (default: 10)")
@@ -743,10 +747,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Check the policies, then become granian (exec: signals reach it directly).
+    """Check the policies, then become uvicorn (exec: signals reach it directly).
 
-    granian's Rust front reads request lines and headers (with a timeout) and the ASGI front of
-    api/front.py reads bodies on the event loop: no Python thread waits on a slow client.
+    uvicorn's httptools protocol (api/server.py: a cap and a deadline on each request's head,
+    its own errors in JSON) and the ASGI front of api/front.py read each request on the event
+    loop: no Python thread waits on a slow client.
     """
     data = Path(args.data)
     try:
@@ -766,13 +771,14 @@ def _serve(args: argparse.Namespace) -> int:
         "BINDPOLICY_BODY_TIMEOUT": str(args.body_timeout), "PROMETHEUS_MULTIPROC_DIR": str(data / "metrics")})
     shutil.rmtree(data / "metrics", ignore_errors=True)  # metrics of earlier runs would be summed in
     (data / "metrics").mkdir()
-    granian = str(Path(sys.executable).with_name("granian"))
-    os.execv(granian, [
-        granian, "--interface", "asgi", "--host", args.host, "--port", str(args.port),
-        "--workers", str(args.workers), "--http", "1", "--no-ws", "--loop", "asyncio",
-        "--http1-header-read-timeout", str(max(1, int(args.header_timeout * 1000))),
-        "--http1-buffer-size", str(64 * 1024),  # bounds the request line and headers too
-        "--respawn-failed-workers", "--workers-kill-timeout", "15",
+    os.environ.update({"BINDPOLICY_HEADER_TIMEOUT": str(args.header_timeout),
+                       "BINDPOLICY_MAX_HEADER_BYTES": str(args.max_header_bytes)})
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    os.execv(uvicorn, [
+        uvicorn, "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+        "--http", "api.server:JsonHttpProtocol",  # httptools, every error of its own in JSON
+        "--loop", "asyncio", "--ws", "none", "--lifespan", "on", "--no-server-header",
+        "--timeout-keep-alive", "5", "--timeout-graceful-shutdown", "15",
         "--log-level", "warning", "--no-access-log",  # the app writes one JSON line per request itself
         "api.asgi:app"])
     return 0  # not reached

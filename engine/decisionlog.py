@@ -149,8 +149,9 @@ def hash_problem(record: LogRecord, keys: MacKeyring | None, keyed_before: bool)
 
 
 def new_record(*, decision_id: str, outcome: str, status: int, request: Any, response: Any,
-               duration_us: int, logged_at: datetime | None = None) -> LogRecord:
-    """A record with its index fields taken from the request and response."""
+               duration_us: int, logged_at: datetime | None = None, request_text: str = "") -> LogRecord:
+    """A record with its index fields taken from the request and response; `request_text`, if
+    given, is what is stored of the request (the body's exact bytes), else its canonical JSON."""
     req = request if isinstance(request, dict) else {}
     shop, account = req.get("shop"), req.get("account")
     rule = response.get("rule") if isinstance(response, dict) else None
@@ -166,7 +167,7 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
         account_id=_indexed(account.get("id")) if isinstance(account, dict) else None,
         policy_version=_indexed(policy.get("version")) if isinstance(policy, dict) else None,
         policy_digest=_indexed(policy.get("digest")) if isinstance(policy, dict) else None,
-        runtime=_indexed(policy.get("runtime")) if isinstance(policy, dict) else None)
+        runtime=_indexed(policy.get("runtime")) if isinstance(policy, dict) else None, request_text=request_text)
 
 
 def log_time(moment: datetime | str) -> str:

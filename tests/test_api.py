@@ -152,9 +152,20 @@ class TestLogAccess:
 
     def test_deciding_can_need_a_token(self, tmp_path: Path, database_url: str) -> None:
         client = make_app(tmp_path, database_url, DECISION_TOKENS="caller-1,caller-2").test_client()
-        assert client.post("/v1/decisions", json=bind_request()).status_code == 401
+        store = client.application.extensions["bindpolicy"].store
+        # A 401 is a rejection like any other: a decision id in the answer, its record in the log.
+        for path, body, headers in (("/v1/decisions", bind_request(), {}),
+                                    ("/v1/decisions/batch", {"requests": [bind_request()]},
+                                     {"Authorization": "Bearer caller-3"})):
+            refused = client.post(path, json=body, headers=headers)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            assert refused.json["error"]["code"] == "unauthorized"
+            record = store.get(refused.json["decision_id"])
+            assert record is not None and (record.status, record.outcome) == (401, "rejected")
+            assert record.response == refused.json
         response = client.post("/v1/decisions", json=bind_request(), headers={"Authorization": "Bearer caller-2"})
         assert response.status_code == 200
+        assert store.get(response.json["decision_id"]).status == 200
 
     def test_query_filters_and_paging(self, client: FlaskClient) -> None:
         young = bind_request()

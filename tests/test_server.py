@@ -1,4 +1,4 @@
-"""The real service: granian started from the project's own files, called over HTTP on loopback."""
+"""The real service: `bindpolicy serve` (uvicorn) started from the project's own files, called over HTTP on loopback."""
 
 from __future__ import annotations
 
