@@ -32,7 +32,7 @@ class JsonLineFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO") -> None:
     # Nothing here prints the caller's file and line, or the thread and process names: not
     # looking them up saves a stack walk per line (logging's documented optimization).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonLineFormatter())
