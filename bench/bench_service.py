@@ -8,10 +8,11 @@ log on SQLite (WAL) and on PostgreSQL (a fresh server with fsync ON, as producti
 Measured, with `hey` (Debian package; `make bench-service` installs it) on loopback, bounded
 in count: the most hellos per second; the most single logged decisions per second; decisions
 per second in batches (of 50, the service's MAX_BATCH; issue 10 named 100); then, at half
-of bindpolicy's maximum rate, p50/p99 of both the reference (hellos) and bindpolicy (decisions) at that same rate. The servers take turns, round
-after round, and each figure is the median of its rounds (the machine is shared: turns spread
-the noise over both). The server CPU each answer costs (from /proc, every process of the
-server) is reported too: it is steadier than rates on a loaded machine.
+of bindpolicy's maximum rate, p50/p99 of both the reference (hellos) and bindpolicy
+(decisions) at that same rate. The servers take turns, round after round, and each figure is
+the median of its rounds (the machine is shared: turns spread the noise over both). The
+server CPU each answer costs (from /proc, every process of the server) is reported too: it is
+steadier than rates on a loaded machine.
 
 Goals (issue 10): single >= 1.0x the reference's hellos/s; batched >= 8x; at half load p50
 and p99 <= 1.5x the reference's at that rate. `--write-readme` puts the table into README.md.
