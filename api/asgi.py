@@ -18,7 +18,9 @@ forget_dead_workers()
 flask_app = create_app()
 app = BufferedFront(flask_app.wsgi_app, max_body=int(flask_app.config["MAX_CONTENT_LENGTH"]),
                     body_timeout=float(os.environ.get("BINDPOLICY_BODY_TIMEOUT", "10")),
-                    threads=int(os.environ.get("BINDPOLICY_THREADS", "8")))
+                    threads=int(os.environ.get("BINDPOLICY_THREADS", "8")),
+                    # a graceful stop signs the log's head (uvicorn's workers exit without atexit)
+                    on_shutdown=flask_app.extensions["bindpolicy"].watch.close)
 # Watch the policy files from the start: a worker that has not served yet must not wake on a stale set.
 flask_app.extensions["bindpolicy"].holder.ensure_watching()
 # Everything built so far (compiled policies, parse trees, modules) lives as long as the worker:

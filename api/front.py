@@ -39,8 +39,10 @@ def error_body(code: str, message: str) -> bytes:
 class BufferedFront:
     """ASGI to WSGI, buffering: the body is read before a thread is taken."""
 
-    def __init__(self, app: WSGIApp, *, max_body: int, body_timeout: float, threads: int) -> None:
+    def __init__(self, app: WSGIApp, *, max_body: int, body_timeout: float, threads: int,
+                 on_shutdown: Callable[[], None] | None = None) -> None:
         self.app = app
+        self.on_shutdown = on_shutdown  # run at a graceful stop, once requests in flight are done
         self.max_body = max_body
         self.body_timeout = body_timeout
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
@@ -145,5 +147,7 @@ class BufferedFront:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.pool.shutdown(wait=True)  # requests in flight finish (their records commit)
+                if self.on_shutdown is not None:  # (a worker process exits without running atexit)
+                    self.on_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
