@@ -788,15 +788,6 @@ def _as_double(value: Any) -> Any:
     return float(value) if type(value) is int else value
 
 
-def _step(value: Any, name: str) -> Any:
-    if type(value) is dict:
-        try:
-            return value[name]
-        except KeyError:
-            raise CelError(f"no such key: {name!r}") from None
-    return native._step(value, name)
-
-
 _FORMATTED: dict[datetime, str] = {}
 
 
@@ -812,7 +803,7 @@ def _format_timestamp(value: datetime) -> str:
 
 _RUNTIME: dict[str, Any] = {
     "CelError": CelError, "_Decision": Decision, "_bool": _bool, "_has": _has, "_timestamp": _timestamp,
-    "_as_int": _as_int, "_as_double": _as_double, "_step": _step, "_format_timestamp": _format_timestamp,
+    "_as_int": _as_int, "_as_double": _as_double, "_step": native._step, "_format_timestamp": _format_timestamp,
     "_eq": native._eq, "_ne": native._ne, "_lt": native._lt, "_le": native._le, "_gt": native._gt,
     "_ge": native._ge, "_in": native._in, "_add": native._add, "_sub": native._sub, "_mul": native._mul,
     "_div": native._div, "_mod": native._mod, "_negate": native._negate, "_size": native._size,

@@ -214,11 +214,7 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
                 outcome = FIRED
         except EvaluationFailure as exc:
             outcome, error = ERROR, str(exc)
-        if outcome == ERROR:
-            violations.append(_finding(rule, _FAILED[language == CHINESE].format(id=rule.id, error=error)))
-        elif outcome == FIRED:
-            message = rule.render(language, version.native_parameters, request)
-            (violations if rule.effect == "deny" else warnings).append(_finding(rule, message))
+        _report(rule, outcome, error, language, version.native_parameters, request, violations, warnings)
         if explain:
             traces.append(Trace(rule.id, rule.effect, outcome, _values(rule, request), rule.where, error))
     outputs: dict[str, Any] = {}
@@ -249,6 +245,16 @@ def evaluate(version: PolicyVersion, request: Mapping[str, Any], activation: Act
 
 def _finding(rule: Rule, message: str) -> Finding:
     return Finding(rule.id, message, rule.defined_in, rule.where)
+
+
+def _report(rule: Rule, outcome: str, error: str | None, language: str, parameters: Mapping[str, Any],
+            request: Mapping[str, Any], violations: list[Finding], warnings: list[Finding]) -> None:
+    """A judged rule into the findings: a failed one denies (fail closed), a fired one says its message."""
+    if outcome == ERROR:
+        violations.append(_finding(rule, _FAILED[language == CHINESE].format(id=rule.id, error=error)))
+    elif outcome == FIRED:
+        message = rule.render(language, parameters, request)
+        (violations if rule.effect == "deny" else warnings).append(_finding(rule, message))
 
 
 def _values(rule: Rule, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -335,11 +341,7 @@ def path_helpers(version_name: str, parameters: Mapping[str, Any]) -> dict[str, 
                 outcome = FIRED
         except EvaluationFailure as exc:
             outcome, error = ERROR, str(exc)
-        if outcome == ERROR:
-            violations.append(_finding(rule, _FAILED[language == CHINESE].format(id=rule.id, error=error)))
-        elif outcome == FIRED:
-            message = rule.render(language, parameters, request)
-            (violations if rule.effect == "deny" else warnings).append(_finding(rule, message))
+        _report(rule, outcome, error, language, parameters, request, violations, warnings)
         return False
 
     def again_output(output: Output, request: Mapping[str, Any], at: datetime, language: str,
