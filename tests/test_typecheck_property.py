@@ -30,7 +30,7 @@ from engine.evaluator import REFERENCE, EvaluationFailure, NativeRuntime
 from engine.generator import generate_requests
 from engine.model import PolicyVersion
 from engine.native import Defer
-from engine.request import absent_fields
+from engine.needs import absent_fields
 from engine.schemas import SchemaWalker, load_schema
 from engine.typecheck import TypeEnvironment
 from engine.versions import PolicySet, parse_timestamp
