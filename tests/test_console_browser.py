@@ -108,7 +108,7 @@ def test_each_view_loads(page: Page) -> None:
     page.shot("versions")
     p = page.open("compare/v1/v2", "compare")
     assert p.locator("ul.diff li.changed").count() == 2
-    assert p.locator(".impact").get_by_text("2000 requests judged").count() == 1
+    assert p.locator(".impact").get_by_text("2000 requests: 1972 decided under both versions").count() == 1
     proof = p.locator("dl.proof").inner_text()  # the prover's answer over every request, beside the corpus's
     assert "deny→allow\npossible" in proof and "allow→deny\nimpossible" in proof
     link = p.locator("ul.diff li.changed a.where").nth(1)

@@ -48,7 +48,7 @@ export function renderImpact(impact) {
   const flips = Object.entries(impact.flips);
   return h("section", { class: "impact" },
     h("h3", {}, t("impact.title")),
-    h("p", {}, t("impact.summary", { t: impact.requests, s: impact.unchanged, r: impact.rejected })),
+    h("p", {}, t("impact.summary", { t: impact.requests, d: impact.decided, s: impact.unchanged, r: impact.rejected })),
     h("p", {}, `${t("impact.flips")}: `, flips.map(([k, v], i) => [i ? ", " : "", `${k}: ${v}`])),
     impact.groups.length
       ? table(null, [t("col.change"), t("col.id"), t("col.count")], impact.groups.map((g) => h("tr", {},
