@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.loader import load_policies
-from engine.prover.cel import Uncovered
-from engine.prover.rules import POSSIBLE, RulesReport, prove_rules
 from engine.versions import PolicySet
+
+if TYPE_CHECKING:  # the prover (z3, the CEL grammar) is imported by the commands that prove, not by
+    from engine.prover.rules import RulesReport  # every command whose parser lists them
 
 EXIT_BUG = 4  # 3 is every command's "the policies do not load"
 
@@ -52,6 +53,8 @@ def _load(folder: str) -> PolicySet:
 
 
 def _prove_rules(args: argparse.Namespace) -> int:
+    from engine.prover.rules import prove_rules
+
     policies = _load(args.policies)
     names = args.versions or policies.names()
     missing = [n for n in names if policies.get(n) is None]
@@ -90,10 +93,13 @@ def describe_rules(report: RulesReport) -> list[str]:
 
 
 def witnessed(report: RulesReport) -> int:
+    from engine.prover.rules import POSSIBLE
+
     return sum(1 for a in report.rules for c in (a.fires, a.decides, a.passes) if c.answer == POSSIBLE)
 
 
 def _prove_diff(args: argparse.Namespace) -> int:
+    from engine.prover.cel import Uncovered
     from engine.prover.diff import prove_diff, render
 
     policies = _load(args.policies)
@@ -117,6 +123,8 @@ def _prove_diff(args: argparse.Namespace) -> int:
 
 def check_rules(policies: PolicySet) -> int:
     """`check --prove`: 1 if a rule is dead or shadowed, 4 on a bug."""
+    from engine.prover.rules import prove_rules
+
     code = 0
     for version in policies:
         report = prove_rules(policies, version)
