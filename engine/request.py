@@ -60,11 +60,21 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
     one object; no integer beyond +-2^53 and no number that a double cannot hold as written
     (2^64, 17.9999999999999999, 1e400). Anything else is a RequestError naming the place."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    containers, commas = raw.count(b"{") + raw.count(b"["), raw.count(b",")
-    if containers > MAX_CONTAINERS or commas >= MAX_VALUES:
-        raise RequestError("invalid_json", "the request has too many values", [Detail(
-            "", f"{containers} '{{' and '[' and {commas} ',' characters: a body holds at most {MAX_CONTAINERS} "
-                f"objects and arrays and {MAX_VALUES} values (strings included in the count)")])
+    containers = _bound_values(raw)
+    if strict:
+        value = _strict_from_orjson(raw, containers)
+        if value is not _NOT_PARSED:
+            return value
+    return parse_json_reference(raw, strict=strict, counted=True)
+
+
+def parse_json_reference(data: bytes | str, *, strict: bool = True, counted: bool = False) -> Any:
+    """parse_json as it read every body before its fast path: the standard library's parse with
+    a Python hook per object and number. parse_json hands it whatever its fast path cannot prove
+    it reads alike (and the differential tests compare the two over hostile inputs)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if not counted:
+        _bound_values(raw)
     value = _strict_in_one_parse(raw) if strict else _NOT_PARSED
     if value is not _NOT_PARSED:
         if (shape(value) if isinstance(value, dict | list) else 0) > MAX_DEPTH:
@@ -86,6 +96,48 @@ def parse_json(data: bytes | str, *, strict: bool = True) -> Any:
 
 _NOT_PARSED = object()
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _bound_values(raw: bytes) -> int:
+    """How many objects and arrays the bytes may hold: RequestError past the bounds."""
+    containers, commas = raw.count(b"{") + raw.count(b"["), raw.count(b",")
+    if containers > MAX_CONTAINERS or commas >= MAX_VALUES:
+        raise RequestError("invalid_json", "the request has too many values", [Detail(
+            "", f"{containers} '{{' and '[' and {commas} ',' characters: a body holds at most {MAX_CONTAINERS} "
+                f"objects and arrays and {MAX_VALUES} values (strings included in the count)")])
+    return containers
+
+
+_JSON_WHITESPACE = b" \t\n\r"
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_SIXTEEN_DIGITS = b"0" * 16  # 2^53 has 16 digits: every integer of 15 digits is exchanged exactly
+
+
+def _strict_from_orjson(raw: bytes, containers: int) -> Any:
+    """The common case at orjson's cost: its value, where the bytes prove that the reference
+    reading (parse_json_reference) gives the same value; else _NOT_PARSED, and the reference reads
+    it, with the same words as ever. The proof: orjson writes the value back, and outside
+    whitespace the text is the one read. A key written twice comes back once; a number a double
+    cannot hold as written (17.9999999999999999, 1.10, 1e400) comes back otherwise written, as does
+    any integer orjson reads as a float (beyond 2^64); strings come back as they were (there are no
+    escapes in the text: a backslash, and the reference reads it). What is left to look at: an
+    integer of 16 digits and more (orjson keeps those within 2^64 as they were), and the depth,
+    only where there are more objects and arrays than MAX_DEPTH (tests/abuse/test_strict_reader.py
+    compares both readings over hostile inputs)."""
+    if b"\\" in raw:
+        return _NOT_PARSED
+    try:
+        value = orjson.loads(raw)
+        again = orjson.dumps(value)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return _NOT_PARSED
+    if again.translate(None, _JSON_WHITESPACE) != raw.translate(None, _JSON_WHITESPACE):
+        return _NOT_PARSED
+    if len(raw) >= 16 and _SIXTEEN_DIGITS in raw.translate(_DIGITS_AS_ZERO):
+        return _NOT_PARSED
+    if containers > MAX_DEPTH and nests_deeper(raw, MAX_DEPTH):
+        return _NOT_PARSED
+    return value
 
 
 def _strict_in_one_parse(raw: bytes) -> Any:
