@@ -7,6 +7,7 @@ back. A million requests never sit in memory at once.
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 import multiprocessing
@@ -14,17 +15,21 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.loader import load_policies
-from engine.model import Decision
+from engine.messages import DEFAULT_LANGUAGE
+from engine.model import Decision, Output, Rule
 from engine.sources import MemorySource
-from engine.versions import PolicySet
+from engine.versions import PolicySet, parse_timestamp
 
 ALLOW_TO_DENY, DENY_TO_ALLOW, OTHER_RULE = "allow→deny", "deny→allow", "same decision, another rule"
 KINDS = (ALLOW_TO_DENY, DENY_TO_ALLOW, OTHER_RULE)
@@ -116,38 +121,201 @@ def judge(engine: Engine, old: str, new: str, requests: Iterable[Any], now: date
 
 
 def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, *,
-                  labels: tuple[str, str] | None = None, origins: Sequence[str] | None = None) -> ImpactReport:
+                  labels: tuple[str, str] | None = None, origins: Sequence[str] | None = None,
+                  quick: bool = True) -> ImpactReport:
     """The impact between two (engine, version) sides; a version None judges each request by the
     version it selects itself (its `at`, or its pin), as that engine would serve it. `origins`
-    says where each request was read (a file's line, a part's row), for the examples."""
+    says where each request was read (a file's line, a part's row), for the examples. `quick`:
+    the common request is judged by QuickJudge (the same figures; False: every request the plain
+    way, each side's whole decision, as the tests compare)."""
     report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
+    judge_quickly = QuickJudge.of(old, new, now) if quick else None
     for index, request in enumerate(requests):
-        origin = origins[index] if origins is not None else f"line {index + 1}"
         report.total += 1
         if not isinstance(request, dict):
+            origin = origins[index] if origins is not None else f"line {index + 1}"
             report.reject("not JSON" if request is NOT_JSON else "not a JSON object", origin)
             continue
-        before, after = _decide(old, request, now), _decide(new, request, now)
-        if isinstance(before, RequestError) or isinstance(after, RequestError):
-            report.reject(_why_rejected(before, after, report.old, report.new), origin)
+        judged = judge_quickly(request) if judge_quickly is not None else None
+        if judged is None:  # the plain way: each side's whole decision
+            before, after = _decide(old, request, now), _decide(new, request, now)
+            if isinstance(before, RequestError) or isinstance(after, RequestError):
+                origin = origins[index] if origins is not None else f"line {index + 1}"
+                report.reject(_why_rejected(before, after, report.old, report.new), origin)
+                continue
+            judged = (before.decision, before.rule.id if before.rule else None,
+                      after.decision, after.rule.id if after.rule else None)
+        elif len(judged) == 1:
+            origin = origins[index] if origins is not None else f"line {index + 1}"
+            report.reject(judged[0], origin)
             continue
-        old_rule = before.rule.id if before.rule else None
-        new_rule = after.rule.id if after.rule else None
-        if before.decision == after.decision and old_rule == new_rule:
+        old_decision, old_rule, new_decision, new_rule = judged
+        if old_rule == new_rule and old_decision == new_decision:
             report.same += 1
             continue
-        if before.decision == "allow":
+        if old_decision == "allow":
             kind, rule = ALLOW_TO_DENY, str(new_rule)
-        elif after.decision == "allow":
+        elif new_decision == "allow":
             kind, rule = DENY_TO_ALLOW, str(old_rule)
         else:
             kind, rule = OTHER_RULE, f"{old_rule} → {new_rule}"
         group = report.groups.setdefault((kind, rule), Group(kind, rule))
         group.count += 1
         if len(group.examples) < EXAMPLES:
+            origin = origins[index] if origins is not None else f"line {index + 1}"
             group.examples.append({"input": origin, "request": request, "old": _explained(old, request, now),
                                    "new": _explained(new, request, now)})
     return report
+
+
+# (old decision, old rule, new decision, new rule), or (the reason it is rejected under both,)
+Judged = tuple[str, str | None, str, str | None] | tuple[str]
+
+
+class QuickJudge:
+    """The plain judging (each side's whole decision through Engine.decide) short-cut for the
+    common request, with the same outcome: the request is checked once (both sides pin a
+    version and share the checker, so the schema judges both pinned requests alike); it goes
+    straight to each side's generated path, and where both versions generate the same function
+    for its action and role (the same source once the version's name and digest are taken out,
+    the same constants and rules), it is decided once. Only the decision and the deciding rule
+    are kept. Anything else (a request the check or its timestamps refuse in another way, a
+    path that hands over to the evaluator, any exception) is None: judged the plain way."""
+
+    def __init__(self, old: Side, new: Side, now: datetime) -> None:
+        (old_engine, old_name), (new_engine, new_name) = old, new
+        assert old_name is not None and new_name is not None
+        self.old_version = old_engine.policies.get(old_name)
+        self.new_version = new_engine.policies.get(new_name)
+        self.check = old_engine.check
+        self.usable = self.check.usable.is_valid
+        self.names = (old_name, new_name)
+        self.now = now
+        self.paths: dict[tuple[str, str | None], Any] = {}
+
+    @classmethod
+    def of(cls, old: Side, new: Side, now: datetime) -> QuickJudge | None:
+        """A quick judge of the two sides, or None where it cannot judge as the plain way does;
+        the same one for the same engines (a worker judges chunk after chunk: the paths compared
+        once)."""
+        key = (id(old[0]), old[1], id(new[0]), new[1], now)
+        found = _QUICK.get(key)
+        if found is None or found.engines != (old[0], new[0]):
+            if len(_QUICK) >= 8:
+                _QUICK.clear()
+            found = _QUICK[key] = _Made((old[0], new[0]), cls._judge(old, new, now))
+        return found.judge
+
+    @classmethod
+    def _judge(cls, old: Side, new: Side, now: datetime) -> QuickJudge | None:
+        (old_engine, old_name), (new_engine, new_name) = old, new
+        if old_name is None or new_name is None or old_engine.check is not new_engine.check:
+            return None
+        if not (old_engine.generated and new_engine.generated):
+            return None
+        if old_engine.policies.get(old_name) is None or new_engine.policies.get(new_name) is None:
+            return None
+        login = {"action": "login", "account": {"id": "a"}, "login": {"method": "otp", "target": "app"}}
+        fast = old_engine.check.fast
+        if not all(fast.is_valid({**login, "policy_version": name}) for name in (old_name, new_name)):
+            return None  # a pin the schema refuses: every request is rejected, the plain way says how
+        return cls(old, new, now)
+
+    def __call__(self, request: dict[str, Any]) -> Judged | None:
+        if not self.usable(request):
+            pinned = {**request, "policy_version": self.names[0]}
+            check = self.check
+            if not check.fast.is_valid(pinned) and not check.fast.is_valid(check.drop_nulls(pinned)):
+                return ("invalid_request",)  # RequestChecker refuses it under both pins, with this code
+            return None
+        key = (request["action"], request.get("role"))
+        paths = self.paths.get(key)
+        if paths is None:
+            paths = self.paths[key] = self._paths(*key)
+        if not paths:
+            return None
+        old_function, new_function, reads_pin = paths
+        try:
+            at = parse_timestamp(request["at"]) if "at" in request else self.now
+            before = old_function({**request, "policy_version": self.names[0]} if reads_pin else request,
+                                  at, "impact", DEFAULT_LANGUAGE)
+            if before is None:
+                return None
+            if new_function is None:
+                after = before
+            else:
+                after = new_function({**request, "policy_version": self.names[1]} if reads_pin else request,
+                                     at, "impact", DEFAULT_LANGUAGE)
+                if after is None:
+                    return None
+        except Exception:  # a Defer, a bug, a timestamp Python cannot hold: the plain way judges it
+            return None
+        return (before.decision, before.rule.id if before.rule else None,
+                after.decision, after.rule.id if after.rule else None)
+
+    def _paths(self, action: str, role: str | None) -> tuple[Any, Any, bool] | tuple[()]:
+        """(old function, new function or None if it is the old one's twin, whether a rule reads
+        the pin), or () if a side has no generated path for them."""
+        assert self.old_version is not None and self.new_version is not None
+        old, new = self.old_version.path(action, role), self.new_version.path(action, role)
+        if old is None or new is None:
+            return ()
+        old_text, new_text = _judging_text(old, self.old_version), _judging_text(new, self.new_version)
+        reads_pin = "policy_version" in old_text or "policy_version" in new_text
+        twins = not reads_pin and old_text == new_text and _same_constants(old, new)
+        return old.function, None if twins else new.function, reads_pin
+
+
+def _judging_text(path: Any, version: Any) -> str:
+    """A generated path's source without what names its version (comments, the Decision's version
+    and digest): two versions' paths with the same text and constants judge alike."""
+    text = path.source.replace(f"policy_version={version.name!r}", "").replace(
+        f"policy_digest={version.digest!r}", "")
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _same_constants(old: Any, new: Any) -> bool:
+    """Whether the two paths' modules hold the same constants under the same names: equal values,
+    and the same rules (id, effect, expressions) and outputs; each version's own helpers aside."""
+    if old.native_calls or new.native_calls:
+        return False
+    mine, theirs = old.function.__globals__, new.function.__globals__
+    if mine.keys() != theirs.keys():
+        return False
+    for name, value in mine.items():
+        other = theirs[name]
+        if value is other or name in _VERSION_HELPERS or name.startswith("__"):
+            continue
+        if isinstance(value, Rule) and isinstance(other, Rule):
+            if (value.id, value.effect, _text(value.applies_when), _text(value.fires_when)) != \
+                    (other.id, other.effect, _text(other.applies_when), _text(other.fires_when)):
+                return False
+        elif isinstance(value, Output) and isinstance(other, Output):
+            if (value.name, _text(value.applies_when), _text(value.value)) != \
+                    (other.name, _text(other.applies_when), _text(other.value)):
+                return False
+        elif name.startswith("_found") and isinstance(value, dict) and isinstance(other, dict):
+            if {k: f.id for k, f in value.items()} != {k: f.id for k, f in other.items()}:
+                return False
+        elif name in ("_always", "_everything") or name.startswith(("_needs_", "decide_")):
+            continue  # written in the source compared
+        elif type(value) is not type(other) or value != other:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Made:
+    engines: tuple[Engine, Engine]  # held: their ids stay theirs while the judge is kept
+    judge: QuickJudge | None
+
+
+_QUICK: dict[tuple[int, str | None, int, str | None, datetime], _Made] = {}
+_VERSION_HELPERS = frozenset({"_again_rule", "_again_output", "_activation", "_render"})
+
+
+def _text(expression: Any) -> str | None:
+    return None if expression is None else str(expression.text)
 
 
 def _decide(side: Side, request: dict[str, Any], now: datetime, explain: bool = False) -> Decision | RequestError:
@@ -222,9 +390,33 @@ def _start_worker(sides: Sides, runtime: str, now: datetime, loaded: Mapping[str
         else load_shipped(sides.contents, runtime)
     _WORKER.update(old=(engines[sides.old_digest], sides.old), new=(engines[sides.new_digest], sides.new),
                    labels=sides.labels, now=now)
+    gc.freeze()  # the loaded policies stay for the worker's life: no collection walks them again
 
 
 def parse_lines(lines: Iterable[str]) -> list[Any]:
+    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON), at orjson's
+    cost where both read alike: they differ only where orjson refuses (NaN, a lone surrogate...:
+    then json.loads reads it) and on integers beyond 64 bits, which orjson reads as floats (a line
+    with 19 digits in a row is read by json.loads)."""
+    requests: list[Any] = []
+    append = requests.append
+    for line in lines:
+        try:
+            raw = line.encode()
+            if _LONG_INTEGER not in raw.translate(_DIGITS_AS_ZERO):
+                append(orjson.loads(raw))
+                continue
+        except (UnicodeEncodeError, orjson.JSONDecodeError):
+            pass
+        try:
+            append(json.loads(line))
+        except json.JSONDecodeError:
+            append(NOT_JSON)
+    return requests
+
+
+def parse_lines_plainly(lines: Iterable[str]) -> list[Any]:
+    """parse_lines the plain way, json.loads on every line (what the tests compare it with)."""
     requests: list[Any] = []
     for line in lines:
         try:
@@ -234,10 +426,30 @@ def parse_lines(lines: Iterable[str]) -> list[Any]:
     return requests
 
 
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_INTEGER = b"0" * 19  # beyond 2^63 an integer has 19 digits and more
+
+
 def _judge_chunk(chunk: list[tuple[str, str]]) -> ImpactReport:
     origins = [origin for origin, _ in chunk]
-    return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(text for _, text in chunk), _WORKER["now"],
-                         labels=_WORKER["labels"], origins=origins)
+    with collector_paused():
+        return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(text for _, text in chunk),
+                             _WORKER["now"], labels=_WORKER["labels"], origins=origins)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a chunk is judged: its parsed requests (some 100 objects
+    each) would start a collection every few requests, each walking them all (a quarter of the
+    time, measured); they hold no cycles and are freed as the chunk goes. Back on afterwards."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def numbered(lines: Iterable[str | tuple[str, str]]) -> Iterator[tuple[str, str]]:
