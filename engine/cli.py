@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import io
 import json
 import os
 import shutil
@@ -924,30 +926,60 @@ def _decide(args: argparse.Namespace) -> int:
         print(f"--now: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     jsonl = args.jsonl or args.request.endswith(".jsonl")
-    try:
-        stream: IO[str] = sys.stdin if args.request == "-" else open(args.request, encoding="utf-8")  # noqa: SIM115
+    try:  # bytes, as parse_json reads them: no decoding to str and encoding back per line
+        stream: IO[bytes] = _stdin_bytes() if args.request == "-" else open(args.request, "rb")  # noqa: SIM115
     except OSError as exc:
         print(f"cannot read {args.request}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with stream:
         if jsonl:
-            worst = EXIT_ALLOW
-            write = sys.stdout.write
-            for line_number, text in _lines(stream):
-                code, answer = _answer(engine, text, args, now, line_number)
-                write(orjson.dumps(answer).decode() + "\n")  # one line, UTF-8 as it is
-                worst = max(worst, code)
-            sys.stdout.flush()
-            return worst
+            return _decide_lines(engine, stream, args, now)
         code, answer = _answer(engine, stream.read(), args, now, None)
     print(json.dumps(answer, indent=2, ensure_ascii=False))
     return code
 
 
-def _lines(stream: IO[str]) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(stream, start=1):
-        if line.strip():
-            yield number, line
+def _stdin_bytes() -> IO[bytes]:
+    """Standard input as bytes (a text stream put in its place, as tests do, read whole)."""
+    found: IO[bytes] | None = getattr(sys.stdin, "buffer", None)
+    return found if found is not None else io.BytesIO(sys.stdin.read().encode("utf-8", "surrogatepass"))
+
+
+def _decide_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, now: datetime) -> int:
+    """One answer line per request line, in order, written as orjson's bytes (UTF-8 as it is);
+    flushed per line where a terminal reads them, else written in blocks."""
+    gc.freeze()  # the loaded policies stay to the end: no collection walks them again
+    worst = EXIT_ALLOW
+    sys.stdout.flush()
+    out: IO[bytes] | None = getattr(sys.stdout, "buffer", None)  # None: a text stream put in its place
+    each_line = sys.stdout.isatty()
+    for line_number, text in _lines(stream):
+        code, answer = _answer(engine, text, args, now, line_number)
+        if out is None:
+            sys.stdout.write(orjson.dumps(answer).decode() + "\n")
+        else:
+            out.write(orjson.dumps(answer, option=orjson.OPT_APPEND_NEWLINE))
+            if each_line:
+                out.flush()
+        if code > worst:
+            worst = code
+    (out or sys.stdout).flush()
+    return worst
+
+
+_MAYBE_BLANK = frozenset(b"\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3")  # first bytes of whitespace str.strip() knows
+
+
+def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes) of each line that is not blank, as a text file read with universal newlines
+    numbers them (\\n, \\r\\n and a lone \\r end a line) and str.strip() sees them blank."""
+    number = 0
+    for chunk in stream:
+        for line in chunk.splitlines() if b"\r" in chunk else (chunk,):
+            number += 1
+            stripped = line.strip()
+            if stripped and (stripped[0] not in _MAYBE_BLANK or line.decode("utf-8", "replace").strip()):
+                yield number, line
 
 
 def _parse_now(text: str | None) -> datetime:
@@ -958,7 +990,7 @@ def _parse_now(text: str | None) -> datetime:
     return parse_timestamp(text)
 
 
-def _answer(engine: Engine, text: str, args: argparse.Namespace, now: datetime,
+def _answer(engine: Engine, text: str | bytes, args: argparse.Namespace, now: datetime,
             line: int | None) -> tuple[int, dict[str, Any]]:
     """(exit code, response or error body) for one request's text."""
     try:

@@ -67,6 +67,7 @@ class ImpactReport:
     rejections: dict[str, Rejections] = field(default_factory=dict)
     groups: dict[tuple[str, str], Group] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of this process and its workers while judging (run_impact): per core
 
     @property
     def decided(self) -> int:
@@ -482,6 +483,7 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iter
     other = new_policies if isinstance(new_policies, PolicySet | None) else load_policies(new_policies)
     sides = Sides.of(loaded, old, new, other, new_label)
     report = ImpactReport(*sides.labels)
+    cpu_started = _cpu_seconds()
     started = time.perf_counter()
     last = started
     held = {loaded.digest: loaded, (other or loaded).digest: other or loaded}
@@ -508,9 +510,20 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iter
             pool.close()
             pool.join()
     report.seconds = time.perf_counter() - started
+    report.cpu_seconds = _cpu_seconds() - cpu_started
     if progress is not None:
         progress.write(f"\r{report.total:,} requests read in {report.seconds:.1f} s{' ' * 20}\n")
     return report
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its ended children (the pool's workers, once joined)."""
+    if sys.platform == "win32":
+        return time.process_time()
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 # --- rendering -----------------------------------------------------------------------------------------

@@ -131,7 +131,9 @@ def _strict_from_orjson(raw: bytes, containers: int) -> Any:
         again = orjson.dumps(value)
     except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return _NOT_PARSED
-    if again.translate(None, _JSON_WHITESPACE) != raw.translate(None, _JSON_WHITESPACE):
+    if b" " in again:  # in a string (orjson writes no other whitespace)
+        again = again.translate(None, _JSON_WHITESPACE)
+    if again != raw.translate(None, _JSON_WHITESPACE):
         return _NOT_PARSED
     if len(raw) >= 16 and _SIXTEEN_DIGITS in raw.translate(_DIGITS_AS_ZERO):
         return _NOT_PARSED

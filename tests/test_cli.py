@@ -110,6 +110,20 @@ def test_decide_jsonl_answers_every_line_in_order(tmp_path: Path, capsys: pytest
     assert [a.get("line") for a in answers] == [None, 2, None, 5]
 
 
+def test_decide_jsonl_numbers_lines_as_a_text_file_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lines read as bytes are numbered as universal newlines number them (a lone \\r ends one),
+    blank ones (\\x1c, a no-break space) skipped as before; a line that is not UTF-8 is answered
+    as bad JSON, and the lines after it are still decided."""
+    good = json.dumps(bind_request(), ensure_ascii=False).encode()
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(good + b"\r\n\x1c\n \xc2\xa0\n" + good + b"\r" + b'{"a": "\xff"}\n' + good + b"\n")
+    code, out, _ = run(["decide", str(path), "--jsonl", "--policies", str(POLICIES)], capsys)
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 2
+    assert [a.get("decision") or (a["error"]["code"], a["line"]) for a in answers] == [
+        "allow", "allow", ("invalid_json", 5), "allow"]
+
+
 def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["test", str(POLICIES)], capsys)
     assert code == 0, out
