@@ -125,7 +125,6 @@ class _ExpressionWriter:
         self.path = path
         self.expr = expr
         self.scope: dict[str, tuple[str, FieldPath, Schema]] = {}  # loop variable -> (local, path, item schema)
-        self.idents: dict[int, frozenset[str]] = {}  # id(subtree) -> the identifiers under it
         # Paths the presence checks guarantee (has()-guarded prefixes only where has() said so).
         self.present: set[FieldPath] = set()
         for need in expr.needs_for(path.action, path.role):
@@ -206,6 +205,12 @@ class _ExpressionWriter:
         names = self.names_below(node)
         if not names <= known or names & set(self.scope):
             return _NO_CONSTANT
+        # The value depends on the parameters (one version's, shared by its paths) and on the
+        # action and role only where the subtree reads them: worked out once per such key.
+        key = (id(node), self.path.action if "action" in names else None, self.path.role if "role" in names else None)
+        return self.path.memo.constant(key, node, lambda: self._fold(node))
+
+    def _fold(self, node: Tree[Any]) -> Any:
         try:
             return native.compile_native(node)(self.path.facts)
         except (CelError, native.Defer, Unsupported):
@@ -213,14 +218,7 @@ class _ExpressionWriter:
 
     def names_below(self, node: Tree[Any]) -> frozenset[str]:
         """The identifiers a subtree reads, worked out for the whole tree in one pass, once."""
-        if not self.idents:
-            for sub in self.expr.tree.iter_subtrees():  # children before their parents
-                found: set[str] = {str(sub.children[0])} if sub.data == "ident" else set()
-                for child in sub.children:
-                    if isinstance(child, Tree):
-                        found |= self.idents.get(id(child), frozenset())
-                self.idents[id(sub)] = frozenset(found)
-        known = self.idents.get(id(node))
+        known = self.path.memo.idents(self.expr.tree).get(id(node))
         if known is None:  # a node outside the expression's tree: looked at on its own
             known = frozenset(str(s.children[0]) for s in node.iter_subtrees() if s.data == "ident")
         return known
@@ -498,11 +496,50 @@ def _plain_order(a: Kinds, b: Kinds) -> bool:
     return any(a == same and b == same for same in _ORDERED_ALIKE)
 
 
+class GenerationMemo:
+    """What the writers of one version's paths work out once and share: the identifiers under
+    every subtree of an expression, and the folded value of each constant subtree (under the
+    version's parameters, and the action and role where the subtree reads them). An expression
+    belongs to up to every path of its actions and roles: without it, each path walked it again."""
+
+    def __init__(self) -> None:
+        self._idents: dict[int, tuple[Any, dict[int, frozenset[str]]]] = {}
+        self._constants: dict[tuple[int, str | None, str | None], tuple[Any, Any]] = {}
+
+    def idents(self, tree: Any) -> dict[int, frozenset[str]]:
+        """id(subtree) -> the identifiers read under it, for every subtree of `tree`."""
+        held = self._idents.get(id(tree))
+        if held is None:
+            found: dict[int, frozenset[str]] = {}
+            # Children before their parents, without recursion (deep expressions stay within the stack).
+            stack: list[tuple[Any, bool]] = [(tree, False)] if isinstance(tree, Tree) else []
+            while stack:
+                node, visited = stack.pop()
+                if not visited:
+                    stack.append((node, True))
+                    stack.extend((c, False) for c in node.children if isinstance(c, Tree))
+                    continue
+                names: set[str] = {str(node.children[0])} if node.data == "ident" else set()
+                for child in node.children:
+                    if isinstance(child, Tree):
+                        names |= found[id(child)]
+                found[id(node)] = frozenset(names)
+            held = self._idents[id(tree)] = (tree, found)  # the tree is held: its ids stay its own
+        return held[1]
+
+    def constant(self, key: tuple[int, str | None, str | None], node: Any, fold: Callable[[], Any]) -> Any:
+        held = self._constants.get(key)
+        if held is None:
+            held = self._constants[key] = (node, fold())
+        return held[1]
+
+
 class _PathWriter:
     """Writes the module source of one (version, action, role)."""
 
     def __init__(self, version_name: str, action: str, role: str | None, schema: Schema,
-                 params: Mapping[str, Any]) -> None:
+                 params: Mapping[str, Any], memo: GenerationMemo | None = None) -> None:
+        self.memo = memo if memo is not None else GenerationMemo()
         self.version_name, self.action, self.role = version_name, action, role
         self.schema = schema
         self.walker = SchemaWalker(schema)
@@ -633,16 +670,16 @@ def _comment(text: str, indent: str) -> list[str]:
 
 def generate_path(version_name: str, digest: str, action: str, role: str | None, rules: tuple[Rule, ...],
                   outputs: tuple[Output, ...], plan: NeedsPlan, schema: Schema, params: Mapping[str, Any],
-                  helpers: Mapping[str, Any]) -> GeneratedPath:
+                  helpers: Mapping[str, Any], memo: GenerationMemo | None = None) -> GeneratedPath:
     """The decision path's Python source and its compiled function.
 
     `helpers` holds what the generated code calls that depends on the whole version
     (engine/evaluator.py's `path_helpers`): `_again_rule` and `_again_output` (one rule or
     output judged by the native closures, after a CEL error), `_activation` (the request as
     native values, for an expression left to its closure) and `_render` (a message that shows
-    request fields).
+    request fields). `memo` is shared by the paths of one version (same parameters).
     """
-    writer = _PathWriter(version_name, action, role, schema, params)
+    writer = _PathWriter(version_name, action, role, schema, params, memo)
     names = writer.names
     function = f"decide_{_identifier(action)}_{_identifier(role or 'any')}"
     lines = [f"# {version_name}: action {action!r}, role {role!r}: {len(rules)} rules, {len(outputs)} outputs.",

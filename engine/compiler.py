@@ -11,7 +11,7 @@ from typing import Any
 
 import celpy
 from celpy.celparser import CELParseError
-from lark import Token
+from lark import Token, Tree
 
 from engine.errors import Location, Problem
 from engine.model import OPTIONAL, Expression, FieldPath
@@ -40,6 +40,7 @@ class _Parsed:
     reads: tuple[tuple[Read, Scope], ...]
     null_inequalities: tuple[tuple[Token, Read], ...]
     unsupported: str | None = None  # why the native runtime cannot take it
+    identifiers: frozenset[str] = frozenset()  # every name the tree reads
 
 
 # A check run on a parsed expression: (parsed, text, parameters, is a condition) -> problems.
@@ -56,15 +57,38 @@ def _environment() -> Any:
     return _ENVIRONMENT[0]
 
 
+def plain_names(tree: Any) -> frozenset[str]:
+    """Make every node's rule name a plain str, and return the identifiers the tree reads.
+
+    lark names each node with a Token (a str subclass whose == is written in Python): every
+    `node.data == "..."` of the walkers after the parser (needs, types, native, codegen, cel-python's
+    own evaluator) paid for it, millions of times in a large load. A plain str compares alike."""
+    names: set[str] = set()
+    stack = [tree] if isinstance(tree, Tree) else []
+    while stack:
+        node = stack.pop()
+        data = node.data = str(node.data)
+        if data == "ident" and node.children:
+            names.add(str(node.children[0]))
+        stack.extend(child for child in node.children if isinstance(child, Tree))
+    return frozenset(names)
+
+
 def parse_program(text: str) -> tuple[Any, Any, Any, str | None]:
     """The parse tree, cel-python's program, the native closure, and why there is none (or None)."""
+    return _parse_program(text)[:4]  # type: ignore[return-value]
+
+
+def _parse_program(text: str) -> tuple[Any, Any, Any, str | None, frozenset[str]]:
+    """parse_program, and the identifiers the tree reads."""
     env = _environment()
     tree = env.compile(text)
+    identifiers = plain_names(tree)
     program = env.program(tree)
     try:
-        return tree, program, compile_native(tree), None
+        return tree, program, compile_native(tree), None, identifiers
     except Unsupported as exc:
-        return tree, program, None, str(exc)
+        return tree, program, None, str(exc), identifiers
 
 
 def compile_expression(text: str, location: Location | None = None) -> Expression:
@@ -105,10 +129,10 @@ class CelCompiler:
         cached = self._cache.get(text)
         if cached is None:
             try:
-                tree, program, native, unsupported = parse_program(text)
+                tree, program, native, unsupported, identifiers = _parse_program(text)
                 found = walk(tree)
                 cached = _Parsed(tree, program, native, tuple(found.reads), tuple(found.null_inequalities),
-                                 unsupported)
+                                 unsupported, identifiers)
             except CELParseError as exc:
                 cached = exc
             except Exception as exc:  # lark or celpy internals: still a problem of the text
@@ -173,8 +197,15 @@ class CelCompiler:
         if any(not p.is_warning for p in problems):
             return None, problems
         by_context: dict[Context, tuple[FieldPath, ...]] = {}
+        # The action and role change what is needed only where the expression reads them: the
+        # others need the same fields in every context (one walk, the one already made).
+        reads_facts = bool(parsed.identifiers & {"action", "role"})
         for context in contexts:
-            reads = walk(parsed.tree, {"action": context[0], "role": context[1]}).reads
+            if not reads_facts and by_context:
+                by_context[context] = next(iter(by_context.values()))
+                continue
+            reads = (walk(parsed.tree, {"action": context[0], "role": context[1]}).reads if reads_facts
+                     else list(parsed.reads))
             paths = [self._path(read, scope, marked=True) for read, scope in reads]
             by_context[context] = tuple(dict.fromkeys(
                 need for path, (read, _) in zip(paths, reads, strict=True) if path is not None

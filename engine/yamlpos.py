@@ -71,7 +71,11 @@ class YamlDocument:
 
 
 def _walk(node: yaml.Node, key: Key, marks: dict[Key, Mark], problems: list[Problem], name: str,
-          constructor: yaml.constructor.SafeConstructor) -> Any:
+          constructor: yaml.constructor.SafeConstructor, seen: set[int] | None = None) -> Any:
+    if seen is not None:  # the C composer shares the node of an alias: met twice, it was one
+        if id(node) in seen:
+            raise _Shared
+        seen.add(id(node))
     start = node.start_mark
     marks[key] = Mark(start.line + 1, start.column + 1, getattr(node, "style", None) or "")
     if isinstance(node, yaml.MappingNode):
@@ -84,10 +88,10 @@ def _walk(node: yaml.Node, key: Key, marks: dict[Key, Mark], problems: list[Prob
                 km = key_node.start_mark
                 problems.append(Problem(Location(name, km.line + 1, km.column + 1),
                                         "yaml_duplicate_key", f"the key '{k}' appears twice in one mapping"))
-            out[k] = _walk(value_node, (*key, k), marks, problems, name, constructor)
+            out[k] = _walk(value_node, (*key, k), marks, problems, name, constructor, seen)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, (*key, i), marks, problems, name, constructor)
+        return [_walk(item, (*key, i), marks, problems, name, constructor, seen)
                 for i, item in enumerate(node.value)]
     if node.tag == "tag:yaml.org,2002:timestamp":
         return node.value  # keep dates as written: the schemas check them as RFC 3339 strings
@@ -111,8 +115,44 @@ class AliasRefused(yaml.composer.ComposerError):
     pass
 
 
+class _Shared(Exception):
+    """A node met twice while walking the C composer's tree: the file has an alias."""
+
+
+_FAST_LOADER: type[yaml.CSafeLoader] | None = getattr(yaml, "CSafeLoader", None)
+
+
+def _parse_fast(text: str, name: str) -> tuple[YamlDocument, list[Problem]] | None:
+    """The same document and marks through libyaml's composer (many times faster than PyYAML's own);
+    None for anything but a clean document without aliases: the Python reader then says what is wrong
+    in its plain words (tests/test_yamlpos_fast.py holds both readers to the same answers)."""
+    if _FAST_LOADER is None:
+        return None
+    loader = _FAST_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems: list[Problem] = []
+        marks: dict[Key, Mark] = {}
+        data = _walk(node, (), marks, problems, name, loader, set())
+    except (yaml.YAMLError, _Shared):
+        return None
+    finally:
+        loader.dispose()
+    return YamlDocument(name, text, data, marks), problems
+
+
 def parse_yaml(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]]:
     """Parse one YAML document; syntax errors come back as problems with their position."""
+    fast = _parse_fast(text, name)
+    if fast is not None:
+        return fast
+    return parse_yaml_python(text, name)
+
+
+def parse_yaml_python(text: str, name: str) -> tuple[YamlDocument | None, list[Problem]]:
+    """parse_yaml with PyYAML's Python reader only: the reference, and the one that explains errors."""
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
