@@ -13,6 +13,7 @@ import celpy
 from celpy.celparser import CELParseError
 from lark import Token, Tree
 
+from engine import celparse
 from engine.errors import Location, Problem
 from engine.model import OPTIONAL, Expression, FieldPath
 from engine.native import Unsupported, compile_native
@@ -76,13 +77,15 @@ def plain_names(tree: Any) -> frozenset[str]:
 
 def parse_program(text: str) -> tuple[Any, Any, Any, str | None]:
     """The parse tree, cel-python's program, the native closure, and why there is none (or None)."""
-    return _parse_program(text)[:4]  # type: ignore[return-value]
+    return _parse_program(text)[:4]
 
 
 def _parse_program(text: str) -> tuple[Any, Any, Any, str | None, frozenset[str]]:
     """parse_program, and the identifiers the tree reads."""
     env = _environment()
-    tree = env.compile(text)
+    tree = celparse.parse(text)  # the same tree as lark's, by hand; None: lark parses (and explains errors)
+    if tree is None:
+        tree = env.compile(text)
     identifiers = plain_names(tree)
     program = env.program(tree)
     try:
