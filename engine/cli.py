@@ -814,7 +814,8 @@ def _load(folder: str) -> Engine:
 def _check(args: argparse.Namespace) -> int:
     from engine.differ import new_needs
 
-    policies = load_policies(args.policies)
+    # No generated paths unless it proves (the prover decides): the generator finds no problem.
+    policies = load_policies(args.policies, generate=bool(args.prove))
     for version in policies:
         print(f"ok {version.name}: {len(version.rules)} rules, {len(version.outputs)} outputs, "
               f"in force from {version.effective_from.isoformat()}, {version.digest}")

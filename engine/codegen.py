@@ -505,6 +505,7 @@ class GenerationMemo:
     def __init__(self) -> None:
         self._idents: dict[int, tuple[Any, dict[int, frozenset[str]]]] = {}
         self._constants: dict[tuple[int, str | None, str | None], tuple[Any, Any]] = {}
+        self._findings: dict[int, tuple[Rule, dict[str, Finding]]] = {}
 
     def idents(self, tree: Any) -> dict[int, frozenset[str]]:
         """id(subtree) -> the identifiers read under it, for every subtree of `tree`."""
@@ -525,6 +526,13 @@ class GenerationMemo:
                         names |= found[id(child)]
                 found[id(node)] = frozenset(names)
             held = self._idents[id(tree)] = (tree, found)  # the tree is held: its ids stay its own
+        return held[1]
+
+    def findings(self, rule: Rule, make: Callable[[], dict[str, Finding]]) -> dict[str, Finding]:
+        """A rule's findings whose messages read no request field, rendered once per version."""
+        held = self._findings.get(id(rule))
+        if held is None:
+            held = self._findings[id(rule)] = (rule, make())
         return held[1]
 
     def constant(self, key: tuple[int, str | None, str | None], node: Any, fold: Callable[[], Any]) -> Any:
@@ -721,8 +729,9 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
               "    warnings = []"]
     for rule in rules:
         rule_name = names.add(rule, "_rule")
-        findings = {language: Finding(rule.id, rule.render(language, params, {}), rule.defined_in, rule.where)
-                    for language in LANGUAGES if _static_message(rule, language)}
+        findings = writer.memo.findings(rule, lambda rule=rule: {  # type: ignore[misc]
+            language: Finding(rule.id, rule.render(language, params, {}), rule.defined_in, rule.where)
+            for language in LANGUAGES if _static_message(rule, language)})
         found = names.add(findings, "_found")
         into = "violations" if rule.effect == "deny" else "warnings"
         lines += ["", f"    # rule {rule.id} ({rule.effect}), {rule.where}, defined in {rule.defined_in}"]

@@ -16,7 +16,7 @@ from typing import Any
 from celpy.adapter import json_to_cel
 
 from engine.celtime import is_duration
-from engine.checker import schema_problems, validator
+from engine.checker import quickly_valid, schema_problems, validator
 from engine.codegen import GenerationMemo, generate_path
 from engine.compiler import CelCompiler
 from engine.errors import Location, PolicyLoadError, Problem
@@ -56,21 +56,26 @@ class _RawVersion:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def load_policies(root: Path | str | PolicySource) -> PolicySet:
+def load_policies(root: Path | str | PolicySource, *, generate: bool = True) -> PolicySet:
     """Load every version under `root` (a folder, or any policy source); raise PolicyLoadError
-    listing every problem found."""
+    listing every problem found.
+
+    `generate=False` leaves out the generated decision paths (engine/codegen.py): `check` finds
+    every problem without them (the generator reports none: what it cannot write inline it hands
+    to the expression's closure), and they are half of a large load. A set loaded so decides
+    with the native closures."""
     # Loading builds millions of small objects (parse trees, marks) and frees few: the cyclic
     # collector's passes over them cost about a fifth of a large load and find nothing to free.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load(root)
+        return _load(root, generate)
     finally:
         if collecting:
             gc.enable()
 
 
-def _load(root: Path | str | PolicySource) -> PolicySet:
+def _load(root: Path | str | PolicySource, generate: bool) -> PolicySet:
     source = FolderSource(root) if isinstance(root, Path | str) else root
     problems: list[Problem] = []
     warnings: list[Problem] = []
@@ -86,7 +91,7 @@ def _load(root: Path | str | PolicySource) -> PolicySet:
         parent = entries.get(raw.meta.get("extends", ""))
         rules, outputs, params, files = _resolve(raw, parent, problems)
         entries[name] = (rules, outputs, params, files)
-        version = _build(raw, rules, outputs, params, files, compiler, problems, warnings)
+        version = _build(raw, rules, outputs, params, files, compiler, problems, warnings, generate)
         if version is not None:
             built[name] = version
     _check_dates(raws, problems)
@@ -123,8 +128,9 @@ def _read_versions(source: PolicySource, problems: list[Problem]) -> dict[str, _
                 problems.append(Problem(doc.location(), "schema",
                                         "the file must be a mapping of keys to values"))
                 continue
-            for path_, message in schema_problems(validator("policy", definition), doc.data):
-                problems.append(Problem(doc.location(path_), "schema", message))
+            if not quickly_valid("policy", definition, doc.data):  # jsonschema-rs vouches for most files
+                for path_, message in schema_problems(validator("policy", definition), doc.data):
+                    problems.append(Problem(doc.location(path_), "schema", message))
             docs.append(doc)
         meta_doc = next((d for d in docs if d.name.endswith("/" + VERSION_FILE)), None)
         if meta_doc is None or not isinstance(meta_doc.data.get("version"), str):
@@ -187,6 +193,11 @@ def _resolve(raw: _RawVersion,
                                         f"cannot remove '{name}': the parent version has no such {kind[:-1]}"))
         entries[:] = [e for e in entries if e.data[key_name] not in raw.meta.get(remove_key, [])]
         own: dict[str, _Entry] = {}
+        # Where each inherited entry stands (the first of a name, as a scan would find it); the
+        # version's own entries are appended after, and a name met twice among them is refused first.
+        places: dict[str, int] = {}
+        for place, inherited_entry in enumerate(entries):
+            places.setdefault(inherited_entry.data[key_name], place)
         for doc in raw.docs:
             for index, data in enumerate(doc.data.get(kind, [])):
                 entry = _Entry(data, doc, (kind, index), raw.name)
@@ -197,7 +208,7 @@ def _resolve(raw: _RawVersion,
                                             f"(also at {own[name].location.file}:{own[name].location.line})"))
                     continue
                 own[name] = entry
-                position = next((i for i, e in enumerate(entries) if e.data[key_name] == name), None)
+                position = places.get(name)
                 overrides = bool(data.get("override"))
                 if position is not None and overrides:
                     entries[position] = entry
@@ -263,7 +274,7 @@ def _check_parameters(raw: _RawVersion, inherited: Mapping[str, Any], entries: l
 
 def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params: dict[str, Any],
            files: dict[str, bytes], compiler: CelCompiler, problems: list[Problem],
-           warnings: list[Problem]) -> PolicyVersion | None:
+           warnings: list[Problem], generate: bool = True) -> PolicyVersion | None:
     """Compile a resolved version; None if any expression failed (the problems say why)."""
     before = len(problems)
 
@@ -322,7 +333,7 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
     paths = {context: generate_path(raw.name, version_digest, context[0], context[1], by_action[context],
                                     out_by_action[context], presence[context], compiler.request_schema, params, helpers,
                                     memo)
-             for context in by_action}
+             for context in by_action} if generate else {}
     return PolicyVersion(
         name=raw.name, effective_from=parse_timestamp(raw.meta["effective_from"]),
         description=raw.meta["description"], extends=raw.meta.get("extends"),
