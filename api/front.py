@@ -36,6 +36,11 @@ def error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message, "details": []}})
 
 
+def _settle(answer: asyncio.Future[Any], result: Any) -> None:
+    if not answer.done():  # (cancelled if the server stopped waiting)
+        answer.set_result(result)
+
+
 class BufferedFront:
     """ASGI to WSGI, buffering: the body is read before a thread is taken."""
 
@@ -64,9 +69,18 @@ class BufferedFront:
             return
         environ = self._environ(scope, body, over)
         loop = asyncio.get_running_loop()
-        status, headers, chunks = await loop.run_in_executor(self.pool, self._run, environ)
+        answer: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]] = loop.create_future()
+        self.pool.submit(self._run_and_answer, environ, loop, answer)
+        status, headers, chunks = await answer
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": chunks})
+
+    def _run_and_answer(self, environ: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                        answer: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes]]) -> None:
+        """In a pool thread: the app's answer, handed straight to the waiting coroutine (one wake-up
+        of the loop; run_in_executor chains a second future through two more callbacks)."""
+        result = self._run(environ)
+        loop.call_soon_threadsafe(_settle, answer, result)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes | None, bool]:
         """The whole body, or (None, _) if the client left; past the limit, reading stops and the

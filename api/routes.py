@@ -7,6 +7,7 @@ import hmac
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -209,11 +210,19 @@ def _commit(records: list[Any]) -> Response | None:
         return error_response(503, "log_unavailable",
                               "the decision log cannot commit, so nothing is answered; retry later")
     g.decision_ids.extend(r.decision_id for r in records)
+    # Counted once per label set (a batch's hundred decisions are a few increments of the
+    # multiprocess files, not a hundred).
+    decided: Counter[tuple[str, str, str]] = Counter()
+    rejected: Counter[str] = Counter()
     for record in records:
         if record.outcome == "decided":
-            service.metrics.decisions.labels(record.action, record.decision, record.rule_id or "").inc()
+            decided[(str(record.action), str(record.decision), record.rule_id or "")] += 1
         elif isinstance(record.response, dict):
-            service.metrics.rejections.labels(record.response.get("error", {}).get("code", "unknown")).inc()
+            rejected[record.response.get("error", {}).get("code", "unknown")] += 1
+    for labels, count in decided.items():
+        service.metrics.decisions.labels(*labels).inc(count)
+    for code, count in rejected.items():
+        service.metrics.rejections.labels(code).inc(count)
     return None
 
 

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -109,11 +110,18 @@ def hey(url: str, body: Path, requests: int, concurrency: int, rate: float | Non
     return figures
 
 
+def client_cpu_seconds() -> float:
+    """User + system CPU of this script's finished children: hey's, once each run is reaped."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def measure(server: Server, path: str, body: Path, requests: int, concurrency: int, key: str,
             rate: float | None = None) -> dict[str, float]:
-    before = server.cpu_seconds()
+    before, client_before = server.cpu_seconds(), client_cpu_seconds()
     figures = hey(server.url + path, body, requests, concurrency, rate)
     server.add(f"{key}_cpu_us", (server.cpu_seconds() - before) / requests * 1e6)
+    server.add(f"{key}_client_cpu_us", (client_cpu_seconds() - client_before) / requests * 1e6)
     for name, value in figures.items():
         server.add(f"{key}_{name}", value)
     return figures
@@ -151,9 +159,9 @@ def reference(port: int) -> list[str]:
             "--log-level", "warning", "bench.hello:app"]
 
 
-def bindpolicy(port: int, data: Path, database_url: str, workers: int, threads: int) -> list[str]:
+def bindpolicy(port: int, data: Path, database_url: str, workers: int, threads: int, loop: str) -> list[str]:
     return [str(BIN / "bindpolicy"), "serve", "--data", str(data), "--port", str(port), "--workers", str(workers),
-            "--threads", str(threads), "--database-url", database_url]
+            "--threads", str(threads), "--database-url", database_url, "--loop", loop]
 
 
 def logged_records(database_url: str) -> int:
@@ -177,7 +185,8 @@ def postgres_settings(url: str) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                                         f"{platform.python_version()}", "rounds": args.rounds}
+                                         f"{platform.python_version()}", "rounds": args.rounds,
+                              "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as temp, ExitStack() as stack:
         one, batch, hello = Path(temp) / "one.json", Path(temp) / "batch.json", Path(temp) / "hello.json"
         one.write_text(json.dumps(bind_request()))
@@ -196,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             port = free_port()
             data = Path(temp) / name.split()[0].lower()
             servers.append((stack.enter_context(running(
-                bindpolicy(port, data, url, args.workers, args.threads), "/readyz", name, port,
+                bindpolicy(port, data, url, args.workers, args.threads, args.loop), "/readyz", name, port,
                 # The service is bounded as the batches sent (issue 10 names batches of 100; the
                 # default bound is 50 requests and 64 KiB, issue 8's CPU bound for one request).
                 env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
@@ -227,6 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "reference_cpu_us": ref.median("max_cpu_us"),
                 "single_per_s": server.median("max_rps"), "single_ratio": server.median("max_rps") / hellos,
                 "single_cpu_us": server.median("max_cpu_us"),
+                "reference_client_cpu_us": ref.median("max_client_cpu_us"),
+                "single_client_cpu_us": server.median("max_client_cpu_us"),
                 "single_p50_ms": server.median("max_p50_ms"), "single_p99_ms": server.median("max_p99_ms"),
                 "batch_decisions_per_s": server.median("batch_rps") * args.batch_size,
                 "batch_ratio": server.median("batch_rps") * args.batch_size / hellos,
@@ -243,8 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    f"{records} records in the log")
             rows.append(row)
     report["rows"] = rows
+    report["load_after"] = os.getloadavg()[0]
     report["batch_size"] = args.batch_size
-    report["settings"] = (f"bindpolicy: `bindpolicy serve --workers {args.workers} --threads {args.threads}`; "
+    report["settings"] = (f"bindpolicy: `bindpolicy serve --workers {args.workers} --threads {args.threads} "
+                          f"--loop {args.loop}`; "
                           f"load: hey, {CONCURRENCY} connections ({BATCH_CONCURRENCY} for batches of "
                           f"{args.batch_size}), {args.requests} requests a measurement, median of "
                           f"{args.rounds} rounds")
@@ -252,21 +265,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"{report['machine']}; reference: Flask hello on gunicorn, 3 gthread workers x 4 threads; "
+    lines = [f"{report['machine']}, load average {report['load_before']:.1f} before the run and "
+             f"{report['load_after']:.1f} after it (other sessions share the cores); "
+             f"reference: Flask hello on gunicorn, 3 gthread workers x 4 threads; "
              f"{report['settings']}; PostgreSQL: {report.get('postgres', 'not run')}.", "",
              "| decision log | reference hellos/s | single decisions/s (ratio; goal >= 1.0) "
              f"| decisions/s in batches of {report['batch_size']} (ratio; goal >= 8) | at half load (decisions/s) "
              "| p50 ms: bindpolicy / reference (ratio; goal <= 1.5) "
              "| p99 ms: bindpolicy / reference (ratio; goal <= 1.5) "
-             "| server CPU per answer: hello / decision / decision in a batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server CPU per answer: hello / decision / decision in a batch "
+             "| client (hey) CPU per answer: hello / decision |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(
             f"| {r['log']} | {r['reference_hellos_per_s']:.0f} | {r['single_per_s']:.0f} ({r['single_ratio']:.2f}x) "
             f"| {r['batch_decisions_per_s']:.0f} ({r['batch_ratio']:.2f}x) | {r['half_rate']:.0f} "
             f"| {r['half_p50_ms']:.1f} / {r['reference_half_p50_ms']:.1f} ({r['half_p50_ratio']:.2f}x) "
             f"| {r['half_p99_ms']:.1f} / {r['reference_half_p99_ms']:.1f} ({r['half_p99_ratio']:.2f}x) "
-            f"| {r['reference_cpu_us']:.0f} / {r['single_cpu_us']:.0f} / {r['batch_cpu_us_per_decision']:.0f} µs |")
+            f"| {r['reference_cpu_us']:.0f} / {r['single_cpu_us']:.0f} / {r['batch_cpu_us_per_decision']:.0f} µs "
+            f"| {r['reference_client_cpu_us']:.0f} / {r['single_client_cpu_us']:.0f} µs |")
     lines.append("")
     lines.append("Every answered decision had its record in the log: " + ", ".join(
         f"{r['log']}: {r['records_logged']} records for {r['decisions_answered']} decisions answered"
@@ -292,6 +309,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="bindpolicy's event loop (uvloop, as `make run`; asyncio to compare)")
     parser.add_argument("--only", help="only the decision log whose name holds this (SQLite, PostgreSQL)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")
