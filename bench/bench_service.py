@@ -69,14 +69,18 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server's process tree so far."""
-        total, tick = 0, os.sysconf("SC_CLK_TCK")
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """User + system CPU of each process of the server's tree so far (with its reaped children)."""
+        found, tick = {}, os.sysconf("SC_CLK_TCK")
         for pid in _tree(self.process.pid):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+                found[pid] = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
             except (OSError, IndexError, ValueError):
                 continue
-        return total / tick
+        return found
 
 
 def _tree(pid: int) -> list[int]:
@@ -118,9 +122,13 @@ def client_cpu_seconds() -> float:
 
 def measure(server: Server, path: str, body: Path, requests: int, concurrency: int, key: str,
             rate: float | None = None) -> dict[str, float]:
-    before, client_before = server.cpu_seconds(), client_cpu_seconds()
+    before, client_before = server.cpu_by_process(), client_cpu_seconds()
     figures = hey(server.url + path, body, requests, concurrency, rate)
-    server.add(f"{key}_cpu_us", (server.cpu_seconds() - before) / requests * 1e6)
+    spent = {pid: cpu - before.get(pid, 0.0) for pid, cpu in server.cpu_by_process().items()}
+    server.add(f"{key}_cpu_us", sum(spent.values()) / requests * 1e6)
+    # How evenly the workers shared the work: the busiest process's share of the server's CPU
+    # (hey's keep-alive connections stay with the worker that accepted them).
+    server.add(f"{key}_busiest_share", max(spent.values()) / max(sum(spent.values()), 1e-9))
     server.add(f"{key}_client_cpu_us", (client_cpu_seconds() - client_before) / requests * 1e6)
     for name, value in figures.items():
         server.add(f"{key}_{name}", value)
@@ -237,6 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "single_per_s": server.median("max_rps"), "single_ratio": server.median("max_rps") / hellos,
                 "single_cpu_us": server.median("max_cpu_us"),
                 "reference_client_cpu_us": ref.median("max_client_cpu_us"),
+                "reference_busiest_share": ref.median("max_busiest_share"),
+                "single_busiest_share": server.median("max_busiest_share"),
                 "single_client_cpu_us": server.median("max_client_cpu_us"),
                 "single_p50_ms": server.median("max_p50_ms"), "single_p99_ms": server.median("max_p99_ms"),
                 "batch_decisions_per_s": server.median("batch_rps") * args.batch_size,
@@ -284,6 +294,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['half_p99_ms']:.1f} / {r['reference_half_p99_ms']:.1f} ({r['half_p99_ratio']:.2f}x) "
             f"| {r['reference_cpu_us']:.0f} / {r['single_cpu_us']:.0f} / {r['batch_cpu_us_per_decision']:.0f} µs "
             f"| {r['reference_client_cpu_us']:.0f} / {r['single_client_cpu_us']:.0f} µs |")
+    lines.append("")
+    lines.append("The busiest process's share of the server's CPU (single requests at the maximum rate): reference "
+                 + ", ".join(f"{r['reference_busiest_share']:.0%}, bindpolicy on {r['log']} "
+                             f"{r['single_busiest_share']:.0%}" for r in report["rows"]) + ".")
     lines.append("")
     lines.append("Every answered decision had its record in the log: " + ", ".join(
         f"{r['log']}: {r['records_logged']} records for {r['decisions_answered']} decisions answered"
