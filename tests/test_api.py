@@ -211,6 +211,14 @@ class TestPoliciesAndHealth:
         assert 'bindpolicy_request_seconds_count{endpoint="decide"} 2.0' in text
         assert 'version="v2"} 2.0' in text and "bindpolicy_policy_reload_failures_total 0.0" in text
 
+    def test_metrics_count_every_decision_of_a_batch(self, client: FlaskClient) -> None:
+        # (a batch's decisions are counted once per label set: the counts must still be whole)
+        batch = {"requests": [bind_request(), {"action": "nope"}, bind_request(), bind_request(), {"action": "x"}]}
+        assert client.post("/v1/decisions/batch", json=batch).status_code == 200
+        text = client.get("/metrics").get_data(as_text=True)
+        assert 'bindpolicy_decisions_total{action="bind",decision="allow",rule=""} 3.0' in text
+        assert 'bindpolicy_rejections_total{code="invalid_request"} 2.0' in text
+
 
 class TestLogFailure:
     def test_no_answer_without_its_record(self, client: FlaskClient, app: Flask,
