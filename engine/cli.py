@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", help="logged before (RFC 3339)")
     replay.add_argument("--from-export", metavar="DIR", help="replay a log export instead of the database")
     replay.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="local (default) or Ray Data (with --from-export)")
+                        help="local (default) or Ray Data: the workers read the export's files, or ranges "
+                        "of records straight from the log's database (which every node must reach)")
     replay.add_argument("--address", metavar="ADDR", default=os.environ.get("RAY_ADDRESS"),
                         help="with --engine ray: the cluster [RAY_ADDRESS] (default: a local Ray)")
     replay.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per CPU)")
@@ -462,8 +463,10 @@ def _impact(args: argparse.Namespace) -> int:
             print("--engine ray reads files (export the log first: bindpolicy log export)", file=sys.stderr)
             return EXIT_BAD_INPUT
         try:
+            nodes: dict[str, int] = {}
             report = run_impact_ray(policies, args.old, args.new, args.requests, new_policies=new_policies,
-                                    new_label=new_label, address=args.address, workers=args.workers)
+                                    new_label=new_label, address=args.address, workers=args.workers, nodes=nodes)
+            _said_nodes(nodes)
         except RayUnavailableError as exc:
             print(exc, file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -531,10 +534,6 @@ def _replay_window(args: argparse.Namespace) -> int:
     keys = _mac_keys(args)
     summary: ReplaySummary
     try:
-        if args.engine == "ray" and not args.from_export:
-            print("--engine ray replays a log export: bindpolicy log export -o DIR, then --from-export DIR",
-                  file=sys.stderr)
-            return EXIT_BAD_INPUT
         if args.from_export:
             manifest = ExportManifest.read(Path(args.from_export))
             if args.engine == "ray":
@@ -544,6 +543,14 @@ def _replay_window(args: argparse.Namespace) -> int:
                     GENESIS if manifest.whole else manifest.first_prev_hash or ""))
                 summary = replay_records(ExportArchive(args.from_export), read_records(args.from_export),
                                          verifier, since=since, until=until)
+        elif args.engine == "ray":
+            from engine.rayengine import run_replay_log_ray
+
+            store = _store(args)
+            nodes: dict[str, int] = {}
+            summary = run_replay_log_ray(store, _database_url(args), since=since, until=until, address=args.address,
+                                         workers=args.workers, nodes=nodes, progress=sys.stderr)
+            _said_nodes(nodes)
         else:
             store = _store(args)
             summary = replay_records(store, window_items(store, since, until),
@@ -572,7 +579,22 @@ def _replay_ray(args: argparse.Namespace, keys: Any, since: str | None, until: s
         summary = ReplaySummary()
         summary.breach = check.breach or Breach(0, None, "; ".join(check.problems))
         return summary
-    return run_replay_ray(args.from_export, since=since, until=until, address=args.address, workers=args.workers)
+    nodes: dict[str, int] = {}
+    summary = run_replay_ray(args.from_export, since=since, until=until, address=args.address, workers=args.workers,
+                             nodes=nodes)
+    _said_nodes(nodes)
+    return summary
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """The log's URL as a Ray worker elsewhere opens it (a SQLite file by its absolute path)."""
+    return args.database_url or "sqlite:///" + str((Path(args.data) / "decisions.db").resolve())
+
+
+def _said_nodes(nodes: dict[str, int]) -> None:
+    """Which Ray nodes did the work (stderr: the report on stdout stays the local engine's)."""
+    shown = ", ".join(f"{node[:8]}: {count}" for node, count in sorted(nodes.items()))
+    print(f"on Ray: {len(nodes)} node(s) did the work (batches per node: {shown})", file=sys.stderr)
 
 
 def _mac_keys(args: argparse.Namespace) -> Any:

@@ -19,7 +19,6 @@ from engine.errors import RequestError
 from engine.generator import generate_requests
 from engine.impact import render, run_impact
 from engine.inputs import InputError, numbered_lines, request_lines
-from engine.loader import load_policies
 from engine.logexport import export_log
 from engine.replay import CANNOT, DIFFERENT, REPRODUCED, replay_records
 from engine.versions import PolicySet
@@ -252,42 +251,84 @@ class TestWholeLogReplay:
         assert body["chain"].startswith("BROKEN at record 12") and body["replayed"] == 11
 
 
-# --- Ray: a local cluster of 2 CPUs, started once -------------------------------------------------------------
+def test_ray_replay_ranges_check_and_replay_as_the_local_walk(tmp_path: Path, served: Path) -> None:
+    """What each Ray worker does with its range of seqs, run here without Ray: ranges of 7 records
+    (each range's first link checked against the record before it), merged, give the local
+    replay's summary, on an intact log and on one altered mid-way, whole and from --since."""
+    import shutil
+    import sqlite3
+
+    from engine.decisionlog import ChainVerifier
+    from engine.logexport import window_items
+    from engine.rayengine import _RangeReplayer, log_window, merged_ranges
+
+    shutil.copytree(served, tmp_path / "data")
+    path = tmp_path / "data" / "decisions.db"
+    url = f"sqlite:///{path}"
+    store = open_store(url, read_only=True)
+    since = list(store.query(limit=11))[-1].logged_at
+    for altered in (False, True):
+        if altered:
+            with sqlite3.connect(path) as db:
+                db.execute("UPDATE decisions SET duration_us = duration_us + 1 WHERE seq = 30")
+        store = open_store(url, read_only=True)
+        for window_since in (None, since):
+            local = replay_records(store, window_items(store, window_since, None),
+                                   ChainVerifier(store.keys, from_first_seen=window_since is not None))
+            window = log_window(store, window_since, None)
+            worker = _RangeReplayer(url, None, window)
+            ranges = merged_ranges(worker.replay(first, last) for first, last in window.ranges(7))
+            assert ranges.to_dict() == local.to_dict(), (altered, window_since)
+            assert (local.breach is not None) == altered and local.total >= 19
+
+
+# --- Ray: a cluster of two nodes (ray start --head, then ray start --address), started once -------------------
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def ray_cluster() -> Iterator[str]:
+    pytest.importorskip("ray")
+    from .raycluster import RayCluster
+
+    with RayCluster(cpus_per_node=1) as cluster:
+        yield cluster.address
 
 
 @pytest.mark.slow
-def test_ray_gives_the_local_report_figure_for_figure(ray_cluster: None, tmp_path: Path, policies: PolicySet,
-                                                     served: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """One Ray session: impact over a generated corpus with rejected lines, the shipped corpus and a
-    log export, with another checkout's set shipped beside the first; then the export replayed."""
-    from engine.rayengine import run_impact_ray
-
+def test_ray_cluster_gives_the_local_reports_figure_for_figure(ray_cluster: str, tmp_path: Path,
+                                                               policies: PolicySet, served: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """On a cluster of two nodes, through --address as an operator runs it: impact over a generated
+    corpus with rejected lines, the shipped corpus and a log export, with another checkout's set
+    shipped beside the first; then the whole log replayed straight from its database. Each gives
+    the local report, and both nodes did work."""
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(corpus()) + "\n")
     store = open_store(str(served / "decisions.db"))
     export_log(store, tmp_path / "export")
-    # One Ray job (its fixed cost is most of the time): the files read in order, each side's set shipped.
     inputs = [str(path), str(EXAMPLES), str(tmp_path / "export")]
-    new = load_policies(other_checkout(tmp_path))
-    local = figures(run_impact(policies, "v2", "v2", numbered_lines(inputs), new_policies=new, workers=1, now=NOW))
-    on_ray = figures(run_impact_ray(policies, "v2", "v2", inputs, new_policies=new, now=NOW, workers=2))
+    new = other_checkout(tmp_path)
+    impact = ["impact", "v2", "v2", "--policies", str(POLICIES), "--new-policies", str(new), "--requests", *inputs,
+              "--quiet"]
+    ray = ["--engine", "ray", "--address", ray_cluster, "--workers", "2", "--format", "json"]
+    assert main([*impact, "--workers", "1", "--format", "json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*impact, *ray]) == 0
+    said = capsys.readouterr()
+    on_ray = json.loads(said.out)
+    for report in (local, on_ray):
+        report.pop("seconds"), report.pop("decisions_per_second")
     assert on_ray == local and local["rejected"] > 30 and local["decided"] > 2300 and local["flips"]["allow→deny"]
+    assert "on Ray: 2 node(s) did the work" in said.err
     examples = [x["input"] for g in local["groups"] for x in g["examples"]]
     assert any(":" in x and "corpus.jsonl" in x for x in examples + [i for r in local["rejections"]
                                                                     for i in r["inputs"]])
 
     records = sum(1 for _ in store.query())
-    assert main(["replay", "--from-export", str(tmp_path / "export"), "--engine", "ray", "--workers", "2",
-                 "--format", "json"]) == 0
-    body = json.loads(capsys.readouterr().out)
-    assert body["replayed"] == body["reproduced"] == records and body["chain"] == "holds"
+    assert main(["replay", "--data", str(served), "--format", "json"]) == 0
+    replayed_here = json.loads(capsys.readouterr().out)
+    assert main(["replay", "--data", str(served), *ray]) == 0
+    said = capsys.readouterr()
+    assert json.loads(said.out) == replayed_here and replayed_here["reproduced"] == records
+    assert "each read by a worker from" in said.err and "on Ray: 2 node(s) did the work" in said.err
+
