@@ -98,9 +98,10 @@ def write_log(store: Store, engine: Engine, count: int, processes: int = 2) -> N
         _POOL.extend(generate_requests(POOL, 5, broken=0.01))
     _ENGINE[:] = [engine]
     spans = [(first, min(first + CHUNK, count), count) for first in range(0, count, CHUNK)]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        for records in pool.imap(_decided, spans):
-            store.write_many(records)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:  # a few chunks ahead at most
+        for start in range(0, len(spans), 2 * processes):
+            for records in pool.imap(_decided, spans[start:start + 2 * processes]):
+                store.write_many(records)
 
 
 def _child(work: Callable[[], int], pipe: Any) -> None:
@@ -109,8 +110,15 @@ def _child(work: Callable[[], int], pipe: Any) -> None:
     pipe.send((count, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
+def rss() -> float:
+    """This process's resident memory now, MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def alone(work: Callable[[], int]) -> tuple[int, float, float]:
-    """(records, seconds, peak MiB) of `work` run in a forked child of its own."""
+    """(records, seconds, peak MiB) of `work` run in a forked child of its own (its peak counts what
+    it shares with this process at the fork: this process's own size is printed at each size)."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(work, send))
@@ -143,23 +151,28 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--week-up-to", type=int, default=100_000, help="replay one week only up to this size")
     parser.add_argument("--folder", default=None, help="where the logs are built (default: a temporary folder)")
+    parser.add_argument("--log", default=None, help="measure this log (built by this script) instead of building one")
     args = parser.parse_args()
     policies = load_policies(ROOT / "policies")
     print(f"{os.cpu_count()} CPUs, {load()}", flush=True)
     for size in args.sizes:
         print(f"--- {size:,} records", flush=True)
         with tempfile.TemporaryDirectory(dir=args.folder) as temp:
-            measure(policies, size, Path(temp), ray_too=not args.no_ray, week=size <= args.week_up_to)
+            measure(policies, size, Path(temp), ray_too=not args.no_ray, week=size <= args.week_up_to, log=args.log)
 
 
-def measure(policies: PolicySet, size: int, temp: Path, *, ray_too: bool, week: bool) -> None:
+def measure(policies: PolicySet, size: int, temp: Path, *, ray_too: bool, week: bool, log: str | None) -> None:
     engine = Engine(policies)
-    store = open_store(str(temp / "decisions.db"), keys=KEYS)
-    started = time.perf_counter()
-    write_log(store, engine, size)
-    seconds = time.perf_counter() - started
-    print(f"(the log built in {seconds:.0f} s: {size / seconds:,.0f} records/s, "
-          f"{(temp / 'decisions.db').stat().st_size / 2**20:,.0f} MiB; {load()})", flush=True)
+    path = Path(log) if log else temp / "decisions.db"
+    store = open_store(str(path), keys=KEYS)
+    if log:
+        assert store.head()[0] == size, f"{log} holds {store.head()[0]:,} records, not {size:,}"
+    else:
+        started = time.perf_counter()
+        write_log(store, engine, size)
+        seconds = time.perf_counter() - started
+        print(f"(the log built in {seconds:.0f} s: {size / seconds:,.0f} records/s; {load()})", flush=True)
+    print(f"(the log: {path.stat().st_size / 2**20:,.0f} MiB; this process {rss():,.0f} MiB)", flush=True)
     table = Table()
     out = temp / "export"
 
@@ -193,15 +206,15 @@ def measure(policies: PolicySet, size: int, temp: Path, *, ray_too: bool, week: 
     table.line("log verify --export (MACs)", *alone(verify))
     table.line("impact, local (2 processes)", *alone(
         lambda: run_impact(policies, "v1", "v2", numbered_lines([str(out)]), workers=2, now=NOW).total))
-    if ray_too:
-        ray_lines(policies, store, table, temp, size)
     table.line("replay, whole log from the export (1 p.)", *alone(replay_all))
     if week:
         table.line("replay, one week (1 process)", *alone(replay_week))
+    if ray_too:
+        ray_lines(policies, store, path, table, temp, size)
     store.close()
 
 
-def ray_lines(policies: PolicySet, store: Store, table: Table, temp: Path, size: int) -> None:
+def ray_lines(policies: PolicySet, store: Store, path: Path, table: Table, temp: Path, size: int) -> None:
     """Impact over the export and replay from the database, on a local Ray of 2 CPUs started here."""
     import ray
 
@@ -222,7 +235,7 @@ def ray_lines(policies: PolicySet, store: Store, table: Table, temp: Path, size:
         on_ray = run_impact_ray(policies, "v1", "v2", [out], now=NOW)
         table.line("impact, Ray (2 CPUs)", on_ray.total, time.perf_counter() - started, _peak())
         started = time.perf_counter()
-        summary = run_replay_log_ray(store, f"sqlite:///{temp / 'decisions.db'}", workers=2)
+        summary = run_replay_log_ray(store, f"sqlite:///{path.resolve()}", workers=2)
         assert summary.reproduced + summary.nothing == summary.total == size and not summary.breach, \
             summary.describe()
         table.line("replay, whole log, Ray from the database", summary.total, time.perf_counter() - started, _peak())
