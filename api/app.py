@@ -26,6 +26,7 @@ from engine.decider import Engine
 from engine.decisionlog import Breach, DecisionLog, LogError, Store, open_store
 from engine.errors import PolicyLoadError
 from engine.evaluator import NATIVE
+from engine.impact import Corpus, read_corpus
 from engine.loader import load_policies
 from engine.logcheck import LogWatch
 from engine.logkeys import MacKeyring, read_mac_keys, read_signing_key
@@ -233,24 +234,17 @@ class Service:
         self.tokens = tokens  # LOG_TOKENS, DECISION_TOKENS: the bearer tokens each accepts
         self.watch = watch  # the log's own check of itself: chain, checkpoints
         self.corpus_path = corpus
-        self._corpus: list[Any] | None = None
+        self._corpus: Corpus | None = None
         self.console_cache: dict[Any, Any] = {}  # what the console asks for again and again (examples)
 
     @property
     def chain_breach(self) -> Breach | None:
         return self.watch.breach
 
-    def corpus(self) -> list[Any]:
-        """The requests impact is judged over (read once; a line that is not JSON is judged as bad input)."""
+    def corpus(self) -> Corpus:
+        """The requests impact is judged over, read once by the engine's reader (that of `bindpolicy
+        impact`); none when the configured corpus is not there. InputError when it cannot be read."""
         if self._corpus is None:
-            lines = []
-            if self.corpus_path is not None and self.corpus_path.is_file():
-                with self.corpus_path.open(encoding="utf-8") as file:
-                    for line in file:
-                        if line.strip():
-                            try:
-                                lines.append(orjson.loads(line))
-                            except orjson.JSONDecodeError:
-                                lines.append(None)
-            self._corpus = lines
+            exists = self.corpus_path is not None and self.corpus_path.exists()
+            self._corpus = read_corpus([str(self.corpus_path)]) if exists else Corpus()
         return self._corpus

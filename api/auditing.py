@@ -62,6 +62,7 @@ def impact_between(old: str, new: str) -> Response:
         if engine.policies.get(name) is None:
             return error_response(404, "unknown_version", f"no policy version '{name}'")
     deadline = Deadline(float(current_app.config["SCRATCH_MAX_SECONDS"]))
-    report = judge_engines((engine, old), (engine, new), deadline.through(service.corpus(), "judging the corpus"),
-                           datetime.now(UTC))
+    corpus = service.corpus()
+    report = judge_engines((engine, old), (engine, new), deadline.through(corpus.requests, "judging the corpus"),
+                           datetime.now(UTC), origins=corpus.origins)
     return jsonify({**report.to_dict(), "corpus": str(current_app.config["CORPUS"])})

@@ -8,7 +8,7 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from engine.decisionlog import LogError
-from engine.errors import Detail, RequestError
+from engine.errors import Detail, InputError, RequestError
 
 log = logging.getLogger("bindpolicy.api")
 
@@ -40,6 +40,11 @@ def register_error_handlers(app: Flask) -> None:
     def _log_error(exc: LogError) -> Response:  # the database is away: say so, never a 500
         log.error("decision log unavailable", extra={"event": "log_read_failed", "error": str(exc)})
         return error_response(503, "log_unavailable", "the decision log cannot be read right now; retry later")
+
+    @app.errorhandler(InputError)
+    def _input_error(exc: InputError) -> Response:  # the configured corpus (BINDPOLICY_CORPUS) cannot be read
+        log.error("corpus unreadable", extra={"event": "corpus_unreadable", "error": str(exc)})
+        return error_response(503, "corpus_unreadable", f"the corpus cannot be read: {exc}")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

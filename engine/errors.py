@@ -107,3 +107,7 @@ class RequestError(BindPolicyError):
                 "details": [d.to_dict() for d in self.details],
             }
         }
+
+
+class InputError(Exception):
+    """A path that cannot be read as requests (names it)."""

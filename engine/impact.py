@@ -431,6 +431,23 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_INTEGER = b"0" * 19  # beyond 2^63 an integer has 19 digits and more
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """Requests read once and judged again and again (the console's), each with where it was read."""
+
+    requests: list[Any] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+
+
+def read_corpus(locations: Sequence[str]) -> Corpus:
+    """Requests read as `bindpolicy impact` reads them (engine.inputs, then parse_lines): a line that
+    is not JSON stays in, to be reported as such; InputError naming a path that cannot be read."""
+    from engine.inputs import numbered_lines
+
+    lines = [(origin, text) for origin, text in numbered_lines(locations) if text.strip()]
+    return Corpus(parse_lines(text for _, text in lines), [origin for origin, _ in lines])
+
+
 def _judge_chunk(chunk: list[tuple[str, str]]) -> ImpactReport:
     origins = [origin for origin, _ in chunk]
     with collector_paused():

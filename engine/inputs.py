@@ -24,15 +24,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engine.decisionlog import canonical
+from engine.errors import InputError as InputError  # its home is the error family; readers import it from here too
 
 JSONL, PARQUET = "jsonl", "parquet"
 SUFFIXES = {".jsonl": JSONL, ".ndjson": JSONL, ".json": JSONL, ".parquet": PARQUET}
 MANIFEST = "manifest.json"
 BATCH_ROWS = 5000
-
-
-class InputError(Exception):
-    """A path that cannot be read as requests (names it)."""
 
 
 @dataclass(frozen=True)

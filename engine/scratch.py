@@ -17,7 +17,7 @@ from typing import Any
 from engine.decider import Engine
 from engine.differ import diff_versions
 from engine.errors import Detail, PolicyLoadError, Problem, RequestError
-from engine.impact import ImpactReport, judge_engines
+from engine.impact import Corpus, ImpactReport, judge_engines
 from engine.loader import load_policies
 from engine.sources import MemorySource
 from engine.tester import SuiteReport, run_suite_files
@@ -103,7 +103,7 @@ def run_scratch_suites(engine: Engine, files: Mapping[str, bytes], deadline: Dea
     return run_suite_files(checked, files)  # type: ignore[arg-type]
 
 
-def compare_sets(in_force: Engine, scratch: Engine, corpus: Iterable[Any], now: datetime,
+def compare_sets(in_force: Engine, scratch: Engine, corpus: Corpus, now: datetime,
                  deadline: Deadline) -> dict[str, Any]:
     """Per version: the semantic diff from the set in force to the scratch copy; and the impact
     on the corpus of serving the scratch copy instead (each request judged by the version it selects)."""
@@ -114,8 +114,8 @@ def compare_sets(in_force: Engine, scratch: Engine, corpus: Iterable[Any], now: 
         if before is not None:
             diffs[version.name] = diff_versions(before, version).to_dict()
     impact: ImpactReport = judge_engines((in_force, None), (scratch, None),
-                                         deadline.through(corpus, "judging the corpus"), now,
-                                         labels=("in force", "scratch"))
+                                         deadline.through(corpus.requests, "judging the corpus"), now,
+                                         labels=("in force", "scratch"), origins=corpus.origins)
     return {"versions": diffs,
             "added": [v.name for v in new if old.get(v.name) is None],
             "removed": [v.name for v in old if new.get(v.name) is None],

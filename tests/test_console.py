@@ -8,6 +8,7 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from flask import Flask
@@ -17,6 +18,7 @@ from api.app import scratch_enabled
 from api.console import STATIC
 from engine.errors import RequestError
 from engine.impact import run_impact
+from engine.inputs import numbered_lines
 from engine.loader import load_policies
 from engine.scratch import ScratchLimits, scratch_files
 
@@ -258,13 +260,34 @@ def test_the_chain_state_names_an_altered_record(app: Flask, client: FlaskClient
 def test_impact_between_versions_matches_the_command(client: FlaskClient) -> None:
     answer = client.get("/v1/policies/v1/impact/v2")
     assert answer.status_code == 200
-    corpus = (ROOT / "examples" / "requests.jsonl").read_text().splitlines()
+    corpus = numbered_lines([str(ROOT / "examples" / "requests.jsonl")])
     body = answer.json
     now = datetime(2026, 1, 1, tzinfo=UTC)
     expected = run_impact(POLICIES, "v1", "v2", corpus, workers=1, now=now).to_dict()
     assert body["requests"] == expected["requests"] == 2000  # type: ignore[index]
     assert body["flips"] == expected["flips"] and body["groups"] == expected["groups"]  # type: ignore[index]
+    assert body["groups"][0]["examples"][0]["input"].startswith("examples/requests.jsonl:")  # type: ignore[index]
     assert client.get("/v1/policies/v1/impact/v9").status_code == 404
+
+
+def test_the_console_reads_a_corpus_as_the_impact_command_does(tmp_path: Path) -> None:
+    """One reader (engine/inputs.py): a line that is not JSON, and one that is JSON but no object,
+    are rejected under the same words, at the same file:line, by the console and by the command."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(f"{json.dumps(bind_request())}\n{{broken\n\n[1, 2]\n")
+    client = make_app(tmp_path, f"sqlite:///{tmp_path / 'decisions.db'}", CORPUS=str(path)).test_client()
+    console = client.get("/v1/policies/v1/impact/v2").json
+    command = run_impact(POLICIES, "v1", "v2", numbered_lines([str(path)]), workers=1).to_dict()
+    assert console["rejections"] == command["rejections"] == [  # type: ignore[index]
+        {"reason": "not JSON", "count": 1, "inputs": [f"{path}:2"]},
+        {"reason": "not a JSON object", "count": 1, "inputs": [f"{path}:4"]}]
+    assert console["requests"] == command["requests"] == 3 and console["decided"] == 1  # type: ignore[index]
+    path.unlink()  # read once: the console keeps what it read
+    assert client.get("/v1/policies/v1/impact/v2").json == {**console, "seconds": ANY, "decisions_per_second": ANY}  # type: ignore[dict-item]
+    unreadable = make_app(tmp_path, f"sqlite:///{tmp_path / 'other.db'}", CORPUS=str(tmp_path)).test_client()
+    answer = unreadable.get("/v1/policies/v1/impact/v2")
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "corpus_unreadable"  # type: ignore[index]
+    assert str(tmp_path) in answer.json["error"]["message"]  # type: ignore[index]
 
 
 def test_examples_decide_as_labelled(client: FlaskClient) -> None:
