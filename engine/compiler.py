@@ -14,7 +14,7 @@ from celpy.celparser import CELParseError
 from lark import Token, Tree
 
 from engine import celparse
-from engine.errors import Location, Problem
+from engine.errors import Location, ParameterFault, Problem
 from engine.model import OPTIONAL, Expression, FieldPath
 from engine.native import Unsupported, compile_native
 from engine.needs import Read, Scope, walk
@@ -195,7 +195,8 @@ class CelCompiler:
             started = time.perf_counter()
             found = stage(parsed, text, parameters, key[-1] in CONDITIONS)
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
-            problems.extend(Problem(doc.expression_location(key, p.line, p.column), p.code, p.message, p.severity)
+            problems.extend(Problem(doc.expression_location(key, p.line, p.column), p.code, p.message, p.severity,
+                                    ParameterFault(p.parameter, p.fault, p.use) if p.parameter else None)
                             for p in found)
         if any(not p.is_warning for p in problems):
             return None, problems

@@ -24,6 +24,16 @@ class Location:
         return where
 
 
+@dataclass(frozen=True)
+class ParameterFault:
+    """A parameter's value that does not fit where an expression or a message reads it: the loader
+    reports it once, at the value's own line in version.yaml, naming every place that reads it."""
+
+    name: str
+    fault: str  # what is wrong with the value and what to write instead (the same at every read)
+    use: str  # how it is read where the problem was found ("compared with account.age by '<'")
+
+
 @dataclass(frozen=True, order=True)
 class Problem:
     """One thing wrong with a policy file, a suite or a request."""
@@ -32,6 +42,7 @@ class Problem:
     code: str
     message: str
     severity: str = "error"  # or "warning": reported by `check`, never refuses the set
+    parameter: ParameterFault | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         where = str(self.location)

@@ -6,7 +6,7 @@ import difflib
 import gc
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from engine.celtime import is_duration
 from engine.checker import quickly_valid, schema_problems, validator
 from engine.codegen import GenerationMemo, generate_path
 from engine.compiler import CelCompiler
-from engine.errors import Location, PolicyLoadError, Problem
+from engine.errors import Location, ParameterFault, PolicyLoadError, Problem
 from engine.evaluator import path_helpers
 from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
@@ -84,6 +84,7 @@ def _load(root: Path | str | PolicySource, generate: bool) -> PolicySet:
         raise PolicyLoadError(problems)
     order = _inheritance_order(raws, problems)
     compiler = CelCompiler(load_schema("request"))
+    faults = _ParameterFaults(raws)
     built: dict[str, PolicyVersion] = {}
     entries: dict[str, tuple[list[_Entry], list[_Entry], dict[str, Any], dict[str, bytes]]] = {}
     for name in order:
@@ -91,9 +92,10 @@ def _load(root: Path | str | PolicySource, generate: bool) -> PolicySet:
         parent = entries.get(raw.meta.get("extends", ""))
         rules, outputs, params, files = _resolve(raw, parent, problems)
         entries[name] = (rules, outputs, params, files)
-        version = _build(raw, rules, outputs, params, files, compiler, problems, warnings, generate)
+        version = _build(raw, rules, outputs, params, files, compiler, problems, warnings, faults, generate)
         if version is not None:
             built[name] = version
+    problems.extend(faults.problems())
     _check_dates(raws, problems)
     if problems:
         raise PolicyLoadError(problems)
@@ -272,11 +274,50 @@ def _check_parameters(raw: _RawVersion, inherited: Mapping[str, Any], entries: l
                 f"{_hint(name, list(inherited))}")))
 
 
+class _ParameterFaults:
+    """Parameter values that do not fit where they are read: one problem per value and fault, at
+    the value's own line in version.yaml (the version that sets it, or the ancestor it comes
+    from), naming every place that reads it; not one problem per place that reads it."""
+
+    def __init__(self, raws: Mapping[str, _RawVersion]) -> None:
+        self.raws = raws
+        # (where the value is written, parameter, fault) -> how it is read -> where
+        self.found: dict[tuple[Location, str, str], dict[str, list[Location]]] = {}
+        self.noted = 0
+
+    def note(self, version: str, problem: Problem) -> None:
+        fault = problem.parameter
+        assert fault is not None
+        key = (self._home(version, fault.name), fault.name, fault.fault)
+        self.noted += 1
+        places = self.found.setdefault(key, {}).setdefault(fault.use, [])
+        if problem.location not in places:
+            places.append(problem.location)
+
+    def _home(self, version: str, name: str) -> Location:
+        raw = self.raws[version]
+        while name not in raw.meta.get("parameters", {}) and raw.meta.get("extends") in self.raws:
+            raw = self.raws[raw.meta["extends"]]
+        return raw.meta_doc.location(("parameters", name))
+
+    def problems(self) -> list[Problem]:
+        out = []
+        for (where, name, fault), uses in sorted(self.found.items(), key=lambda item: item[0]):
+            read = "; ".join(f"{use} at {_places(places)}" for use, places in uses.items())
+            out.append(Problem(where, "parameter_value", f"parameter {name}: {fault} ({read})"))
+        return out
+
+
+def _places(places: list[Location]) -> str:
+    shown = [str(p) for p in sorted(places)]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
+
+
 def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params: dict[str, Any],
            files: dict[str, bytes], compiler: CelCompiler, problems: list[Problem],
-           warnings: list[Problem], generate: bool = True) -> PolicyVersion | None:
+           warnings: list[Problem], faults: _ParameterFaults, generate: bool = True) -> PolicyVersion | None:
     """Compile a resolved version; None if any expression failed (the problems say why)."""
-    before = len(problems)
+    before, faults_before = len(problems), faults.noted
 
     def expression(entry: _Entry, field_name: str) -> Expression | None:
         text = entry.data.get(field_name)
@@ -286,6 +327,9 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         contexts = [(action, role) for action in entry.data["actions"] for role in roles]
         expr, found = compiler.compile(text, entry.doc, (*entry.key, field_name), params, contexts)
         for problem in found:  # inherited ones: reported once
+            if problem.parameter is not None:
+                faults.note(raw.name, problem)
+                continue
             into = warnings if problem.is_warning else problems
             if problem not in into:
                 into.append(problem)
@@ -295,7 +339,7 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
     for entry in rules:
         d = entry.data
         applies, fires = expression(entry, "applies_when"), expression(entry, "fires_when")
-        messages = _message(entry, params, compiler, problems, warnings)
+        messages = _message(entry, params, compiler, problems, warnings, lambda p: faults.note(raw.name, p))
         if fires is None:
             continue
         built_rules.append(Rule(
@@ -312,7 +356,8 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
             name=d["name"], actions=tuple(d["actions"]), roles=tuple(d["roles"]) if "roles" in d else None,
             applies_when=applies, value=value, source=d["source"], location=entry.location,
             defined_in=entry.version))
-    if len(problems) > before or len(built_rules) < len(rules) or len(built_outputs) < len(outputs):
+    if len(problems) > before or faults.noted > faults_before or len(built_rules) < len(rules) \
+            or len(built_outputs) < len(outputs):
         return None
     digest = hashlib.sha256()
     for name in sorted(files):
@@ -346,7 +391,7 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
 
 
 def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, problems: list[Problem],
-             warnings: list[Problem]) -> Message:
+             warnings: list[Problem], fault: Callable[[Problem], None]) -> Message:
     """The rule's message in each language; every placeholder must name a parameter or a field."""
     written = entry.data["message"]
     messages, errors = build_message(written)
@@ -368,7 +413,13 @@ def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, pr
                 name = path[1] if len(path) > 1 else ""
                 problem = f"'{name}' is not a parameter of this version{_hint(name, list(params))}"
             else:
-                problem = format_problem(params[path[1]], placeholder.format)
+                value = params[path[1]]
+                problem = format_problem(value, placeholder.format)
+                if problem is not None and isinstance(value, str):  # a duration CEL refuses: the value's fault
+                    fault(Problem(where(language, placeholder.offset), "message_placeholder",
+                                  f"in the message {{{placeholder.text}}}: {problem}",
+                                  parameter=ParameterFault(path[1], problem, f"shown as :{placeholder.format}")))
+                    continue
         else:
             problem = compiler.field_problem(path)
             if problem is None and placeholder.format:

@@ -14,6 +14,7 @@ it accepts anything, as CEL's own checker does.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,12 @@ class TypeProblem:
     code: str
     message: str
     severity: str = ERROR
+    # When a parameter's value does not fit where it is read: the parameter, what is wrong with its
+    # value and what to write instead (the same wherever it is read), and how it is read here. The
+    # loader reports it at the value's own line in version.yaml.
+    parameter: str = ""
+    fault: str = ""
+    use: str = ""
 
 
 @dataclass
@@ -185,7 +192,7 @@ def type_of_value(value: Any, name: str = "") -> CelType:
     if isinstance(value, list):
         kinds = {type_of_value(v).kind for v in value}
         elem = type_of_value(value[0]) if len(kinds) == 1 else DYN
-        return list_of(CelType(elem.kind))
+        return CelType("list", elem=CelType(elem.kind), name=name)
     if isinstance(value, dict):
         return CelType("map", key=STRING, elem=DYN, name=name)
     return DYN
@@ -196,10 +203,9 @@ def check_types(tree: Any, env: TypeEnvironment, condition: bool) -> list[TypePr
     checker = _Checker(env)
     result = checker.type_of(tree, {})
     if condition and result.kind not in ("bool", "dyn"):
-        line, column = _position(tree)
-        checker.report(tree, "not_boolean", (
+        checker.report_use(tree, "not_boolean", (
             f"a condition must be true or false, and this expression gives {result}; "
-            f"compare it with something (for instance `... == ...`)"), at=(line, column))
+            f"compare it with something (for instance `... == ...`)"), result, "bool", "read as a condition")
     checker.constant(tree, condition)
     return checker.problems
 
@@ -266,6 +272,72 @@ def _same(a: CelType, b: CelType) -> bool:
     return a.kind == b.kind
 
 
+def _operator(op_node: Any, symbol: str) -> tuple[int, int] | None:
+    """Where a binary operator is written: its tree (`relation_lt`...) ends just after it."""
+    meta = getattr(op_node, "meta", None)
+    if meta is None or meta.empty or getattr(meta, "end_line", None) is None:
+        return None
+    return meta.end_line, max(1, meta.end_column - len(symbol))
+
+
+def _shown_value(value: Any) -> str:
+    """A parameter's value as version.yaml spells it."""
+    if isinstance(value, str):
+        return f"'{value}'"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+def _value_fix(value: Any, want: str) -> str | None:
+    """What to write in version.yaml instead of a parameter's value that is read as a `want`; None
+    when the value is not at fault (a duration string compared with a duration needs duration(...)
+    in the expression, a list compared with one value needs `in`)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, list | dict) and not want.startswith("list"):
+        return None
+    if want in ("int", "uint"):
+        if text is not None and re.fullmatch(r"-?\d+", text):
+            return f"write {text} without quotes"
+        if isinstance(value, float) and value.is_integer():
+            return f"write {int(value)}"
+        return "write a whole number, without quotes"
+    if want == "double":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"write {value}.0"
+        if text is not None and re.fullmatch(r"-?\d+(\.\d+)?", text):
+            return f"write {float(text)} without quotes"
+        return "write a number with a decimal point, such as 0.5"
+    if want == "string":
+        return f"write '{_shown_value(value)}' in quotes" if number or isinstance(value, bool) else None
+    if want == "bool":
+        if text is not None and text.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return f"write {'true' if text.lower() in ('true', 'yes', 'on') else 'false'} without quotes"
+        return "write true or false"
+    if want.startswith("list") and isinstance(value, list):
+        item = want.removeprefix("list of ")
+        return f"write every item as {_a(item)}" + (" in quotes" if item == "string" else "")
+    if want.startswith("list"):
+        return f"write a list, such as [{_shown_value(value)}]"
+    if want == "duration string":
+        return f"write '{int(value)}h' (hours) or another duration such as '30m'" if number else \
+            "write a duration such as '24h'"
+    if want == "timestamp string":
+        return "write an RFC 3339 timestamp such as '2025-06-01T00:00:00Z'"
+    return None
+
+
+def _conversion(left: CelType, right: CelType) -> str:
+    """A string parameter met by a duration or a timestamp: the expression converts it."""
+    for text, other in ((left, right), (right, left)):
+        if text.kind == "string" and text.name.startswith("params.") and other.kind in ("duration", "timestamp"):
+            return f"; write {other.kind}({text.name})"
+    return ""
+
+
 def _literal_fix(node: Any, want: CelType) -> str:
     """What to write instead of a literal of the wrong type, where that is obvious."""
     node = _unwrap(node)
@@ -295,11 +367,36 @@ class _Checker:
         self.problems: list[TypeProblem] = []
 
     def report(self, node: Any, code: str, message: str, severity: str = ERROR,
-               at: tuple[int, int] | None = None) -> None:
+               at: tuple[int, int] | None = None, parameter: str = "", fault: str = "", use: str = "") -> None:
         line, column = at or _position(node)
-        found = TypeProblem(line, column, code, message, severity)
+        found = TypeProblem(line, column, code, message, severity, parameter, fault, use)
         if found not in self.problems:
             self.problems.append(found)
+
+    def report_use(self, node: Any, code: str, message: str, given: CelType, want: str, use: str,
+                   at: tuple[int, int] | None = None) -> None:
+        """An error where `given` is read as a `want`; when `given` is a parameter whose value is
+        what does not fit, the problem says so (the loader moves it to the value's line)."""
+        name = given.name.removeprefix("params.") if given.name.startswith("params.") else ""
+        value = self.env.parameters.get(name) if name else None
+        fix = _value_fix(value, want) if name in self.env.parameters else None
+        if fix is None:
+            self.report(node, code, message, at=at)
+            return
+        fault = f"{_shown_value(value)} is {_a(str(given))}, where {_a(want)} is wanted: {fix}"
+        self.report(node, code, message, at=at, parameter=name, fault=fault, use=use)
+
+    def misfit(self, node: Any, code: str, message: str, left: CelType, right: CelType, use: str,
+               at: tuple[int, int] | None = None) -> None:
+        """Two operands that do not fit: when one is a parameter and the other is not, the
+        parameter is the one to change (request fields are the contract's)."""
+        params = [t.name.startswith("params.") for t in (left, right)]
+        if params == [True, False]:
+            self.report_use(node, code, message, left, str(right), use.format(other=_named(right)), at=at)
+        elif params == [False, True]:
+            self.report_use(node, code, message, right, str(left), use.format(other=_named(left)), at=at)
+        else:
+            self.report(node, code, message, at=at)
 
     # --- the walk ---------------------------------------------------------------------------
 
@@ -407,18 +504,21 @@ class _Checker:
         inner = self.type_of(operand, scope)
         if isinstance(op, Tree) and op.data == "unary_not":
             if inner.kind not in ("bool", "dyn"):
-                self.report(operand, "bad_operand", f"'!' negates a bool, and {_named(inner)} is {inner}")
+                self.report_use(operand, "bad_operand", f"'!' negates a bool, and {_named(inner)} is {inner}",
+                                inner, "bool", "negated by '!'")
             return BOOL
         if inner.kind not in ("int", "double", "duration", "dyn"):
-            self.report(operand, "bad_operand", f"'-' negates a number, and {_named(inner)} is {inner}")
+            self.report_use(operand, "bad_operand", f"'-' negates a number, and {_named(inner)} is {inner}",
+                            inner, "int", "negated by '-'")
         return CelType(inner.kind) if inner.kind != "dyn" else DYN
 
     def _logical(self, node: Any, scope: Mapping[str, CelType], symbol: str) -> CelType:
         for child in node.children:
             found = self.type_of(child, scope)
             if found.kind not in ("bool", "dyn"):
-                self.report(child, "bad_operand", (
-                    f"'{symbol}' joins conditions, and {_named(found)} is {found}, not true or false"))
+                self.report_use(child, "bad_operand", (
+                    f"'{symbol}' joins conditions, and {_named(found)} is {found}, not true or false"),
+                    found, "bool", f"joined by '{symbol}'")
         return BOOL
 
     def _conditionalor(self, node: Any, scope: Mapping[str, CelType]) -> CelType:
@@ -451,32 +551,32 @@ class _Checker:
         if op == "relation_in":
             self._check_in(node, left_node, right_node, left, right)
             return BOOL
+        at = _operator(op_node, symbol)
         if "null_type" in (left.kind, right.kind):
             other = right if left.kind == "null_type" else left
             if symbol in ("==", "!="):
                 if other.kind not in ("dyn", "null_type") and not other.nullable and other.name:
                     self.report(node, "constant", (
                         f"{other.name} is never null in the request schema, so this is always "
-                        f"{'false' if symbol == '==' else 'true'}"), severity=WARNING)
+                        f"{'false' if symbol == '==' else 'true'}"), severity=WARNING, at=at)
                 return BOOL
-            self.report(node, "mismatch", f"'{symbol}' does not order null; compare with == or != null")
+            self.report(node, "mismatch", f"'{symbol}' does not order null; compare with == or != null", at=at)
             return BOOL
         if not _same(left, right):
             numbers = {left.kind, right.kind} <= set(NUMERIC)
             fix_node, want = (right_node, left) if left.name or not right.name else (left_node, right)
-            advice = _literal_fix(fix_node, want)
+            advice = _literal_fix(fix_node, want) or _conversion(left, right)
             if numbers:
-                self.report(node, "mismatch", (
-                    f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}): "
-                    f"CEL does not convert numbers implicitly{advice or '; use double(...) or int(...)'}"))
+                message = (f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}): "
+                           f"CEL does not convert numbers implicitly{advice or '; use double(...) or int(...)'}")
             else:
-                self.report(node, "mismatch", (
-                    f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}) can never "
-                    f"be true: they are different types{advice}"))
+                message = (f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}) can never "
+                           f"be true: they are different types{advice}")
+            self.misfit(node, "mismatch", message, left, right, f"compared with {{other}} by '{symbol}'", at=at)
             return BOOL
         if symbol not in ("==", "!=") and left.kind not in (*ORDERED, "dyn"):
             self.report(node, "mismatch", f"'{symbol}' orders numbers, strings, timestamps and durations, "
-                        f"not {left}")
+                        f"not {left}", at=at)
         if symbol in ("==", "!="):
             self._check_enum(left_node, right_node, left, right)
         return BOOL
@@ -497,11 +597,17 @@ class _Checker:
                 f"{_hint(value, field_type.enum)}"))
 
     def _check_in(self, node: Any, left_node: Any, right_node: Any, left: CelType, right: CelType) -> None:
+        at = _operator(node.children[0], "in")
         if right.kind == "list":
             elem = right.elem or DYN
             if not _same(left, elem):
-                self.report(node, "mismatch", (
-                    f"'in' looks for {_named(left)} ({left}) in a list of {elem}: it can never be found"))
+                message = f"'in' looks for {_named(left)} ({left}) in a list of {elem}: it can never be found"
+                if right.name.startswith("params.") and not left.name.startswith("params."):
+                    self.report_use(node, "mismatch", message, right, f"list of {left}",
+                                    f"searched for {_named(left)} by 'in'", at=at)
+                else:
+                    self.report_use(node, "mismatch", message, left, str(elem),
+                                    f"looked for in {_named(right)} by 'in'", at=at)
             elif left.enum:
                 items = _unwrap(right_node)
                 if isinstance(items, Tree) and items.data == "list_lit" and items.children:
@@ -511,9 +617,10 @@ class _Checker:
                             self._enum_literal(left, literal)
         elif right.kind == "map":
             if right.key is not None and not _same(left, right.key):
-                self.report(node, "mismatch", f"'in' looks for a {left} among map keys of type {right.key}")
+                self.report(node, "mismatch", f"'in' looks for a {left} among map keys of type {right.key}", at=at)
         elif right.kind not in ("dyn",):
-            self.report(right_node, "mismatch", f"'in' needs a list or a map on its right, not {right}")
+            self.report_use(right_node, "mismatch", f"'in' needs a list or a map on its right, not {right}",
+                            right, f"list of {left}", f"searched for {_named(left)} by 'in'")
 
     def _arith(self, node: Any, scope: Mapping[str, CelType], names: dict[str, str]) -> CelType:
         op_node, right_node = node.children
@@ -530,11 +637,13 @@ class _Checker:
         advice = _literal_fix(fix_node, want) if numbers else ""
         if numbers and (not advice or "convert" in advice):
             advice = ": CEL does not convert numbers implicitly; convert one side with double(...) or int(...)"
+        at = _operator(op_node, symbol)
         if left.kind == right.kind:
-            self.report(node, "mismatch", f"'{symbol}' is not defined for {left}")
+            self.report(node, "mismatch", f"'{symbol}' is not defined for {left}", at=at)
         else:
-            self.report(node, "mismatch", (
-                f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}) is not defined{advice}"))
+            self.misfit(node, "mismatch", (
+                f"'{symbol}' between {_named(left)} ({left}) and {_named(right)} ({right}) is not defined{advice}"),
+                left, right, f"'{symbol}' with {{other}}", at=at)
         return DYN
 
     def _addition(self, node: Any, scope: Mapping[str, CelType]) -> CelType:
@@ -604,8 +713,10 @@ class _Checker:
                 return True
             place = "its receiver" if target is not None and index == 0 else (
                 got.name or got.literal or "its argument")
-            self.report(args[index - (target is not None)] if index >= (target is not None) else node,
-                        "bad_call", f"{shown} takes {' or '.join(allowed)}, and {place} is {got}")
+            want = f"{name} string" if name in ("duration", "timestamp") else allowed[0]
+            self.report_use(args[index - (target is not None)] if index >= (target is not None) else node,
+                            "bad_call", f"{shown} takes {' or '.join(allowed)}, and {place} is {got}",
+                            got, want, f"read by {shown}")
             return False
 
         if name == "size":
@@ -668,9 +779,15 @@ class _Checker:
         if value is None:
             return
         problem = parse(value)
-        if problem is not None:
-            where = f"parameter {given.name[len('params.'):]}: " if given.name.startswith("params.") else ""
-            self.report(literal, "bad_literal", where + problem)
+        if problem is None:
+            return
+        if given.name.startswith("params."):
+            name = given.name[len("params."):]
+            called = "duration()" if parse is parse_duration_checked else "timestamp()"
+            self.report(literal, "bad_literal", f"parameter {name}: {problem}", parameter=name, fault=problem,
+                        use=f"read by {called}")
+        else:
+            self.report(literal, "bad_literal", problem)
 
     def _macro(self, node: Any, token: Any, name: str, target: CelType, args: list[Any],
                scope: Mapping[str, CelType]) -> CelType:
@@ -728,7 +845,8 @@ class _Checker:
                 bounds = _bounds(left)
                 self.report(node, "constant", (
                     f"{left.name} {bounds} in the request schema, so this comparison is always "
-                    f"{'true' if verdict else 'false'}; compare with a value it can take"), severity=WARNING)
+                    f"{'true' if verdict else 'false'}; compare with a value it can take"), severity=WARNING,
+                    at=_operator(op_node, _ORDER_OPS[op_node.data]))
 
 
 _ORDER_OPS = {"relation_lt": "<", "relation_le": "<=", "relation_gt": ">", "relation_ge": ">="}

@@ -118,7 +118,10 @@ EXAMPLES: list[tuple[str, str, str, str, str, str]] = [
     ("A condition the schema makes constant (a warning: the policies load)", "v1/rules.yaml",
      "account.age < params.min_age", "account.age >= 0", "a comparison with a value the field can take.", "check"),
     ("A parameter that is no duration", "v1/version.yaml", "unbind_cooldown: 24h", "unbind_cooldown: 24 hours",
-     "`unbind_cooldown: 24h`; every place that reads it is named.", "check"),
+     "`unbind_cooldown: 24h`: reported once, at the value's own line, naming every place that reads it.", "check"),
+    ("A parameter whose type does not fit its use", "v1/version.yaml", "min_age: 18", 'min_age: "18"',
+     "`min_age: 18`: the value is what is wrong, so the problem is at its line, with where it is compared "
+     "(a comparison is reported at its operator).", "check"),
     ("A misspelt parameter in a child version", "v2/version.yaml", "min_followers: 1500", "min_folowers: 1500",
      "the inherited name, `min_followers: 1500`: a new name nothing reads is refused.", "check"),
     ("A parameter that changes its type", "v2/version.yaml", "min_followers: 1500", 'min_followers: "1500"',

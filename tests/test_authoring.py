@@ -166,6 +166,6 @@ def test_the_readme_shows_what_check_and_test_really_say() -> None:
     assert authors_readme.current() == made, "run: python -m tests.authors_readme --write"
     # Every kind of message the issue names is shown once.
     for code in ("[mismatch]", "[unknown_function]", "[not_boolean]", "[not_in_enum]", "[bad_literal]",
-                 "[constant]", "[unused_parameter]", "[parameter_type]", "[message_placeholder]",
+                 "[constant]", "[unused_parameter]", "[parameter_type]", "[parameter_value]", "[message_placeholder]",
                  "[duplicate_case]", "no case is judged under v2", "asserts nothing"):
         assert code in made, code
