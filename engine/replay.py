@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,23 +171,28 @@ def _build(store: PolicyArchive, digest: str, runtime: str) -> _Built:
         return _Built(None, status=CANNOT, why=f"stored file names are not policy files: {unsafe}")
     key = (digest, source.version, runtime)
     engine = _LOADED.get(key)  # the content was just checked against its digest: the same content
-    if engine is None:
-        engine = _engine(source, runtime)
-        if whole:
-            rebuilt = engine.policies.digest == digest
-        else:
-            judged = engine.policies.get(source.version)
-            rebuilt = judged is not None and judged.digest == digest
-        if not rebuilt:
-            return _Built(None, status=CANNOT, why="the stored content does not rebuild that version")
-        if len(_LOADED) >= LOADED_KEPT:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = engine
+    if engine is not None:
+        _LOADED.move_to_end(key)  # least recently used first out
+        return _Built(engine, source.version)
+    engine = _engine(source, runtime)
+    if whole:
+        rebuilt = engine.policies.digest == digest
+    else:
+        judged = engine.policies.get(source.version)
+        rebuilt = judged is not None and judged.digest == digest
+    if not rebuilt:
+        return _Built(None, status=CANNOT, why="the stored content does not rebuild that version")
+    _LOADED[key] = engine
+    while len(_LOADED) > LOADED_KEPT:
+        _LOADED.popitem(last=False)
     return _Built(engine, source.version)
 
 
-LOADED_KEPT = 16  # engines kept across replays in one process, by (digest, version, runtime)
-_LOADED: dict[tuple[str, str, str], Engine] = {}
+# Engines kept in one process (the service's ?lang renderings, replays), least recently used
+# out first, by (digest, version, runtime): the archive is still read and its digest checked at
+# every call (an altered archive is caught), but the set is built once, not per call.
+LOADED_KEPT = 16
+_LOADED: OrderedDict[tuple[str, str, str], Engine] = OrderedDict()
 
 
 def _replay_late_rejection(engine: Engine, version: str, record: LogRecord, digest: str | None) -> ReplayResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,13 +121,27 @@ def _line(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
-def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import json
+    from collections import OrderedDict
+
+    from engine import replay
 
     from .conftest import bind_request, make_app
 
     log_headers = {"Authorization": "Bearer log-secret"}
+    # The set a rendering needs is built from the log's archive once, then kept (a bounded LRU).
+    builds: list[str] = []
+    build = replay._engine
+
+    def counted(source: Any, runtime: str) -> Any:
+        builds.append(source.version)
+        return build(source, runtime)
+
+    monkeypatch.setattr(replay, "_engine", counted)
+    monkeypatch.setattr(replay, "_LOADED", OrderedDict({("sha256:older", "v0", "native"): None}))
+    monkeypatch.setattr(replay, "LOADED_KEPT", 1)
 
     app = make_app(tmp_path, f"sqlite:///{tmp_path / 'data' / 'decisions.db'}")
     client = app.test_client()
@@ -147,6 +162,8 @@ def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path,
         assert [v["message"] for v in rendered["response"]["violations"]] == [said[other]]
         assert rendered["response"]["decision_id"] == logged["decision_id"]
         assert got.json["record"]["response"]["rule"] == logged["rule"]  # the record stays as logged
+        assert client.get(path, **asked).json == got.json  # type: ignore[arg-type]
+    assert builds == ["v2"] and list(replay._LOADED) == [(english["policy"]["digest"], "v2", "native")]
     plain = client.get(f"/v1/decisions/{english['decision_id']}", headers=log_headers).json
     assert "rendered" not in plain and plain["record"]["response"]["rule"] == english["rule"]
     assert client.get(f"/v1/decisions/{english['decision_id']}?lang=fr", headers=log_headers).status_code == 400
@@ -156,6 +173,7 @@ def test_a_logged_decision_is_rendered_later_in_either_language(tmp_path: Path,
     shown = json.loads(capsys.readouterr().out)
     assert shown["rendered"]["response"]["rule"]["message"] == said["en"]
     assert shown["response"]["rule"]["message"] == said["zh"]  # the record as logged
+    assert builds == ["v2"]
     assert main(["log", "show", "no-such-id", "--data", data]) == 2
 
 
