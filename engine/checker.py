@@ -11,7 +11,9 @@ from typing import Any
 
 import jsonschema
 import jsonschema_rs
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import FormatChecker
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 
 from engine.schemas import load_schema
 
@@ -19,15 +21,18 @@ Path = tuple[str | int, ...]
 
 
 @cache
-def validator(schema_name: str, definition: str | None = None) -> Draft202012Validator:
-    """A validator for a bundled schema, or for one of its $defs."""
+def validator(schema_name: str, definition: str | None = None) -> Validator:
+    """A validator for a bundled schema, or for one of its $defs, of the draft the schema declares
+    (policy and suite files: draft-07, which editors' yaml-language-server implements)."""
     root = load_schema(schema_name)
     if definition:  # the definition alone, without the root's own dispatch (if/then/else, for editors)
         schema = {**{k: v for k, v in root.items() if k not in ("if", "then", "else")}, "$ref": f"#/$defs/{definition}"}
     else:
         schema = root
-    Draft202012Validator.check_schema(root)
-    return Draft202012Validator(schema, format_checker=FormatChecker())
+    draft = validator_for(root)
+    draft.check_schema(root)
+    checker: Validator = draft(schema, format_checker=FormatChecker())
+    return checker
 
 
 @cache
@@ -65,7 +70,7 @@ def quickly_valid(schema_name: str, definition: str, instance: Any) -> bool:
         return False
 
 
-def schema_problems(check: Draft202012Validator, instance: Any) -> list[tuple[Path, str]]:
+def schema_problems(check: Validator, instance: Any) -> list[tuple[Path, str]]:
     """Every way `instance` breaks the schema, as (path to the offending value, plain message)."""
     found: list[tuple[Path, str]] = []
     for error in check.iter_errors(instance):
@@ -73,7 +78,7 @@ def schema_problems(check: Draft202012Validator, instance: Any) -> list[tuple[Pa
     return sorted(set(found), key=lambda item: ([str(p) for p in item[0]], item[1]))
 
 
-def first_problems(check: Draft202012Validator, instance: Any, limit: int) -> list[tuple[Path, str]]:
+def first_problems(check: Validator, instance: Any, limit: int) -> list[tuple[Path, str]]:
     """Like schema_problems, but stops once `limit` are found: the validator is lazy, so a request
     with 100,000 problems costs no more than one with `limit`."""
     found: set[tuple[Path, str]] = set()

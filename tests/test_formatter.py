@@ -9,13 +9,15 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator
+from jsonschema.validators import validator_for
 from referencing import Registry, Resource
 from ruamel.yaml import YAML
 
@@ -186,12 +188,62 @@ def registry() -> Registry:
     return found
 
 
-def modeline_schema(path: Path) -> Draft202012Validator:
+def modeline_schema(path: Path) -> Any:
+    """The validator of the schema a file's modeline names, of the draft that schema declares."""
     lines = MODELINE_PATTERN.findall(path.read_text(encoding="utf-8"))
     assert len(lines) == 1, f"{path}: one yaml-language-server modeline"
     target = (path.parent / lines[0]).resolve()
     assert target.parent == SCHEMAS.resolve() and target.is_file(), target
-    return Draft202012Validator(json.loads(target.read_text(encoding="utf-8")), registry=registry())
+    schema = json.loads(target.read_text(encoding="utf-8"))
+    return validator_for(schema)(schema, registry=registry())
+
+
+# Draft-07's keywords (json-schema.org/draft-07/schema), and where they hold subschemas.
+DRAFT7 = frozenset({
+    "$schema", "$id", "$ref", "$comment", "definitions", "title", "description", "default", "examples", "readOnly",
+    "writeOnly", "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
+    "maxLength", "minLength", "pattern", "items", "additionalItems", "maxItems", "minItems", "uniqueItems",
+    "contains", "maxProperties", "minProperties", "required", "properties", "patternProperties",
+    "additionalProperties", "dependencies", "propertyNames", "if", "then", "else", "allOf", "anyOf", "oneOf", "not",
+    "format", "contentMediaType", "contentEncoding"})
+SUBSCHEMA_MAPS = {"properties", "patternProperties", "definitions", "dependencies", "$defs"}
+SUBSCHEMA = {"items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
+             "propertyNames"}
+
+
+def keywords_used(schema: Any, where: str = "#") -> Iterator[tuple[str, str, Any]]:
+    """(where, keyword, the schema object) for every keyword of every subschema."""
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        yield where, key, schema
+        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, inner in value.items():
+                yield from keywords_used(inner, f"{where}/{key}/{name}")
+        elif key in ("allOf", "anyOf", "oneOf", "items") and isinstance(value, list):
+            for index, inner in enumerate(value):
+                yield from keywords_used(inner, f"{where}/{key}/{index}")
+        elif key in SUBSCHEMA and isinstance(value, dict):
+            yield from keywords_used(value, f"{where}/{key}")
+
+
+def test_the_modeline_schemas_are_draft_07_as_yaml_language_server_implements() -> None:
+    """yaml-language-server validates with draft-07: the schemas editors read declare it, pass its
+    meta-schema, and use none of the later keywords (`$defs` is only where definitions are kept:
+    `#/$defs/x` is a JSON pointer, which draft-07 follows) nor a `$ref` beside other validation
+    keywords (draft-07 ignores a `$ref`'s siblings)."""
+    named = {Path(MODELINE_PATTERN.findall(p.read_text(encoding="utf-8"))[0]).name for p in BUNDLED}
+    assert named == {"policy.schema.json", "suite.schema.json", "fixtures.schema.json"}
+    for name in named:
+        schema = json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
+        assert schema["$schema"] == "http://json-schema.org/draft-07/schema#", name
+        assert validator_for(schema) is Draft7Validator
+        Draft7Validator.check_schema(schema)
+        later = {(where, key) for where, key, _ in keywords_used(schema) if key not in DRAFT7 | {"$defs"}}
+        assert not later, (name, later)
+        beside_ref = {where for where, key, node in keywords_used(schema)
+                      if key == "$ref" and set(node) & (DRAFT7 - {"$ref", "$comment", "title", "description"})}
+        assert not beside_ref, (name, beside_ref)
 
 
 BUNDLED = [p for p, _ in find_files([POLICIES])[0]]
@@ -223,7 +275,7 @@ def test_the_modeline_schema_refuses_a_misspelt_key(name: str, key: str, typo: s
 
 
 def test_the_fixtures_schema_takes_a_base_as_a_suite_does() -> None:
-    check = Draft202012Validator(load_schema("fixtures"), registry=registry())
+    check = Draft7Validator(load_schema("fixtures"), registry=registry())
     assert list(check.iter_errors({"bases": {"us": {"request": {"action": "bind"}}}})) == []
     assert [e.message for e in check.iter_errors({"bases": {"us": {"requets": {}}}})]
 
