@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import textwrap
 import uuid
@@ -42,6 +43,23 @@ def engine(policies: PolicySet) -> Engine:
     return Engine(policies)
 
 
+@functools.cache
+def _bundled_engine() -> Engine:
+    return Engine(load_policies(POLICIES))
+
+
+@pytest.fixture(autouse=True)
+def _bundled_policies_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run in-process over the bundled policies (eval, decide, explain...) load them once
+    per run rather than once per command (seconds each): any other folder, such as a test's
+    changed copy, is loaded as the command loads it."""
+    from engine import cli
+
+    load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda folder: _bundled_engine() if Path(folder).resolve() == POLICIES
+                        else load(folder))
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """One real PostgreSQL server for the whole run, started and stopped by the suite."""
@@ -51,12 +69,13 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+# The PostgreSQL side is slow (a real server): marked where `-m "not slow"` sees it, at collection
+# (a marker applied by the fixture itself comes after the selection, and `make test-fast` ran it).
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same tests against both stores of the decision log."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'decisions.db'}"
-    request.applymarker(pytest.mark.slow)
     from .postgres import fresh_schema
 
     return fresh_schema(request.getfixturevalue("postgres_url"), f"t_{uuid.uuid4().hex[:12]}")
