@@ -75,6 +75,7 @@ def v3_set(tmp_path: Path, name: str) -> PolicySet:
 
 
 class TestRules:
+    @pytest.mark.slow
     def test_a_dead_and_a_shadowed_rule_are_found(self, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
         extra = "description: mutations\nrules:\n" + rule("mutation.dead", "account.age < 0") + rule(
@@ -151,6 +152,9 @@ class TestDiff:
 # --- the printed condition against the engine ------------------------------------------------------------
 
 
+CORPUS_SIZE = 20_000
+
+
 @functools.cache
 def corpus(count: int) -> tuple[dict[str, Any], ...]:
     return tuple(generate_requests(count, seed=11))
@@ -166,7 +170,7 @@ def flips_against_condition(policies: PolicySet, proof: DiffProof, count: int) -
     new_version = policies.get(proof.new)
     assert new_version is not None
     judged = flipped = 0
-    for request in corpus(count):
+    for request in corpus(CORPUS_SIZE)[:count]:
         try:
             before = engine.decide({**request, "policy_version": proof.old}, now=NOW)
             after = engine.decide({**request, "policy_version": proof.new}, now=NOW)
@@ -185,6 +189,12 @@ def flips_against_condition(policies: PolicySet, proof: DiffProof, count: int) -
     return judged, flipped
 
 
+# Requests judged per case: the whole corpus where flips are rare (under-21s in GB: about one in
+# 4,000), a quarter of it where they are common (v1 to v2: 17 in 4,000) or where the proof says
+# nothing flips (a reformat, a renamed parameter): every judged request is checked all the same.
+SIZES = {"v1-v2": 5_000, "tighten-gb": CORPUS_SIZE, "reformat": 5_000, "rename-parameter": 5_000}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["v1-v2", *MUTATIONS])
 def test_condition_is_exact_on_generated_requests(tmp_path: Path, policies: PolicySet, name: str) -> None:
@@ -192,8 +202,8 @@ def test_condition_is_exact_on_generated_requests(tmp_path: Path, policies: Poli
     old_version, new_version = chosen.get(old), chosen.get(new)
     assert old_version is not None and new_version is not None
     proof = prove_diff(chosen, old_version, new_version)
-    judged, flipped = flips_against_condition(chosen, proof, 20_000)
-    assert judged > 15_000
+    judged, flipped = flips_against_condition(chosen, proof, SIZES[name])
+    assert judged > 0.75 * SIZES[name]
     if name in ("v1-v2", "tighten-gb"):
         assert flipped > 5  # the corpus does reach the difference
     else:
