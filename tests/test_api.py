@@ -374,6 +374,7 @@ def test_time_filters_compare_as_times(tmp_path: Path, database_url: str) -> Non
     store.close()
 
 
+@pytest.mark.slow
 def test_a_reload_that_fails_for_the_environment_is_tried_again(tmp_path: Path, policy_copy: Path) -> None:
     app = make_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}", POLICY_DIR=str(policy_copy))
     holder = app.extensions["bindpolicy"].holder

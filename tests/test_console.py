@@ -180,6 +180,7 @@ def test_a_scratch_decision_uses_the_copy_and_is_not_logged(client: FlaskClient,
     assert answer.status_code == 400 and answer.json["error"]["code"] == "policy_load_error"  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_suites_run_against_the_copy(client: FlaskClient, files: dict[str, str]) -> None:
     clean = _post(client, "/v1/scratch/tests", {"files": files}).json
     assert clean["ok"] is True and clean["failed"] == 0 and clean["passed"] > 100
@@ -192,6 +193,7 @@ def test_suites_run_against_the_copy(client: FlaskClient, files: dict[str, str])
     assert all(r["where"].startswith("tests/") for r in failing)
 
 
+@pytest.mark.slow
 def test_diff_and_impact_between_the_set_in_force_and_the_copy(client: FlaskClient, files: dict[str, str]) -> None:
     same = _post(client, "/v1/scratch/diff", {"files": files}).json
     assert all(d["rules"] == {"added": [], "removed": [], "changed": []} for d in same["versions"].values())

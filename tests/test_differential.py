@@ -78,6 +78,7 @@ def test_every_suite_case_is_decided_alike(engines: tuple[Engine, Engine]) -> No
         assert outcome(native, request) == outcome(reference, request), json.dumps(request)
 
 
+@pytest.mark.slow
 def test_a_generated_corpus_is_decided_alike(engines: tuple[Engine, Engine]) -> None:
     native, reference = engines
     seen = set()
@@ -96,6 +97,7 @@ def test_randomized_requests_near_every_threshold(engines: tuple[Engine, Engine]
         assert outcome(native, request) == outcome(reference, request), json.dumps(request)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(age=st.integers(min_value=0, max_value=150), followers=st.integers(min_value=0, max_value=5000),
        points=st.integers(min_value=0, max_value=30), score=st.integers(min_value=-10, max_value=400),
@@ -296,6 +298,7 @@ def paths_of(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(seed=st.integers(min_value=0, max_value=10**6), pick=st.integers(min_value=0, max_value=10**6),
        replacement=st.sampled_from(REPLACEMENTS), delete=st.booleans())

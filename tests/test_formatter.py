@@ -73,6 +73,7 @@ def fmt(*args: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+@pytest.mark.slow
 def test_a_scrambled_copy_comes_back_canonical_with_the_same_meaning_and_comments(tmp_path: Path) -> None:
     copy = tmp_path / "policies"
     shutil.copytree(POLICIES, copy, ignore=shutil.ignore_patterns("tests"))

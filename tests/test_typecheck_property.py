@@ -166,6 +166,7 @@ def _type_error(message: str) -> bool:
 ACCEPTED: set[str] = set()
 
 
+@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("BINDPOLICY_PROPERTY_EXAMPLES", "150")), deadline=None, derandomize=True,
           database=None,
           suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow, HealthCheck.data_too_large,

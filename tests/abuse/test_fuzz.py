@@ -65,6 +65,7 @@ def fuzz_client(tmp_path_factory: pytest.TempPathFactory) -> FlaskClient:
 TALLY: Counter[str] = Counter()
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=mutated())

@@ -150,6 +150,7 @@ def test_a_deploy_through_a_swapped_symlink_is_seen_even_with_the_same_sizes_and
 
 
 # Item 17: under reloads, every answer is what the files of its own digest say.
+@pytest.mark.slow
 def test_every_answer_during_reloads_matches_the_files_of_its_digest(tmp_path: Path, policy_copy: Path) -> None:
     app = app_on(tmp_path, policy_copy)
     holder = app.extensions["bindpolicy"].holder
