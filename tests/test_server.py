@@ -132,18 +132,23 @@ def test_schemathesis_finds_no_5xx_and_every_response_matches_the_document(serve
          "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
          # Not the coverage phase: under Python 3.11 it crashed inside schemathesis now and then
          # ("SystemError: AST constructor recursion depth mismatch"), never on a response of ours.
-         "--max-examples", "60", "--phases", "examples,fuzzing", "--seed", "1",
+         "--max-examples", "40", "--phases", "examples,fuzzing",
          "--header", f"Authorization: Bearer {TOKEN}",
-         "--generation-database", "none", "--workers", "2", "--request-timeout", "10",
+         # The same requests every run: Hypothesis derandomized (no example database), and one
+         # worker, since schemathesis steers generation by the responses it has seen, which two
+         # workers saw in varying order (a loaded run once sent fewer refusable requests). A
+         # loaded machine slows the answers, never the verdict: generous timeouts.
+         "--generation-deterministic", "--workers", "1", "--request-timeout", "60",
          # Requests with the NUL-free string patterns are slow to generate, not wrong.
          "--suppress-health-check", "too_slow"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     # The examples of the document are requests the contract accepts: the run reaches decisions.
     outcomes = Counter(r.outcome for r in open_store(f"sqlite:///{server.data / 'decisions.db'}").query())
     print(f"\nschemathesis: {dict(outcomes)}")
-    # (A loaded run once logged 32 decided and 13 refused: schemathesis's summary says what it sent.)
-    assert outcomes["decided"] >= 20 and outcomes["rejected"] >= 20 and outcomes["failed"] == 0, \
+    # Derandomized, the run sends the same requests each time (80 decided and 102 refused today; a
+    # change of the contract changes them): half of those, so that a narrower run is noticed.
+    assert outcomes["decided"] >= 40 and outcomes["rejected"] >= 50 and outcomes["failed"] == 0, \
         f"{dict(outcomes)}\n{result.stdout[-3000:]}"
 
 
