@@ -200,8 +200,8 @@ def test_sigkill_under_load_loses_no_answered_decision(tmp_path: Path) -> None:
     answered = answered_until_sigkill(server)
     store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
     assert_every_answered_decision_logged(answered, store, "SQLite")
-    # And the service starts again on the same log, and goes on with the chain.
-    again = start_server(tmp_path, data=server.data, policies=server.policies)
+    # And the service starts again on the same log, and goes on with the chain (one worker is enough).
+    again = start_server(tmp_path, data=server.data, policies=server.policies, workers=1)
     try:
         assert call(again.url + "/v1/decisions", bind_request())[0] == 200
         assert store.verify() is None
