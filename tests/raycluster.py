@@ -30,13 +30,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _node_ports() -> list[str]:
-    """Every port a node listens on, free now; worker ports from a random range of 100."""
-    low = random.randrange(20_000, 59_000, 100)
+def _ephemeral_low() -> int:
+    """Where the kernel starts handing out ports to bind(0) (every _free_port comes from above it)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _worker_ports_low() -> int:
+    """The first of 200 worker ports for this cluster (100 per node), below the kernel's ephemeral
+    range: Ray refuses to start a node whose other ports (free ones, thus ephemeral) fall in its
+    worker range, and two nodes must not share one."""
+    return random.randrange(10_000, max(_ephemeral_low(), 10_400) - 200, 200)
+
+
+def _node_ports(worker_low: int) -> list[str]:
+    """Every port a node listens on, free now; its worker ports the 100 from worker_low."""
     return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
             "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
             "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-            "--min-worker-port", str(low), "--max-worker-port", str(low + 99)]
+            "--min-worker-port", str(worker_low), "--max-worker-port", str(worker_low + 99)]
 
 
 def _reread_ray_config() -> None:
@@ -57,6 +71,7 @@ class RayCluster:
         self.temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
         self.address = f"127.0.0.1:{_free_port()}"
         self.nodes: list[subprocess.Popen[bytes]] = []
+        self.worker_ports = _worker_ports_low()
         # Ray's token authentication, with a token of this cluster's own (not the machine's
         # ~/.ray/auth_token): the nodes, and this process as the driver that joins them.
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -65,7 +80,7 @@ class RayCluster:
     def _start(self, role: list[str]) -> None:
         common = ["--num-cpus", str(self.cpus), "--disable-usage-stats",
                   "--temp-dir", self.temp, "--object-store-memory", str(100 * 2**20), "--node-ip-address",
-                  "127.0.0.1", "--block", *_node_ports()]
+                  "127.0.0.1", "--block", *_node_ports(self.worker_ports + 100 * len(self.nodes))]
         log = open(Path(self.temp) / f"node{len(self.nodes)}.out", "wb")  # noqa: SIM115 (kept by the process)
         env = {**os.environ, **self.auth, "RAY_USAGE_STATS_ENABLED": "0"}
         self.nodes.append(subprocess.Popen([RAY, "start", *role, *common], stdout=log, stderr=subprocess.STDOUT,
