@@ -300,7 +300,7 @@ def test_ray_cluster_gives_the_local_reports_figure_for_figure(ray_cluster: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """On a cluster of two nodes, through --address as an operator runs it: impact over a generated
     corpus with rejected lines, the shipped corpus and a log export, with another checkout's set
-    shipped beside the first; then the whole log replayed straight from its database. Each gives
+    shipped beside the first; then the whole log replayed straight from its database and from the export. Each gives
     the local report, and both nodes did work."""
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(corpus()) + "\n")
@@ -331,4 +331,6 @@ def test_ray_cluster_gives_the_local_reports_figure_for_figure(ray_cluster: str,
     said = capsys.readouterr()
     assert json.loads(said.out) == replayed_here and replayed_here["reproduced"] == records
     assert "each read by a worker from" in said.err and "on Ray: 2 node(s) did the work" in said.err
+    assert main(["replay", "--from-export", str(tmp_path / "export"), *ray]) == 0  # its one day: one node
+    assert json.loads(capsys.readouterr().out) == replayed_here
 
