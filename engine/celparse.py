@@ -165,21 +165,19 @@ class _Parser:
         return self.node("expr", [condition, when_true, when_false], start, end), start, end
 
     def conditionalor(self) -> Parsed:
-        operand, start, end = self.conditionaland()
-        tree = self.node("conditionalor", [operand], start, end)
-        while self.peek() == "||":
-            self.at += 1
-            operand, _, end = self.conditionaland()
-            tree = self.node("conditionalor", [tree, operand], start, end)
-        return tree, start, end
+        return self._chain("conditionalor", "||", self.conditionaland)
 
     def conditionaland(self) -> Parsed:
-        operand, start, end = self.relation()
-        tree = self.node("conditionaland", [operand], start, end)
-        while self.peek() == "&&":
+        return self._chain("conditionaland", "&&", self.relation)
+
+    def _chain(self, name: str, operator: str, operand_of: Any) -> Parsed:
+        """`name: [name operator] operand`: left-associative, the operator's token not kept."""
+        operand, start, end = operand_of()
+        tree = self.node(name, [operand], start, end)
+        while self.peek() == operator:
             self.at += 1
-            operand, _, end = self.relation()
-            tree = self.node("conditionaland", [tree, operand], start, end)
+            operand, _, end = operand_of()
+            tree = self.node(name, [tree, operand], start, end)
         return tree, start, end
 
     def relation(self) -> Parsed:
