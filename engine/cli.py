@@ -19,6 +19,7 @@ import orjson
 
 from engine.decider import Engine
 from engine.errors import PolicyLoadError, RequestError
+from engine.gcpause import collector_paused
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.request import parse_json
@@ -977,13 +978,8 @@ def _decide_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
     """One answer line per request line, in order, written as orjson's bytes (UTF-8 as it is);
     flushed per line where a terminal reads them, else written in blocks."""
     gc.freeze()  # the loaded policies stay to the end: no collection walks them again
-    collecting = gc.isenabled()
-    gc.disable()  # a line's objects hold no cycles and go with it: young ones collected every 10,000 lines
-    try:
+    with collector_paused():  # a line's objects go with it: young ones collected every 10,000 lines
         return _answer_lines(engine, stream, args, now)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, now: datetime) -> int:

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,9 +24,11 @@ import orjson
 
 from engine.decider import Engine
 from engine.errors import RequestError
+from engine.gcpause import collector_paused
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, Output, Rule
+from engine.request import DIGITS_AS_ZERO
 from engine.sources import MemorySource
 from engine.versions import PolicySet, parse_timestamp
 
@@ -134,21 +135,18 @@ def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, 
     for index, request in enumerate(requests):
         report.total += 1
         if not isinstance(request, dict):
-            origin = origins[index] if origins is not None else f"line {index + 1}"
-            report.reject("not JSON" if request is NOT_JSON else "not a JSON object", origin)
+            report.reject("not JSON" if request is NOT_JSON else "not a JSON object", _origin(origins, index))
             continue
         judged = judge_quickly(request) if judge_quickly is not None else None
         if judged is None:  # the plain way: each side's whole decision
             before, after = _decide(old, request, now), _decide(new, request, now)
             if isinstance(before, RequestError) or isinstance(after, RequestError):
-                origin = origins[index] if origins is not None else f"line {index + 1}"
-                report.reject(_why_rejected(before, after, report.old, report.new), origin)
+                report.reject(_why_rejected(before, after, report.old, report.new), _origin(origins, index))
                 continue
             judged = (before.decision, before.rule.id if before.rule else None,
                       after.decision, after.rule.id if after.rule else None)
         elif len(judged) == 1:
-            origin = origins[index] if origins is not None else f"line {index + 1}"
-            report.reject(judged[0], origin)
+            report.reject(judged[0], _origin(origins, index))
             continue
         old_decision, old_rule, new_decision, new_rule = judged
         if old_rule == new_rule and old_decision == new_decision:
@@ -163,10 +161,14 @@ def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, 
         group = report.groups.setdefault((kind, rule), Group(kind, rule))
         group.count += 1
         if len(group.examples) < EXAMPLES:
-            origin = origins[index] if origins is not None else f"line {index + 1}"
-            group.examples.append({"input": origin, "request": request, "old": _explained(old, request, now),
-                                   "new": _explained(new, request, now)})
+            group.examples.append({"input": _origin(origins, index), "request": request,
+                                   "old": _explained(old, request, now), "new": _explained(new, request, now)})
     return report
+
+
+def _origin(origins: Sequence[str] | None, index: int) -> str:
+    """Where the request at `index` was read: as `origins` says, else its line."""
+    return origins[index] if origins is not None else f"line {index + 1}"
 
 
 # (old decision, old rule, new decision, new rule), or (the reason it is rejected under both,)
@@ -404,7 +406,7 @@ def parse_lines(lines: Iterable[str]) -> list[Any]:
     for line in lines:
         try:
             raw = line.encode()
-            if _LONG_INTEGER not in raw.translate(_DIGITS_AS_ZERO):
+            if _LONG_INTEGER not in raw.translate(DIGITS_AS_ZERO):
                 append(orjson.loads(raw))
                 continue
         except (UnicodeEncodeError, orjson.JSONDecodeError):
@@ -427,7 +429,6 @@ def parse_lines_plainly(lines: Iterable[str]) -> list[Any]:
     return requests
 
 
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_INTEGER = b"0" * 19  # beyond 2^63 an integer has 19 digits and more
 
 
@@ -450,24 +451,11 @@ def read_corpus(locations: Sequence[str]) -> Corpus:
 
 def _judge_chunk(chunk: list[tuple[str, str]]) -> ImpactReport:
     origins = [origin for origin, _ in chunk]
+    # a chunk's parsed requests (some 100 objects each) would start a collection every few
+    # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
         return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(text for _, text in chunk),
                              _WORKER["now"], labels=_WORKER["labels"], origins=origins)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cycle collector off while a chunk is judged: its parsed requests (some 100 objects
-    each) would start a collection every few requests, each walking them all (a quarter of the
-    time, measured); they hold no cycles and are freed as the chunk goes. Back on afterwards."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def numbered(lines: Iterable[str | tuple[str, str]]) -> Iterator[tuple[str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import gc
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from engine.codegen import GenerationMemo, generate_path
 from engine.compiler import CelCompiler
 from engine.errors import Location, ParameterFault, PolicyLoadError, Problem
 from engine.evaluator import path_helpers
+from engine.gcpause import collector_paused
 from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
 from engine.needs import needs_plan
@@ -66,13 +66,8 @@ def load_policies(root: Path | str | PolicySource, *, generate: bool = True) -> 
     with the native closures."""
     # Loading builds millions of small objects (parse trees, marks) and frees few: the cyclic
     # collector's passes over them cost about a fifth of a large load and find nothing to free.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return _load(root, generate)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _load(root: Path | str | PolicySource, generate: bool) -> PolicySet:

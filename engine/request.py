@@ -109,7 +109,7 @@ def _bound_values(raw: bytes) -> int:
 
 
 _JSON_WHITESPACE = b" \t\n\r"
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")  # where runs of digits are looked for
 _SIXTEEN_DIGITS = b"0" * 16  # 2^53 has 16 digits: every integer of 15 digits is exchanged exactly
 
 
@@ -135,7 +135,7 @@ def _strict_from_orjson(raw: bytes, containers: int) -> Any:
         again = again.translate(None, _JSON_WHITESPACE)
     if again != raw.translate(None, _JSON_WHITESPACE):
         return _NOT_PARSED
-    if len(raw) >= 16 and _SIXTEEN_DIGITS in raw.translate(_DIGITS_AS_ZERO):
+    if len(raw) >= 16 and _SIXTEEN_DIGITS in raw.translate(DIGITS_AS_ZERO):
         return _NOT_PARSED
     if containers > MAX_DEPTH and nests_deeper(raw, MAX_DEPTH):
         return _NOT_PARSED
