@@ -22,15 +22,16 @@ expression's native closure, and says so in a comment. Three ways out, all expli
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import cached_property
+from typing import Any, cast
 
 from lark import Token, Tree
 
 from engine import native
 from engine.evaluator import to_json
-from engine.messages import CHINESE, LANGUAGES, PARAMS_ROOT
+from engine.messages import CHINESE, DEFAULT_LANGUAGE, LANGUAGES, PARAMS_ROOT
 from engine.model import EACH, OPTIONAL, Decision, Expression, FieldPath, Finding, NeedsPlan, Output, Rule
 from engine.native import CelError, Unsupported
 from engine.schemas import Schema, SchemaWalker
@@ -66,6 +67,20 @@ class GeneratedPath:
     source: str
     function: Callable[..., Decision | None]
     native_calls: int  # expressions left to their native closures (zero for the bundled policies)
+    # the same path written again as its verdict (generate_path with verdict=True), on first use
+    remake: Callable[[], GeneratedPath] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def verdict(self) -> Callable[[dict[str, Any], datetime], Verdict | None]:
+        """The path's decision and deciding rule only, `verdict(request, at)`: ('allow', None) or
+        ('deny', rule id), or None where `function` returns None (and it raises where `function`
+        raises). No Decision, no messages, no output formatted (an output is still evaluated on
+        an allowed request: one that fails denies); on a request with every field the path may
+        read, it returns at the first denial (what follows cannot change the first). Written on
+        first use (what `bindpolicy impact` calls): loading writes only `function`."""
+        if self.remake is None:
+            raise ValueError(f"the path of {self.action!r}, {self.role!r} was not generated to be written again")
+        return cast(Callable[[dict[str, Any], datetime], "Verdict | None"], self.remake().function)
 
 
 @dataclass(frozen=True)
@@ -676,20 +691,28 @@ def _comment(text: str, indent: str) -> list[str]:
     return [f"{indent}# {line}".rstrip() for line in text.strip().splitlines()]
 
 
+Verdict = tuple[str, str | None]  # (decision, the deciding rule's id or None)
+ALLOWED: Verdict = ("allow", None)
+
+
 def generate_path(version_name: str, digest: str, action: str, role: str | None, rules: tuple[Rule, ...],
                   outputs: tuple[Output, ...], plan: NeedsPlan, schema: Schema, params: Mapping[str, Any],
-                  helpers: Mapping[str, Any], memo: GenerationMemo | None = None) -> GeneratedPath:
+                  helpers: Mapping[str, Any], memo: GenerationMemo | None = None, *,
+                  verdict: bool = False) -> GeneratedPath:
     """The decision path's Python source and its compiled function.
 
     `helpers` holds what the generated code calls that depends on the whole version
     (engine/evaluator.py's `path_helpers`): `_again_rule` and `_again_output` (one rule or
     output judged by the native closures, after a CEL error), `_activation` (the request as
     native values, for an expression left to its closure) and `_render` (a message that shows
-    request fields). `memo` is shared by the paths of one version (same parameters).
+    request fields). `memo` is shared by the paths of one version (same parameters). `verdict`:
+    the path's GeneratedPath.verdict instead (the same checks and conditions in the same order;
+    a finding is its rule's verdict, the first one returned as soon as the request is complete).
     """
     writer = _PathWriter(version_name, action, role, schema, params, memo)
     names = writer.names
-    function = f"decide_{_identifier(action)}_{_identifier(role or 'any')}"
+    function = f"{'verdict' if verdict else 'decide'}_{_identifier(action)}_{_identifier(role or 'any')}"
+    signature = f"def {function}(request, at):" if verdict else f"def {function}(request, at, decision_id, language):"
     lines = [f"# {version_name}: action {action!r}, role {role!r}: {len(rules)} rules, {len(outputs)} outputs.",
              "# Generated at load by engine/codegen.py; what runs is this text, compiled once.", ""]
     # Presence checks (engine/needs.py). The rules' guards, and the bodies of rules without one,
@@ -721,7 +744,8 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         return [f"{indent}if not complete and not {name}(request):", f"{indent}    return None"]
 
     insert_at = len(lines)
-    lines += [f"def {function}(request, at, decision_id, language):",
+    said = f"    language = {DEFAULT_LANGUAGE!r}  # for a rule judged again: its findings' words unread"
+    lines += [signature, *([said] if verdict else []),
               "    complete = _everything(request)",
               "    if not complete and not _always(request):",
               "        return None  # a field needed whatever the request says is missing: the evaluator names it",
@@ -729,10 +753,11 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
               "    warnings = []"]
     for rule in rules:
         rule_name = names.add(rule, "_rule")
-        findings = writer.memo.findings(rule, lambda rule=rule: {  # type: ignore[misc]
-            language: Finding(rule.id, rule.render(language, params, {}), rule.defined_in, rule.where)
-            for language in LANGUAGES if _static_message(rule, language)})
-        found = names.add(findings, "_found")
+        if not verdict:
+            findings = writer.memo.findings(rule, lambda rule=rule: {  # type: ignore[misc]
+                language: Finding(rule.id, rule.render(language, params, {}), rule.defined_in, rule.where)
+                for language in LANGUAGES if _static_message(rule, language)})
+            found = names.add(findings, "_found")
         into = "violations" if rule.effect == "deny" else "warnings"
         lines += ["", f"    # rule {rule.id} ({rule.effect}), {rule.where}, defined in {rule.defined_in}"]
         body_indent = "        "
@@ -746,11 +771,20 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         lines += _comment(f"fires_when: {rule.fires_when.text}", body_indent)
         text, note = writer.expression(rule.fires_when, True)
         lines.append(f"{body_indent}if {text}:{note}")
-        finding = f"{found}.get(language) or _render({rule_name}, language, request)"
-        lines.append(f"{body_indent}    {into}.append({finding})")
+        if not verdict:
+            finding = f"{found}.get(language) or _render({rule_name}, language, request)"
+            lines.append(f"{body_indent}    {into}.append({finding})")
+        elif rule.effect == "deny":
+            denied = names.add(("deny", rule.id), "_verdict")
+            lines += [f"{body_indent}    if complete:", f"{body_indent}        return {denied}",
+                      f"{body_indent}    violations.append({denied})"]
+        else:
+            lines.append(f"{body_indent}    pass  # a warning: no part of the verdict")
         lines.append("    except CelError:  # judged again by the native closures, which absorb errors as CEL does")
         lines.append(f"        if _again_rule({rule_name}, request, at, language, violations, warnings):")
         lines.append("            return None")
+        if verdict:
+            lines += ["        if complete and violations:", "            return _first_verdict(violations)"]
     lines += ["", "    outputs = {}"]
     if outputs:
         lines.append("    if not violations:  # allowed decisions only")
@@ -775,10 +809,13 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     if outputs:
         lines += ["        if violations:  # an output that failed denies: a denial carries no outputs",
                   "            outputs = {}"]
-    start = lines.index(f"def {function}(request, at, decision_id, language):") + 1
+    start = lines.index(signature) + 1
     lines[start:start] = [f"    _{name} = request[{name!r}]  # required for {action!r}: there"
                           for name in sorted(writer.hoisted)]
-    lines += ["",
+    if verdict:
+        lines += ["", "    return _first_verdict(violations) if violations else _ALLOWED", ""]
+    else:
+        lines += ["",
               "    return _Decision(",
               "        decision_id=decision_id, decision='deny' if violations else 'allow',",
               "        rule=violations[0] if violations else None, violations=tuple(violations),",
@@ -787,8 +824,15 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
               "        explain=None, language=language)", ""]
     source = "\n".join(lines)
     namespace: dict[str, Any] = {**_RUNTIME, **helpers, **names.values}
-    exec(compile(source, f"<{version_name} {action} {role}>", "exec"), namespace)  # written above, from the policy
-    return GeneratedPath(action, role, source, namespace[function], writer.native_calls)
+    where = f"<{version_name} {action} {role}{' verdict' if verdict else ''}>"
+    exec(compile(source, where, "exec"), namespace)  # written above, from the policy
+
+    def remake() -> GeneratedPath:
+        return generate_path(version_name, digest, action, role, rules, outputs, plan, schema, params, helpers,
+                             memo, verdict=True)
+
+    return GeneratedPath(action, role, source, namespace[function], writer.native_calls,
+                         None if verdict else remake)
 
 
 def _static_message(rule: Rule, language: str) -> bool:
@@ -847,6 +891,13 @@ def _format_timestamp(value: datetime) -> str:
     return text
 
 
+def _first_verdict(violations: list[Any]) -> Verdict:
+    """A verdict path's denial: its first finding's rule (a verdict it wrote, or a Finding that
+    a rule judged again by the native closures reported)."""
+    first = violations[0]
+    return first if type(first) is tuple else ("deny", first.id)
+
+
 _new_object, _set_attribute = object.__new__, object.__setattr__
 
 
@@ -865,5 +916,5 @@ _RUNTIME: dict[str, Any] = {
     "_eq": native._eq, "_ne": native._ne, "_lt": native._lt, "_le": native._le, "_gt": native._gt,
     "_ge": native._ge, "_in": native._in, "_add": native._add, "_sub": native._sub, "_mul": native._mul,
     "_div": native._div, "_mod": native._mod, "_negate": native._negate, "_size": native._size,
-    "_index": native._index, "_to_json": to_json,
+    "_index": native._index, "_to_json": to_json, "_first_verdict": _first_verdict, "_ALLOWED": ALLOWED,
 }

@@ -22,11 +22,11 @@ from typing import Any, TextIO
 
 import orjson
 
+from engine.codegen import Verdict
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.gcpause import collector_paused
 from engine.loader import load_policies
-from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, Output, Rule
 from engine.request import DIGITS_AS_ZERO
 from engine.sources import MemorySource
@@ -124,46 +124,92 @@ def judge(engine: Engine, old: str, new: str, requests: Iterable[Any], now: date
 
 def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, *,
                   labels: tuple[str, str] | None = None, origins: Sequence[str] | None = None,
-                  quick: bool = True) -> ImpactReport:
+                  quick: bool = True, explain: bool = True) -> ImpactReport:
     """The impact between two (engine, version) sides; a version None judges each request by the
     version it selects itself (its `at`, or its pin), as that engine would serve it. `origins`
     says where each request was read (a file's line, a part's row), for the examples. `quick`:
     the common request is judged by QuickJudge (the same figures; False: every request the plain
-    way, each side's whole decision, as the tests compare)."""
+    way, each side's whole decision, as the tests compare). `explain`: each group's examples
+    explained (False: only where they were read and the request, for explain_examples to do
+    once for a whole run, as run_impact does)."""
     report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
+    tally = _Tally()
     judge_quickly = QuickJudge.of(old, new, now) if quick else None
-    for index, request in enumerate(requests):
-        report.total += 1
-        if not isinstance(request, dict):
-            report.reject("not JSON" if request is NOT_JSON else "not a JSON object", _origin(origins, index))
-            continue
-        judged = judge_quickly(request) if judge_quickly is not None else None
-        if judged is None:  # the plain way: each side's whole decision
-            before, after = _decide(old, request, now), _decide(new, request, now)
-            if isinstance(before, RequestError) or isinstance(after, RequestError):
-                report.reject(_why_rejected(before, after, report.old, report.new), _origin(origins, index))
-                continue
-            judged = (before.decision, before.rule.id if before.rule else None,
-                      after.decision, after.rule.id if after.rule else None)
-        elif len(judged) == 1:
-            report.reject(judged[0], _origin(origins, index))
-            continue
-        old_decision, old_rule, new_decision, new_rule = judged
-        if old_rule == new_rule and old_decision == new_decision:
-            report.same += 1
-            continue
-        if old_decision == "allow":
-            kind, rule = ALLOW_TO_DENY, str(new_rule)
-        elif new_decision == "allow":
-            kind, rule = DENY_TO_ALLOW, str(old_rule)
-        else:
-            kind, rule = OTHER_RULE, f"{old_rule} → {new_rule}"
-        group = report.groups.setdefault((kind, rule), Group(kind, rule))
-        group.count += 1
-        if len(group.examples) < EXAMPLES:
-            group.examples.append({"input": _origin(origins, index), "request": request,
-                                   "old": _explained(old, request, now), "new": _explained(new, request, now)})
+    if judge_quickly is not None:
+        judge_quickly.judge(requests, report, tally, origins, old, new)
+    else:
+        for index, request in enumerate(requests):
+            report.total += 1
+            judged = _judged_plainly(old, new, request, now, report)
+            if isinstance(judged, str):
+                report.reject(judged, _origin(origins, index))
+            elif judged[0] == judged[1]:
+                report.same += 1
+            else:
+                tally.flip(judged, index, request)
+    tally.into(report, origins)
+    if explain:
+        explain_examples(report, old, new, now)
     return report
+
+
+class _Tally:
+    """The flips of some requests, by (old verdict, new verdict): how many, and the first few
+    (index, request) of each, in the order they were read."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[Verdict, Verdict], int] = {}
+        self.firsts: dict[tuple[Verdict, Verdict], list[tuple[int, Any]]] = {}
+
+    def flip(self, pair: tuple[Verdict, Verdict], index: int, request: Any) -> None:
+        seen = self.counts.get(pair, 0)
+        self.counts[pair] = seen + 1
+        if seen < EXAMPLES:
+            self.firsts.setdefault(pair, []).append((index, request))
+
+    def into(self, report: ImpactReport, origins: Sequence[str] | None) -> None:
+        """The flips as the report's groups (the change, the rule responsible), each with its first
+        few examples (where read and the request: explain_examples says what each side did)."""
+        found: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+        for pair, count in self.counts.items():
+            (old_decision, old_rule), (new_decision, new_rule) = pair
+            if old_decision == "allow":
+                kind, rule = ALLOW_TO_DENY, str(new_rule)
+            elif new_decision == "allow":
+                kind, rule = DENY_TO_ALLOW, str(old_rule)
+            else:
+                kind, rule = OTHER_RULE, f"{old_rule} → {new_rule}"
+            group = report.groups.setdefault((kind, rule), Group(kind, rule))
+            group.count += count
+            found.setdefault((kind, rule), []).extend(self.firsts.get(pair, ()))
+        for key, firsts in found.items():
+            examples = report.groups[key].examples
+            for index, request in sorted(firsts, key=lambda first: first[0])[: EXAMPLES - len(examples)]:
+                examples.append({"input": _origin(origins, index), "request": request})
+
+
+def explain_examples(report: ImpactReport, old: Side, new: Side, now: datetime) -> None:
+    """Each example of the report, not yet explained, with what each side did: its decision, the
+    rule, where it is written and the fields it read (two decisions explained, each costing many
+    plain ones: done once for the examples a run keeps, not for every chunk's)."""
+    for group in report.groups.values():
+        for example in group.examples:
+            if "old" not in example:
+                example["old"] = _explained(old, example["request"], now)
+                example["new"] = _explained(new, example["request"], now)
+
+
+def _judged_plainly(old: Side, new: Side, request: Any, now: datetime,
+                    report: ImpactReport) -> tuple[Verdict, Verdict] | str:
+    """Each side's whole decision through Engine.decide: (old verdict, new verdict), or why the
+    request is not a decision under both."""
+    if not isinstance(request, dict):
+        return "not JSON" if request is NOT_JSON else "not a JSON object"
+    before, after = _decide(old, request, now), _decide(new, request, now)
+    if isinstance(before, RequestError) or isinstance(after, RequestError):
+        return _why_rejected(before, after, report.old, report.new)
+    return ((before.decision, before.rule.id if before.rule else None),
+            (after.decision, after.rule.id if after.rule else None))
 
 
 def _origin(origins: Sequence[str] | None, index: int) -> str:
@@ -171,19 +217,16 @@ def _origin(origins: Sequence[str] | None, index: int) -> str:
     return origins[index] if origins is not None else f"line {index + 1}"
 
 
-# (old decision, old rule, new decision, new rule), or (the reason it is rejected under both,)
-Judged = tuple[str, str | None, str, str | None] | tuple[str]
-
-
 class QuickJudge:
     """The plain judging (each side's whole decision through Engine.decide) short-cut for the
     common request, with the same outcome: the request is checked once (both sides pin a
     version and share the checker, so the schema judges both pinned requests alike); it goes
-    straight to each side's generated path, and where both versions generate the same function
-    for its action and role (the same source once the version's name and digest are taken out,
-    the same constants and rules), it is decided once. Only the decision and the deciding rule
-    are kept. Anything else (a request the check or its timestamps refuse in another way, a
-    path that hands over to the evaluator, any exception) is None: judged the plain way."""
+    straight to each side's generated path's verdict (engine/codegen.py: the decision and its
+    rule, no Decision built), and where both versions generate the same function for its action
+    and role (the same source once the version's name and digest are taken out, the same
+    constants and rules), it is decided once. Anything else (a request the check or its
+    timestamps refuse in another way, a path that hands over to the evaluator, any exception)
+    is judged the plain way."""
 
     def __init__(self, old: Side, new: Side, now: datetime) -> None:
         (old_engine, old_name), (new_engine, new_name) = old, new
@@ -194,7 +237,8 @@ class QuickJudge:
         self.usable = self.check.usable.is_valid
         self.names = (old_name, new_name)
         self.now = now
-        self.paths: dict[tuple[str, str | None], Any] = {}
+        self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool] | tuple[()]] = {}
+        self.times: dict[str, datetime] = {}  # `at` as read -> as parsed (a log's requests share seconds)
 
     @classmethod
     def of(cls, old: Side, new: Side, now: datetime) -> QuickJudge | None:
@@ -224,49 +268,96 @@ class QuickJudge:
             return None  # a pin the schema refuses: every request is rejected, the plain way says how
         return cls(old, new, now)
 
-    def __call__(self, request: dict[str, Any]) -> Judged | None:
-        if not self.usable(request):
-            pinned = {**request, "policy_version": self.names[0]}
-            check = self.check
-            if not check.fast.is_valid(pinned) and not check.fast.is_valid(check.drop_nulls(pinned)):
-                return ("invalid_request",)  # RequestChecker refuses it under both pins, with this code
-            return None
-        key = (request["action"], request.get("role"))
-        paths = self.paths.get(key)
-        if paths is None:
-            paths = self.paths[key] = self._paths(*key)
-        if not paths:
-            return None
-        old_function, new_function, reads_pin = paths
-        try:
-            at = parse_timestamp(request["at"]) if "at" in request else self.now
-            before = old_function({**request, "policy_version": self.names[0]} if reads_pin else request,
-                                  at, "impact", DEFAULT_LANGUAGE)
-            if before is None:
-                return None
-            if new_function is None:
-                after = before
-            else:
-                after = new_function({**request, "policy_version": self.names[1]} if reads_pin else request,
-                                     at, "impact", DEFAULT_LANGUAGE)
-                if after is None:
-                    return None
-        except Exception:  # a Defer, a bug, a timestamp Python cannot hold: the plain way judges it
-            return None
-        return (before.decision, before.rule.id if before.rule else None,
-                after.decision, after.rule.id if after.rule else None)
+    def judge(self, requests: Iterable[Any], report: ImpactReport, tally: _Tally, origins: Sequence[str] | None,
+              old: Side, new: Side) -> None:
+        """Judge each request into the report (counts) and the tally (flips); one loop, with what
+        it looks up held in locals: a request costs its check and its verdicts, little more."""
+        usable, paths, times, now = self.usable, self.paths, self.times, self.now
+        old_pin, new_pin = self.names
+        flip = tally.flip
+        total = same = 0
+        for index, request in enumerate(requests):
+            total += 1
+            pair: Any = None
+            twins = False
+            if type(request) is dict and usable(request):
+                key = (request["action"], request.get("role"))
+                found = paths.get(key)
+                if found is None:
+                    found = self._paths(*key)
+                if found:
+                    old_verdict, new_verdict, reads_pin = found
+                    twins = new_verdict is None
+                    try:
+                        if "at" in request:
+                            text = request["at"]
+                            at = times.get(text)
+                            if at is None:
+                                at = parse_timestamp(text)  # ValueError: the plain way says how it is refused
+                                if len(times) >= 4096:
+                                    times.clear()
+                                times[text] = at
+                        else:
+                            at = now
+                        if reads_pin:
+                            before = old_verdict({**request, "policy_version": old_pin}, at)
+                            after = None if before is None or new_verdict is None else \
+                                new_verdict({**request, "policy_version": new_pin}, at)
+                        else:
+                            before = old_verdict(request, at)
+                            after = None if before is None or new_verdict is None else new_verdict(request, at)
+                    except Exception:  # a Defer, a bug, a timestamp Python cannot hold: the plain way judges it
+                        before = None
+                    if before is not None:
+                        if new_verdict is None or before == after:
+                            same += 1
+                            continue
+                        if after is not None:
+                            pair = (before, after)
+            elif type(request) is dict and self._invalid_both_ways(request):
+                report.reject("invalid_request", _origin(origins, index))  # as RequestChecker says under both pins
+                continue
+            if pair is None and twins:  # one side the plain way: twin paths, the same rules, the same outcome
+                decided = _decide(old, request, now)
+                if isinstance(decided, RequestError):
+                    report.reject(decided.code, _origin(origins, index))  # the same code under both
+                else:
+                    same += 1
+                continue
+            if pair is None:
+                judged = _judged_plainly(old, new, request, now, report)
+                if isinstance(judged, str):
+                    report.reject(judged, _origin(origins, index))
+                    continue
+                if judged[0] == judged[1]:
+                    same += 1
+                    continue
+                pair = judged
+            flip(pair, index, request)
+        report.total += total
+        report.same += same
+
+    def _invalid_both_ways(self, request: dict[str, Any]) -> bool:
+        """Whether RequestChecker refuses the request under both pins (as invalid_request): the
+        schema judges both pinned requests alike."""
+        pinned = {**request, "policy_version": self.names[0]}
+        check = self.check
+        return not check.fast.is_valid(pinned) and not check.fast.is_valid(check.drop_nulls(pinned))
 
     def _paths(self, action: str, role: str | None) -> tuple[Any, Any, bool] | tuple[()]:
-        """(old function, new function or None if it is the old one's twin, whether a rule reads
-        the pin), or () if a side has no generated path for them."""
+        """(old verdict, new verdict or None if it is the old one's twin, whether a rule reads the
+        pin), or () if a side has no generated path for them; remembered."""
         assert self.old_version is not None and self.new_version is not None
         old, new = self.old_version.path(action, role), self.new_version.path(action, role)
         if old is None or new is None:
-            return ()
-        old_text, new_text = _judging_text(old, self.old_version), _judging_text(new, self.new_version)
-        reads_pin = "policy_version" in old_text or "policy_version" in new_text
-        twins = not reads_pin and old_text == new_text and _same_constants(old, new)
-        return old.function, None if twins else new.function, reads_pin
+            found: tuple[Any, Any, bool] | tuple[()] = ()
+        else:
+            old_text, new_text = _judging_text(old, self.old_version), _judging_text(new, self.new_version)
+            reads_pin = "policy_version" in old_text or "policy_version" in new_text
+            twins = not reads_pin and old_text == new_text and _same_constants(old, new)
+            found = (old.verdict, None if twins else new.verdict, reads_pin)
+        self.paths[(action, role)] = found
+        return found
 
 
 def _judging_text(path: Any, version: Any) -> str:
@@ -449,31 +540,52 @@ def read_corpus(locations: Sequence[str]) -> Corpus:
     return Corpus(parse_lines(text for _, text in lines), [origin for origin, _ in lines])
 
 
-def _judge_chunk(chunk: list[tuple[str, str]]) -> ImpactReport:
-    origins = [origin for origin, _ in chunk]
+Chunk = tuple[list[str] | int, list[str]]  # (where each line was read, or the first's line number; texts)
+
+
+class _Numbered:
+    """The origins of consecutive lines: `line N` from the first one's number."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+
+    def __getitem__(self, index: int) -> str:
+        return f"line {self.first + index}"
+
+
+def _judge_chunk(chunk: Chunk) -> ImpactReport:
+    where, texts = chunk
+    origins: Any = _Numbered(where) if isinstance(where, int) else where
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
-        return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(text for _, text in chunk),
-                             _WORKER["now"], labels=_WORKER["labels"], origins=origins)
+        return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(texts), _WORKER["now"],
+                             labels=_WORKER["labels"], origins=origins, explain=False)
 
 
-def numbered(lines: Iterable[str | tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """(where it was read, text) for each line; plain text lines are numbered from 1."""
+def _chunks(lines: Iterable[str | tuple[str, str]], size: int) -> Iterator[Chunk]:
+    """The non-blank lines in chunks of `size`, each with where its lines were read: plain text
+    lines are numbered from 1 (a chunk of consecutive ones carries only the first number, the
+    rest are named when an example or a rejection needs them)."""
+    texts: list[str] = []
+    origins: list[str] | None = None  # None: plain lines, consecutive from `first`
+    first = 0
     for number, line in enumerate(lines, start=1):
-        yield (f"line {number}", line) if isinstance(line, str) else line
-
-
-def _chunks(lines: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
-    chunk: list[tuple[str, str]] = []
-    for origin, line in lines:
-        if line.strip():
-            chunk.append((origin, line))
-            if len(chunk) >= size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+        origin, text = (None, line) if isinstance(line, str) else line
+        if not text.strip():
+            continue
+        if not texts:
+            first, origins = number, None
+        if origins is None and (origin is not None or number != first + len(texts)):
+            origins = [f"line {first + index}" for index in range(len(texts))]
+        if origins is not None:
+            origins.append(origin if origin is not None else f"line {number}")
+        texts.append(text)
+        if len(texts) >= size:
+            yield (first if origins is None else origins), texts
+            texts = []
+    if texts:
+        yield (first if origins is None else origins), texts
 
 
 def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iterable[str | tuple[str, str]], *,
@@ -494,14 +606,14 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iter
     held = {loaded.digest: loaded, (other or loaded).digest: other or loaded}
     if workers == 1:
         _start_worker(sides, runtime, now, held)
-        results: Iterable[ImpactReport] = map(_judge_chunk, _chunks(numbered(lines), CHUNK))
+        results: Iterable[ImpactReport] = map(_judge_chunk, _chunks(lines, CHUNK))
         pool = None
     else:  # forked workers inherit the loaded sets (arguments are not copied through a pipe by a fork)
         method = "fork" if sys.platform != "win32" else "spawn"
         context = multiprocessing.get_context(method)
         pool = context.Pool(workers, initializer=_start_worker,
                             initargs=(sides, runtime, now, held if method == "fork" else None))
-        results = pool.imap(_judge_chunk, _chunks(numbered(lines), CHUNK), chunksize=1)
+        results = pool.imap(_judge_chunk, _chunks(lines, CHUNK), chunksize=1)
     try:
         for part in results:
             report.merge(part)
@@ -514,6 +626,12 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iter
         if pool is not None:
             pool.close()
             pool.join()
+    if workers == 1:
+        old_side, new_side = _WORKER["old"], _WORKER["new"]
+    else:
+        engines = {digest: Engine(held[digest], runtime=runtime) for digest in held}
+        old_side, new_side = (engines[sides.old_digest], old), (engines[sides.new_digest], new)
+    explain_examples(report, old_side, new_side, now)  # the examples kept, once
     report.seconds = time.perf_counter() - started
     report.cpu_seconds = _cpu_seconds() - cpu_started
     if progress is not None:

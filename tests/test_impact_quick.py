@@ -18,6 +18,7 @@ from engine.impact import (
     judge_engines,
     parse_lines,
     parse_lines_plainly,
+    run_impact,
 )
 from engine.loader import load_policies
 from engine.versions import PolicySet
@@ -27,6 +28,8 @@ from .conftest import NOW, POLICIES, ROOT, bind_request
 EXAMPLES = ROOT / "examples" / "requests.jsonl"
 
 ACCOUNT: dict[str, Any] = dict(bind_request()["account"])  # type: ignore[call-overload]
+# denied under v1 (personal.min-followers), allowed under v2 (which lifts it for US shops)
+FLIPPING = bind_request(account={**ACCOUNT, "followers": 500})
 # Lines the plain way rejects in every way it can, or reads in a way orjson does not.
 HOSTILE = [
     "not json", "[1, 2]", '"a string"', "1e400", '{"action": "bind", "n": NaN}',
@@ -104,17 +107,73 @@ def test_twin_paths_are_found_and_only_those(policies: PolicySet) -> None:
     assert login and bind and login[1] is None and bind[1] is not None
 
 
-def test_a_request_judged_quickly_is_judged_as_engine_decide_judges_it(policies: PolicySet) -> None:
+def near_misses(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request, and copies with one field of an object inside it taken out or made null: requests
+    the schema may still accept on which a path lacks a field it reads (it hands over, or must not
+    stop early) or meets a null where it reads an object (a CEL error, the rule judged again)."""
+    found = [request]
+    for name, value in request.items():
+        if isinstance(value, dict):
+            for inner in value:
+                found.append({**request, name: {k: v for k, v in value.items() if k != inner}})
+                found.append({**request, name: {**value, inner: None}})
+    return found
+
+
+def test_each_path_verdict_is_its_decision(policies: PolicySet) -> None:
+    """GeneratedPath.verdict (what impact calls: no Decision built, the first denial returned at
+    once on a request with every field) answers as the path's whole function, decision and rule,
+    on every request the check lets through: complete ones, ones lacking a field, nulls inside."""
     engine = Engine(policies)
-    judge = QuickJudge.of((engine, "v1"), (engine, "v2"), NOW)
-    assert judge is not None
-    for request in generate_requests(200, seed=9):
-        judged = judge(request)
-        if judged is None or len(judged) == 1:
-            continue
-        for (decision, rule), version in ((judged[:2], "v1"), (judged[2:], "v2")):
-            made = engine.decide({**request, "policy_version": version}, now=NOW)
-            assert (made.decision, made.rule.id if made.rule else None) == (decision, rule)
+    outcomes: dict[str, int] = {}
+    for request in generate_requests(120, seed=9):
+        for variant in near_misses(request):
+            if not engine.check.usable.is_valid(variant):
+                continue
+            for name in ("v1", "v2"):
+                version = policies.get(name)
+                assert version is not None
+                path = version.path(variant["action"], variant.get("role"))
+                if path is None:
+                    continue
+                decided = path.function(variant, NOW, "d", "en")
+                verdict = path.verdict(variant, NOW)
+                expected = None if decided is None else (decided.decision, decided.rule.id if decided.rule else None)
+                assert verdict == expected, (name, variant)
+                kind = "handed over" if verdict is None else verdict[0]
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+    assert min(outcomes.get(kind, 0) for kind in ("allow", "deny", "handed over")) >= 20, outcomes
+
+
+def test_near_misses_give_the_plain_report(policies: PolicySet) -> None:
+    """The quick way over requests lacking a field or holding a null where a rule reads an object:
+    the plain way's report (rejections by reason, flips and examples), both ways round."""
+    engine = Engine(policies)
+    flipping = FLIPPING
+    lines = [json.dumps(v) for r in [flipping, *generate_requests(60, seed=13)] for v in near_misses(r)]
+    for old, new in (("v1", "v2"), ("v2", "v1")):
+        quick, plain = both_ways((engine, engine), old, new, lines)
+        assert quick == plain
+        assert plain["rejected"] > 50 and plain["decided"] > 500 and plain["groups"]
+
+
+def test_impact_names_each_line_where_it_was_read(policies: PolicySet) -> None:
+    """run_impact's chunks carry only their first line's number: blank lines skipped in between and
+    (where, text) pairs still name each rejection's and example's line as read."""
+    lines = ["", json.dumps(bind_request()), "not json", "   ", json.dumps(bind_request(account={**ACCOUNT, "age": 2})),
+             "[1]", ""]
+    report = run_impact(policies, "v1", "v1", lines, workers=1, now=NOW).to_dict()
+    assert {r["reason"]: r["inputs"] for r in report["rejections"]} == {"not JSON": ["line 3"],
+                                                                      "not a JSON object": ["line 6"]}
+    pairs = [(f"f.jsonl:{n}", text) for n, text in enumerate(lines, start=7)]
+    report = run_impact(policies, "v1", "v1", pairs, workers=1, now=NOW).to_dict()
+    assert {r["reason"]: r["inputs"] for r in report["rejections"]} == {"not JSON": ["f.jsonl:9"],
+                                                                      "not a JSON object": ["f.jsonl:12"]}
+    report = run_impact(policies, "v1", "v2", ["", *[json.dumps(FLIPPING)] * 5], workers=1, now=NOW).to_dict()
+    examples = report["groups"][0]["examples"]
+    assert [x["input"] for x in examples] == ["line 2", "line 3", "line 4"]
+    assert report["groups"][0]["rule"] == "personal.min-followers"
+    assert all(x["old"]["decision"] == "deny" and x["new"]["decision"] == "allow" for x in examples)
 
 
 def test_the_generated_decision_record_has_every_field(policies: PolicySet) -> None:
