@@ -1030,10 +1030,13 @@ def _answer(engine: Engine, text: str | bytes, args: argparse.Namespace, now: da
             line: int | None) -> tuple[int, dict[str, Any]]:
     """(exit code, response or error body) for one request's text."""
     try:
-        request = parse_json(text)
-        if args.policy_version and isinstance(request, dict):
-            request["policy_version"] = args.policy_version
-        decision = engine.decide(request, now=now, explain=args.explain, language=args.lang)
+        if args.policy_version:
+            request = parse_json(text)
+            if isinstance(request, dict):
+                request["policy_version"] = args.policy_version
+            decision = engine.decide(request, now=now, explain=args.explain, language=args.lang)
+        else:  # read and checked in one pass where the reader vouches for it (engine/reader.py)
+            decision = engine.decide_bytes(text, now=now, explain=args.explain, language=args.lang)
     except RequestError as exc:
         body = exc.to_dict()
         if line is not None:

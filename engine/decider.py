@@ -66,6 +66,21 @@ class Engine:
         `now` stands in for a missing `at`: the engine never reads a clock itself.
         """
         request, usable = self.check.checked(raw)
+        return self.decide_checked(request, usable, now=now, decision_id=decision_id, explain=explain,
+                                   language=language)
+
+    def decide_bytes(self, data: bytes | str, *, now: datetime, decision_id: str | None = None,
+                     explain: bool = False, language: str = DEFAULT_LANGUAGE) -> Decision:
+        """Decide one request from its JSON text: read strictly and checked in one pass where the
+        reader vouches for it (RequestChecker.read), with the same answers and errors as
+        decide(parse_json(data))."""
+        request, usable = self.check.read(data)
+        return self.decide_checked(request, usable, now=now, decision_id=decision_id, explain=explain,
+                                   language=language)
+
+    def decide_checked(self, request: dict[str, Any], usable: bool, *, now: datetime, decision_id: str | None = None,
+                       explain: bool = False, language: str = DEFAULT_LANGUAGE) -> Decision:
+        """Decide a request as RequestChecker.checked or .read gave it (with its `usable`)."""
         try:
             at = parse_timestamp(request["at"]) if "at" in request else now
             version = self.policies.select(at, request.get("policy_version"))

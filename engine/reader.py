@@ -1,0 +1,302 @@
+"""A request read and checked in one pass over its bytes, for the common valid request.
+
+msgspec decodes the bytes against types generated from the request schema (TypedDicts with their
+required fields, Literal enums, length and range bounds), in C, and builds the value as it goes:
+the same dicts, lists, strings and numbers as the strict reading's. The reader only VOUCHES: what
+it gives back is exactly the value that the strict reading (engine/request.py: parse_json) gives
+and that the checker (RequestChecker.checked) takes as it is, with every timestamp usable.
+Whatever it refuses or cannot prove is None, and the strict reading and the checker read the
+bytes again, with their words for every problem. What msgspec does not check, the bytes and the
+value prove:
+
+- a key twice in one object, and a field the schema does not know (msgspec drops both in
+  silence): orjson's writing of the value has as many colons as the text (a colon in a string
+  is in both; a key dropped takes its colon with it; an escaped colon, \\u003a, is counted);
+- numbers: integer fields take only integers within their bounds and +-2^53 (an integer written
+  18.0, which JSON Schema takes, is read the long way); a `number` field is taken as its text
+  (msgspec.Raw) and read as the reference reads it, a double that holds the number as written;
+- strings: no \\u0000 (the contract refuses NUL, which only an escape can write); msgspec, like
+  orjson, refuses a lone surrogate and reads a pair as its one character;
+- the schema's conditions (`if` a field has one of some values, `then` fields are required);
+- timestamps: gathered from the value and matched at once against FAST_TIMESTAMP, a subset of
+  what the date-time format and USABLE_TIMESTAMP take (no 29 February: read the long way).
+
+The finishing function (numbers, conditions, timestamps) is written from the schema as Python
+source, like NativeConverter's. A schema with anything the generator does not know gets no
+one-pass reading (ReaderError; RequestChecker then reads every request the long way).
+tests/abuse/test_request_reader.py compares both ways over hostile texts and generated requests.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from decimal import Decimal
+from functools import partial
+from itertools import repeat
+from operator import is_not, itemgetter
+from typing import Annotated, Any, Literal, NotRequired, Required, TypedDict, Union
+
+import msgspec
+import orjson
+
+from engine.schemas import Schema, SchemaWalker
+
+SAFE_INTEGER = 2**53
+
+# A date-time that the date-time format and USABLE_TIMESTAMP (engine/request.py) both take and
+# Python holds: years 0002 to 9989, days that every year has in their month (29 February is read
+# the long way), no leap second, an offset within a day.
+_YEAR = "(?:000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9])"
+_MONTH_DAY = ("(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+              "|(?:0[13-9]|1[0-2])-(?:29|30)"
+              "|(?:0[13578]|1[02])-31)")
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?"
+_OFFSET = "(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+FAST_TIMESTAMP = f"{_YEAR}-{_MONTH_DAY}[Tt]{_TIME}{_OFFSET}"
+_TIMESTAMPS = re.compile(f"(?:{FAST_TIMESTAMP}\n)*")  # every timestamp of a request, each ended by \n
+
+NO_NUL = "^[^\\u0000]*$"  # the contract's pattern for stored strings: proven from the bytes instead
+
+_NUMBER_START = frozenset(b"-0123456789")
+
+_STRING_WORDS = frozenset({"type", "description", "title", "minLength", "maxLength", "pattern", "format"})
+_INTEGER_WORDS = frozenset({"type", "description", "title", "minimum", "maximum"})
+_NUMBER_WORDS = _INTEGER_WORDS
+_OBJECT_WORDS = frozenset({"type", "description", "title", "properties", "required", "additionalProperties",
+                           "allOf", "if", "then", "$schema", "$id", "$defs"})
+_ARRAY_WORDS = frozenset({"type", "description", "title", "items", "maxItems"})
+
+# What a node asks of the finishing function (besides an object's own function)
+NUMBER, TIMESTAMP, TIMESTAMPS = "number", "timestamp", "timestamps"
+
+
+class ReaderError(Exception):
+    """The schema holds something the one-pass reading does not know: it is not used."""
+
+
+class RequestReader:
+    """Reads a request from its bytes in one pass where it can vouch for it: __call__ gives the
+    value (the strict reading's, which the checker takes as it is, every timestamp usable), or
+    None: read it the long way."""
+
+    def __init__(self, schema: Schema) -> None:
+        self._walker = SchemaWalker(schema)
+        self._count = 0
+        if self._walker.resolve(schema).get("type") != "object":
+            raise ReaderError("the request is not an object")
+        request_type, finish = self._type(schema, "request")
+        body = finish[1]("o", 1) if finish is not None else []
+        self.source = "def finish(o, ts):\n" + "\n".join([*body, "    return True"]) + "\n"  # for a reviewer
+        namespace: dict[str, Any] = {"number": _number, "itemgetter": itemgetter, "repeat": repeat,
+                                     "is_value": partial(is_not, None)}
+        exec(compile(self.source, "<request reader>", "exec"), namespace)  # written from the schema
+        self._finish: Callable[[Any, list[str]], bool] = namespace["finish"]
+        self._decode = msgspec.json.Decoder(request_type).decode
+
+    def __call__(self, raw: bytes) -> dict[str, Any] | None:
+        escaped = b"\\" in raw
+        if escaped and b"\\u0000" in raw:
+            return None
+        try:
+            value: dict[str, Any] = self._decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return None
+        timestamps: list[str] = []
+        if not self._finish(value, timestamps):
+            return None
+        if timestamps:
+            timestamps.append("")
+            joined = "\n".join(timestamps)  # a \n in one of them would be one more
+            if _TIMESTAMPS.fullmatch(joined) is None or joined.count("\n") != len(timestamps) - 1:
+                return None
+        # A key twice, or a field the schema does not know, is dropped with its colon: fewer in
+        # orjson's writing of the value than in the text (a colon in a string is in both)
+        colons = raw.count(b":")
+        if escaped:
+            colons += raw.count(b"\\u003a") + raw.count(b"\\u003A")
+        return value if orjson.dumps(value).count(b":") == colons else None
+
+    # --- the types, from the schema --------------------------------------------------------
+
+    def _type(self, schema: Schema, name: str) -> tuple[Any, Any]:
+        """The msgspec type of a schema node, and what the finishing function does with its
+        value: None, NUMBER, TIMESTAMP, TIMESTAMPS, or ("object" or "objects" for a list of them,
+        the function writing the source that finishes one, the timestamp fields a list of them
+        gathers in C where that is all there is to do)."""
+        schema = self._walker.resolve(schema)
+        branches = schema.get("oneOf") or schema.get("anyOf")
+        if branches:
+            if set(schema) - {"oneOf", "anyOf", "description", "title"}:
+                raise ReaderError(f"{name}: a oneOf beside other keywords")
+            kinds = [self._walker.resolve(b) for b in branches]
+            others = [b for b in kinds if b != {"type": "null"}]
+            if len(kinds) != 2 or len(others) != 1:
+                raise ReaderError(f"{name}: only a oneOf of null and one other schema is read in one pass")
+            inner, finish = self._type(others[0], name)
+            if finish == NUMBER:
+                raise ReaderError(f"{name}: a number or null")
+            return Union[inner, None], finish  # noqa: UP007 (a type built at run time)
+        if "enum" in schema or "const" in schema:
+            values = schema.get("enum", [schema.get("const")])
+            if set(schema) - {"enum", "const", "description", "title"} or not all(isinstance(v, str) for v in values):
+                raise ReaderError(f"{name}: only enums of strings are read in one pass")
+            return Literal[tuple(values)], None
+        kind = schema.get("type")
+        if kind == "string":
+            return self._string(schema, name)
+        if kind == "boolean" and set(schema) <= {"type", "description", "title"}:
+            return bool, None
+        if kind == "integer":
+            return self._integer(schema, name), None
+        if kind == "number":
+            if set(schema) - _NUMBER_WORDS:
+                raise ReaderError(f"{name}: {sorted(set(schema) - _NUMBER_WORDS)} on a number")
+            return msgspec.Raw, NUMBER  # its text, read by the object's finishing function
+        if kind == "array":
+            return self._array(schema, name)
+        if kind == "object":
+            return self._object(schema, name)
+        raise ReaderError(f"{name}: {schema!r} is not read in one pass")
+
+    def _string(self, schema: Schema, name: str) -> tuple[Any, Any]:
+        if set(schema) - _STRING_WORDS:
+            raise ReaderError(f"{name}: {sorted(set(schema) - _STRING_WORDS)} on a string")
+        bounds: dict[str, Any] = {}
+        if "minLength" in schema:
+            bounds["min_length"] = schema["minLength"]
+        if "maxLength" in schema:
+            bounds["max_length"] = schema["maxLength"]
+        pattern, finish = schema.get("pattern"), None
+        if schema.get("format") == "date-time":
+            if pattern is not None:
+                raise ReaderError(f"{name}: a pattern on a date-time")
+            finish = TIMESTAMP
+        elif "format" in schema:
+            raise ReaderError(f"{name}: the format {schema['format']!r}")
+        elif pattern is not None and pattern != NO_NUL:  # NUL: no \u0000 in the bytes
+            if not re.fullmatch(r"\^[A-Za-z0-9\[\]{},\-]*\$", pattern):
+                raise ReaderError(f"{name}: the pattern {pattern!r}")
+            bounds["pattern"] = pattern[:-1] + "\\Z"  # ECMA's $ is the end; Python's also before a last \n
+        return (Annotated[str, msgspec.Meta(**bounds)] if bounds else str), finish
+
+    def _integer(self, schema: Schema, name: str) -> Any:
+        if set(schema) - _INTEGER_WORDS:
+            raise ReaderError(f"{name}: {sorted(set(schema) - _INTEGER_WORDS)} on an integer")
+        low, high = schema.get("minimum", -SAFE_INTEGER), schema.get("maximum", SAFE_INTEGER)
+        if not (isinstance(low, int) and isinstance(high, int)):
+            raise ReaderError(f"{name}: bounds that are not integers")
+        return Annotated[int, msgspec.Meta(ge=max(low, -SAFE_INTEGER), le=min(high, SAFE_INTEGER))]
+
+    def _array(self, schema: Schema, name: str) -> tuple[Any, Any]:
+        if set(schema) - _ARRAY_WORDS or "items" not in schema:
+            raise ReaderError(f"{name}: {sorted(set(schema) - _ARRAY_WORDS)} on an array")
+        items, finish = self._type(schema["items"], name)
+        if finish in (NUMBER, TIMESTAMPS) or (isinstance(finish, tuple) and finish[0] == "objects"):
+            raise ReaderError(f"{name}: numbers or lists in list items")
+        bound = schema.get("maxItems")
+        listed: Any = list[items]  # type: ignore[valid-type]
+        kind = Annotated[listed, msgspec.Meta(max_length=bound)] if bound is not None else listed
+        if finish == TIMESTAMP:
+            return kind, TIMESTAMPS
+        return kind, ("objects", *finish[1:]) if isinstance(finish, tuple) else None
+
+    def _object(self, schema: Schema, name: str) -> tuple[Any, Any]:
+        """A TypedDict, and ("object", lines) where lines(variable, depth) is the source that
+        finishes a value of it, or None where there is nothing to do."""
+        if set(schema) - _OBJECT_WORDS or schema.get("additionalProperties") is not False:
+            raise ReaderError(f"{name}: {sorted(set(schema) - _OBJECT_WORDS)} on an object, or other fields allowed")
+        required = set(schema.get("required", []))
+        fields: dict[str, Any] = {}
+        plans: list[tuple[str, Any, Schema]] = []
+        for field, sub in schema.get("properties", {}).items():
+            kind, finish = self._type(sub, field)
+            fields[field] = Required[kind] if field in required else NotRequired[kind]
+            if finish is not None:
+                plans.append((field, finish, self._walker.resolve(sub)))
+        if required - set(fields):
+            raise ReaderError(f"{name}: required fields that are not properties")
+        conditions = [*schema.get("allOf", [])]
+        if "if" in schema or "then" in schema:
+            conditions.append({"if": schema.get("if"), "then": schema.get("then")})
+        tests = [self._condition(condition, name, set(fields)) for condition in conditions]
+        self._count += 1
+        made: Any = TypedDict(f"{name}_{self._count}", fields, total=False)  # type: ignore[misc]
+        if not plans and not tests:
+            return made, None
+        # A list of these objects gathers its timestamps in C where that is all there is to do
+        direct = [(f, f in required and "oneOf" not in sub) for f, plan, sub in plans if plan == TIMESTAMP]
+        gather = direct if len(direct) == len(plans) and not tests else None
+
+        def lines(o: str, depth: int) -> list[str]:
+            pad, out = "    " * depth, []
+            for field, plan, sub in plans:
+                x = f"x{depth}"
+                if plan == NUMBER:
+                    out += [f"{pad}if {field!r} in {o}:",
+                            f"{pad}    {x} = number({o}[{field!r}], {sub.get('minimum')!r}, {sub.get('maximum')!r})",
+                            f"{pad}    if {x} is None:", f"{pad}        return False",
+                            f"{pad}    {o}[{field!r}] = {x}"]
+                    continue
+                out.append(f"{pad}{x} = {o}.get({field!r})")
+                out.append(f"{pad}if {x} is not None:")
+                if plan == TIMESTAMP:
+                    out.append(f"{pad}    ts.append({x})")
+                elif plan == TIMESTAMPS:
+                    out.append(f"{pad}    ts.extend({x})")
+                elif plan[0] == "object":
+                    out += plan[1](x, depth + 1)  # written in place: no call per object
+                elif plan[2] is not None:  # a list of objects with only timestamps to gather
+                    for key, always in plan[2]:
+                        out.append(f"{pad}    ts.extend(map(itemgetter({key!r}), {x}))" if always else
+                                   f"{pad}    ts.extend(filter(is_value, map(dict.get, {x}, repeat({key!r}))))")
+                else:
+                    out.append(f"{pad}    for i{depth} in {x}:")
+                    out += plan[1](f"i{depth}", depth + 2)
+            return out + [line.replace("{o}", o).replace("{pad}", pad) for line in tests]
+
+        return made, ("object", lines, gather)
+
+    def _condition(self, condition: Schema, name: str, fields: set[str]) -> str:
+        """`if` {required?, properties: {one field: enum or const}} `then` {required: [...]}, as source."""
+        test, then = condition.get("if"), condition.get("then")
+        unknown = ReaderError(f"{name}: a condition the one-pass reading does not read: {condition!r}")
+        if set(condition) != {"if", "then"} or not isinstance(test, dict) or not isinstance(then, dict):
+            raise unknown
+        properties = test.get("properties", {})
+        if set(test) - {"required", "properties"} or len(properties) != 1 or set(then) != {"required"}:
+            raise unknown
+        (field, values), = properties.items()
+        chosen = tuple(values.get("enum", [values.get("const")]))
+        if set(values) - {"enum", "const"} or set(then["required"]) - fields \
+                or set(test.get("required", [])) - {field} or not all(isinstance(v, str) for v in chosen):
+            raise unknown
+        # JSON Schema: `if` holds where the field has one of the values, or is absent and `if` does not require it
+        holds = f"{{o}}.get({field!r}) in {chosen!r}" if field in test.get("required", []) else \
+            f"{{o}}.get({field!r}, {chosen[0]!r}) in {chosen!r}"
+        needed = " and ".join(f"{k!r} in {{o}}" for k in then["required"])
+        return f"{{pad}}if {holds} and not ({needed}):\n{{pad}}    return False"
+
+
+def _number(raw: msgspec.Raw, low: float | None, high: float | None) -> int | float | None:
+    """A `number` field's text as the strict reading reads it (an integer within +-2^53 stays an
+    integer; a double is taken only where it holds the number exactly as written), within the
+    schema's bounds; None for anything else (a string or null there, 1e400, 0.10000000000000001).
+    The text is one JSON value (msgspec has read it)."""
+    text = bytes(raw)
+    if text[0] not in _NUMBER_START:
+        return None
+    value: int | float
+    if text.isdigit() or (text[0] == 45 and text[1:].isdigit()):  # 45: "-"
+        value = int(text)
+        if not -SAFE_INTEGER <= value <= SAFE_INTEGER:
+            return None
+    else:
+        value = float(text)
+        if repr(value).encode() != text and (
+                not math.isfinite(value) or Decimal(repr(value)) != Decimal(text.decode())):
+            return None
+    if (low is not None and value < low) or (high is not None and value > high):
+        return None
+    return value
