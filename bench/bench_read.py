@@ -1,0 +1,69 @@
+"""The strict reading and check of one request from its bytes, old way against one pass, in one
+process over the same lines: `checked(parse_json(bytes))` (orjson, its proof from the bytes, then
+jsonschema-rs) against `RequestChecker.read` (engine/reader.py: msgspec against types generated
+from the schema, the proofs from the bytes and the value), and orjson.loads alone as the floor
+of any reading. CPU time per request (process time: on a shared machine it moves less than the
+clock), the best of --repeat rounds, each way's rounds interleaved.
+
+The lines: the official binds of bench/peers/corpus.py (about 1.2 KB each), written as a JSON
+Lines file holds them (UTF-8 as is), and the same with every non-ASCII character escaped
+(\\uXXXX, as json.dumps writes by default).
+
+Run: .venv/bin/python bench/bench_read.py [--repeat 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.peers.corpus import build_corpus
+from engine.request import default_checker, parse_json
+
+
+def per_request(ways: dict[str, Callable[[bytes], Any]], lines: list[bytes], repeat: int) -> dict[str, float]:
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(repeat):
+        for name, way in ways.items():
+            start = time.process_time()
+            for line in lines:
+                way(line)
+            best[name] = min(best[name], (time.process_time() - start) / len(lines) * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    corpus = build_corpus(500, 20250701)
+    checker = default_checker()
+    ways: dict[str, Callable[[bytes], Any]] = {
+        "old": lambda line: checker.checked(parse_json(line)),
+        "one pass": checker.read,
+        "orjson.loads": orjson.loads,
+    }
+    for label, ascii_only in (("UTF-8 as is", False), ("escaped \\uXXXX", True)):
+        lines = [json.dumps(r, ensure_ascii=ascii_only).encode() for r in corpus]
+        for line in lines:  # the same answer, and the one pass reads every line itself
+            assert repr(checker.read(line)) == repr(checker.checked(parse_json(line)))
+            assert checker.vouch(line) is not None, line[:200]
+        found = per_request(ways, lines, args.repeat)
+        print(f"{label} ({sum(map(len, lines)) // len(lines)} bytes a request): "
+              f"old {found['old']:.1f} µs, one pass {found['one pass']:.1f} µs "
+              f"({found['one pass'] / found['old']:.2f}x), orjson.loads alone {found['orjson.loads']:.1f} µs")
+    print(f"CPU time per request, best of {args.repeat}; load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
