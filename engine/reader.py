@@ -84,15 +84,17 @@ class RequestReader:
     def __init__(self, schema: Schema) -> None:
         self._walker = SchemaWalker(schema)
         self._count = 0
+        self._constants: dict[str, Any] = {}
         if self._walker.resolve(schema).get("type") != "object":
             raise ReaderError("the request is not an object")
         request_type, finish = self._type(schema, "request")
-        body = finish[1]("o", 1) if finish is not None else []
-        self.source = "def finish(o, ts):\n" + "\n".join([*body, "    return True"]) + "\n"  # for a reviewer
+        body = finish[1]("o", 1)
+        self.source = "def finish(o, ts):\n" + "\n".join(["    add, more, k = ts.append, ts.extend, 0", *body,
+                                                           "    return k"]) + "\n"  # for a reviewer
         namespace: dict[str, Any] = {"number": _number, "itemgetter": itemgetter, "repeat": repeat,
-                                     "is_value": partial(is_not, None)}
+                                     "is_value": partial(is_not, None), **self._constants}
         exec(compile(self.source, "<request reader>", "exec"), namespace)  # written from the schema
-        self._finish: Callable[[Any, list[str]], bool] = namespace["finish"]
+        self._finish: Callable[[Any, list[str]], int] = namespace["finish"]  # keys, or -1: refused
         self._decode = msgspec.json.Decoder(request_type).decode
 
     def __call__(self, raw: bytes) -> dict[str, Any] | None:
@@ -104,19 +106,26 @@ class RequestReader:
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             return None
         timestamps: list[str] = []
-        if not self._finish(value, timestamps):
+        keys = self._finish(value, timestamps)
+        if keys < 0:
             return None
+        timestamp_colons = 0
         if timestamps:
             timestamps.append("")
             joined = "\n".join(timestamps)  # a \n in one of them would be one more
             if _TIMESTAMPS.fullmatch(joined) is None or joined.count("\n") != len(timestamps) - 1:
                 return None
-        # A key twice, or a field the schema does not know, is dropped with its colon: fewer in
-        # orjson's writing of the value than in the text (a colon in a string is in both)
-        colons = raw.count(b":")
-        if escaped:
-            colons += raw.count(b"\\u003a") + raw.count(b"\\u003A")
-        return value if orjson.dumps(value).count(b":") == colons else None
+            timestamp_colons = joined.count(":")
+        if escaped:  # a key twice, or unknown, is dropped with its colon: fewer in orjson's writing
+            colons = raw.count(b":") + raw.count(b"\\u003a") + raw.count(b"\\u003A")
+            return value if orjson.dumps(value).count(b":") == colons else None
+        # Without escapes, no string holds a quote. Every colon of the text is a key's (right after
+        # its quote, or after whitespace) or in a string (its first character, or not); the
+        # timestamps' colons are in strings, not first. So all colons == the '":' + the timestamps'
+        # means no whitespace before a key's colon and no other string holding one; then '":'
+        # counts the keys of the text, and the keys decoded are as many: none twice, none unknown.
+        tight = raw.count(b'":')
+        return value if tight == keys and raw.count(b":") == tight + timestamp_colons else None
 
     # --- the types, from the schema --------------------------------------------------------
 
@@ -203,8 +212,9 @@ class RequestReader:
         return kind, ("objects", *finish[1:]) if isinstance(finish, tuple) else None
 
     def _object(self, schema: Schema, name: str) -> tuple[Any, Any]:
-        """A TypedDict, and ("object", lines) where lines(variable, depth) is the source that
-        finishes a value of it, or None where there is nothing to do."""
+        """A TypedDict, and ("object", lines, gather) where lines(variable, depth) is the source
+        that finishes a value of it (counts its keys, reads its numbers, gathers its timestamps,
+        checks its conditions)."""
         if set(schema) - _OBJECT_WORDS or schema.get("additionalProperties") is not False:
             raise ReaderError(f"{name}: {sorted(set(schema) - _OBJECT_WORDS)} on an object, or other fields allowed")
         required = set(schema.get("required", []))
@@ -213,44 +223,43 @@ class RequestReader:
         for field, sub in schema.get("properties", {}).items():
             kind, finish = self._type(sub, field)
             fields[field] = Required[kind] if field in required else NotRequired[kind]
-            if finish is not None:
+            if finish is not None:  # every object has one: it counts its keys
                 plans.append((field, finish, self._walker.resolve(sub)))
         if required - set(fields):
             raise ReaderError(f"{name}: required fields that are not properties")
         conditions = [*schema.get("allOf", [])]
         if "if" in schema or "then" in schema:
             conditions.append({"if": schema.get("if"), "then": schema.get("then")})
-        tests = [self._condition(condition, name, set(fields)) for condition in conditions]
+        tests = self._conditions(conditions, name, set(fields))
         self._count += 1
         made: Any = TypedDict(f"{name}_{self._count}", fields, total=False)  # type: ignore[misc]
-        if not plans and not tests:
-            return made, None
-        # A list of these objects gathers its timestamps in C where that is all there is to do
+        # A list of these objects counts its keys, and gathers its timestamps, in C where that is all
         direct = [(f, f in required and "oneOf" not in sub) for f, plan, sub in plans if plan == TIMESTAMP]
         gather = direct if len(direct) == len(plans) and not tests else None
 
         def lines(o: str, depth: int) -> list[str]:
-            pad, out = "    " * depth, []
+            pad, out = "    " * depth, [f"{'    ' * depth}k += len({o})"]
             for field, plan, sub in plans:
                 x = f"x{depth}"
                 if plan == NUMBER:
                     out += [f"{pad}if {field!r} in {o}:",
                             f"{pad}    {x} = number({o}[{field!r}], {sub.get('minimum')!r}, {sub.get('maximum')!r})",
-                            f"{pad}    if {x} is None:", f"{pad}        return False",
+                            f"{pad}    if {x} is None:", f"{pad}        return -1",
                             f"{pad}    {o}[{field!r}] = {x}"]
                     continue
                 out.append(f"{pad}{x} = {o}.get({field!r})")
                 out.append(f"{pad}if {x} is not None:")
                 if plan == TIMESTAMP:
-                    out.append(f"{pad}    ts.append({x})")
+                    out.append(f"{pad}    add({x})")
                 elif plan == TIMESTAMPS:
-                    out.append(f"{pad}    ts.extend({x})")
+                    out.append(f"{pad}    more({x})")
                 elif plan[0] == "object":
                     out += plan[1](x, depth + 1)  # written in place: no call per object
                 elif plan[2] is not None:  # a list of objects with only timestamps to gather
+                    out.append(f"{pad}    k += sum(map(len, {x}))")
                     for key, always in plan[2]:
-                        out.append(f"{pad}    ts.extend(map(itemgetter({key!r}), {x}))" if always else
-                                   f"{pad}    ts.extend(filter(is_value, map(dict.get, {x}, repeat({key!r}))))")
+                        out.append(f"{pad}    more(map(itemgetter({key!r}), {x}))" if always else
+                                   f"{pad}    more(filter(is_value, map(dict.get, {x}, repeat({key!r}))))")
                 else:
                     out.append(f"{pad}    for i{depth} in {x}:")
                     out += plan[1](f"i{depth}", depth + 2)
@@ -258,25 +267,41 @@ class RequestReader:
 
         return made, ("object", lines, gather)
 
-    def _condition(self, condition: Schema, name: str, fields: set[str]) -> str:
-        """`if` {required?, properties: {one field: enum or const}} `then` {required: [...]}, as source."""
-        test, then = condition.get("if"), condition.get("then")
-        unknown = ReaderError(f"{name}: a condition the one-pass reading does not read: {condition!r}")
-        if set(condition) != {"if", "then"} or not isinstance(test, dict) or not isinstance(then, dict):
-            raise unknown
-        properties = test.get("properties", {})
-        if set(test) - {"required", "properties"} or len(properties) != 1 or set(then) != {"required"}:
-            raise unknown
-        (field, values), = properties.items()
-        chosen = tuple(values.get("enum", [values.get("const")]))
-        if set(values) - {"enum", "const"} or set(then["required"]) - fields \
-                or set(test.get("required", [])) - {field} or not all(isinstance(v, str) for v in chosen):
-            raise unknown
-        # JSON Schema: `if` holds where the field has one of the values, or is absent and `if` does not require it
-        holds = f"{{o}}.get({field!r}) in {chosen!r}" if field in test.get("required", []) else \
-            f"{{o}}.get({field!r}, {chosen[0]!r}) in {chosen!r}"
-        needed = " and ".join(f"{k!r} in {{o}}" for k in then["required"])
-        return f"{{pad}}if {holds} and not ({needed}):\n{{pad}}    return False"
+    def _conditions(self, conditions: list[Any], name: str, fields: set[str]) -> list[str]:
+        """Each `if` {required?, properties: {one field: enum or const}} `then` {required: [...]},
+        as source (templates of {o} and {pad}): those whose `if` requires its field, by field, in
+        one look-up of the fields the value requires."""
+        needs: dict[str, dict[str, frozenset[str]]] = {}
+        tests: list[str] = []
+        for condition in conditions:
+            test, then = condition.get("if"), condition.get("then")
+            unknown = ReaderError(f"{name}: a condition the one-pass reading does not read: {condition!r}")
+            if set(condition) != {"if", "then"} or not isinstance(test, dict) or not isinstance(then, dict):
+                raise unknown
+            properties = test.get("properties", {})
+            if set(test) - {"required", "properties"} or len(properties) != 1 or set(then) != {"required"}:
+                raise unknown
+            (field, values), = properties.items()
+            chosen = tuple(values.get("enum", [values.get("const")]))
+            if set(values) - {"enum", "const"} or set(then["required"]) - fields \
+                    or set(test.get("required", [])) - {field} or not all(isinstance(v, str) for v in chosen):
+                raise unknown
+            if field in test.get("required", []):  # `if` holds where the field has one of the values
+                table = needs.setdefault(field, {})
+                for value in chosen:
+                    table[value] = table.get(value, frozenset()) | frozenset(then["required"])
+                continue
+            # `if` holds too where the field is absent, as `if` does not require it
+            needed = " and ".join(f"{k!r} in {{o}}" for k in then["required"])
+            tests.append(f"{{pad}}if {{o}}.get({field!r}, {chosen[0]!r}) in {chosen!r} and not ({needed}):\n"
+                         f"{{pad}}    return -1")
+        for field, table in needs.items():
+            constant = f"_NEEDS_{len(self._constants)}"
+            self._constants[constant] = table
+            tests.append(f"{{pad}}n = {{o}}.get({field!r})\n"  # a value that is no string has none of them
+                         f"{{pad}}n = {constant}.get(n) if type(n) is str else None\n"
+                         f"{{pad}}if n is not None and not n <= {{o}}.keys():\n{{pad}}    return -1")
+        return tests
 
 
 def _number(raw: msgspec.Raw, low: float | None, high: float | None) -> int | float | None:
