@@ -91,19 +91,36 @@ class _Code:
 
 
 class _Namespace:
-    """The constants and callables a generated module refers to, by the names it gives them."""
+    """The constants and callables a generated module refers to, by the names it gives them.
 
-    def __init__(self) -> None:
+    The paths of one version draw their names from one pool (`shared`): an expression written
+    once reads the same names in every path it is copied into; each path's module gets only the
+    names its own source reads (`values`)."""
+
+    def __init__(self, shared: _Namespace | None = None) -> None:
         self.values: dict[str, Any] = {}
         self._by_id: dict[int, str] = {}
+        self.shared = shared
+        self.taken: list[str] | None = None  # while an expression is written: the names it reads
 
     def add(self, value: Any, prefix: str = "_k") -> str:
+        if self.shared is not None:
+            pooled = self.shared.add(value, prefix)
+            self.use(pooled)
+            return pooled
         name = self._by_id.get(id(value))
         if name is None:
             name = f"{prefix}{len(self.values)}"
             self.values[name] = value
             self._by_id[id(value)] = name
         return name
+
+    def use(self, name: str) -> None:
+        """Bring a name of the pool into this module."""
+        assert self.shared is not None
+        self.values[name] = self.shared.values[name]
+        if self.taken is not None:
+            self.taken.append(name)
 
 
 def _unwrap(tree: Any) -> Any:
@@ -426,7 +443,7 @@ class _ExpressionWriter:
         elif root in self.path.variables:
             path, schema = (root,), self.schema_of((root,))
             if root in self.path.required_at_top:  # read once, at the top of the function
-                self.path.hoisted.add(root)
+                self.path.hoist(root)
                 text = f"_{root}"
             else:
                 text = f"request[{root!r}]" if path in self.present else f"_step(request, {root!r})"
@@ -521,25 +538,33 @@ class GenerationMemo:
         self._idents: dict[int, tuple[Any, dict[int, frozenset[str]]]] = {}
         self._constants: dict[tuple[int, str | None, str | None], tuple[Any, Any]] = {}
         self._findings: dict[int, tuple[Rule, dict[str, Finding]]] = {}
+        self.names = _Namespace()  # the pool the paths' names come from
+        self.written: dict[tuple[Any, ...], _Written] = {}  # see _PathWriter.expression
 
     def idents(self, tree: Any) -> dict[int, frozenset[str]]:
         """id(subtree) -> the identifiers read under it, for every subtree of `tree`."""
         held = self._idents.get(id(tree))
         if held is None:
             found: dict[int, frozenset[str]] = {}
-            # Children before their parents, without recursion (deep expressions stay within the stack).
-            stack: list[tuple[Any, bool]] = [(tree, False)] if isinstance(tree, Tree) else []
+            # Children before their parents (a pre-order walked backwards), without recursion (deep
+            # expressions stay within the stack); a node of one child (most: the grammar's chains
+            # of wrappers) shares its child's set.
+            order: list[Tree[Any]] = []
+            stack: list[Any] = [tree] if isinstance(tree, Tree) else []
             while stack:
-                node, visited = stack.pop()
-                if not visited:
-                    stack.append((node, True))
-                    stack.extend((c, False) for c in node.children if isinstance(c, Tree))
-                    continue
-                names: set[str] = {str(node.children[0])} if node.data == "ident" else set()
+                node = stack.pop()
+                order.append(node)
                 for child in node.children:
                     if isinstance(child, Tree):
-                        names |= found[id(child)]
-                found[id(node)] = frozenset(names)
+                        stack.append(child)
+            for node in reversed(order):
+                kids = [found[id(child)] for child in node.children if isinstance(child, Tree)]
+                if node.data == "ident":
+                    found[id(node)] = frozenset((str(node.children[0]), *(n for k in kids for n in k)))
+                elif len(kids) == 1:
+                    found[id(node)] = kids[0]
+                else:
+                    found[id(node)] = frozenset().union(*kids)
             held = self._idents[id(tree)] = (tree, found)  # the tree is held: its ids stay its own
         return held[1]
 
@@ -568,11 +593,18 @@ class _PathWriter:
         self.walker = SchemaWalker(schema)
         self.variables = frozenset(schema["properties"])
         self.facts = {"params": dict(params), "action": action, **({"role": role} if role is not None else {})}
-        self.names = _Namespace()
+        self.names = _Namespace(self.memo.names)
         self.native_calls = 0
         self.required_at_top: set[str] = set()  # fields the schema requires of this action
         self.hoisted: set[str] = set()  # those read: bound to locals first
+        self.hoisting: set[str] | None = None  # while an expression is written: those it reads
         self._types: dict[int, set[str]] = {}
+
+    def hoist(self, name: str) -> None:
+        """A field the action requires, read by the expression being written: bound once, first."""
+        self.hoisted.add(name)
+        if self.hoisting is not None:
+            self.hoisting.add(name)
 
     def types(self, schema: Schema) -> set[str]:
         return self.walker.types(schema)
@@ -597,7 +629,32 @@ class _PathWriter:
         return any(self.converts(c) for c in [*children, items] if c is not None)
 
     def expression(self, expr: Expression, as_condition: bool) -> tuple[str, str]:
-        """(Python source, a note): the expression inline, or a call of its native closure."""
+        """(Python source, a note): the expression inline, or a call of its native closure.
+
+        Written once per version for every path where it reads the same: the text depends on
+        the action (the fields it requires, the constants that read it), on the role only where
+        the expression reads it, and on the fields its presence checks guarantee."""
+        needs = expr.needs_for(self.action, self.role)
+        reads_role = expr.tree is not None and "role" in self.memo.idents(expr.tree).get(id(expr.tree), ())
+        key = (id(expr), as_condition, self.action, self.role if reads_role else "*", needs)
+        written = self.memo.written.get(key)
+        if written is None:
+            self.names.taken, self.hoisting, calls_before = [], set(), self.native_calls
+            try:
+                text, note = self._write(expr, as_condition)
+                written = _Written(expr, text, note, tuple(self.names.taken), frozenset(self.hoisting),
+                                   self.native_calls - calls_before)
+            finally:
+                self.names.taken = self.hoisting = None
+            self.memo.written[key] = written
+            return text, note
+        for name in written.names:
+            self.names.use(name)
+        self.hoisted |= written.hoisted
+        self.native_calls += written.native_calls
+        return written.text, written.note
+
+    def _write(self, expr: Expression, as_condition: bool) -> tuple[str, str]:
         writer = _ExpressionWriter(self, expr)
         try:
             if expr.tree is None:
@@ -611,6 +668,18 @@ class _PathWriter:
             if as_condition:
                 return f"_bool({call})", note
             return f"_to_json({call})", note
+
+
+@dataclass(frozen=True)
+class _Written:
+    """An expression as one path wrote it, for the version's other paths where it reads the same."""
+
+    expr: Expression  # held: its id stays its own
+    text: str
+    note: str
+    names: tuple[str, ...]  # the pool's names the text reads
+    hoisted: frozenset[str]  # the top-level fields it reads from locals bound first
+    native_calls: int
 
 
 class _Presence:
