@@ -23,7 +23,7 @@ from engine.evaluator import path_helpers
 from engine.gcpause import collector_paused
 from engine.messages import CHINESE, ENGLISH, PARAMS_ROOT, Message, build_message, format_problem
 from engine.model import Expression, NeedsPlan, Output, PolicyVersion, Rule
-from engine.needs import needs_plan
+from engine.needs import PresenceChecks, needs_plan
 from engine.schemas import load_schema
 from engine.sources import FolderSource, PolicySource
 from engine.typecheck import parse_timestamp_checked
@@ -66,7 +66,7 @@ def load_policies(root: Path | str | PolicySource, *, generate: bool = True) -> 
     with the native closures."""
     # Loading builds millions of small objects (parse trees, marks) and frees few: the cyclic
     # collector's passes over them cost about a fifth of a large load and find nothing to free.
-    with collector_paused():
+    with collector_paused(long_lived=True):
         return _load(root, generate)
 
 
@@ -313,6 +313,15 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
            warnings: list[Problem], faults: _ParameterFaults, generate: bool = True) -> PolicyVersion | None:
     """Compile a resolved version; None if any expression failed (the problems say why)."""
     before, faults_before = len(problems), faults.noted
+    # Inherited rules bring their problems again: each is reported once, asked of a set (a list's
+    # `in` made a large version's warnings quadratic: 4,000 untranslated messages, 8 million ==).
+    reported = {id(problems): set(problems), id(warnings): set(warnings)}
+
+    def report(into: list[Problem], problem: Problem) -> None:
+        seen = reported[id(into)]
+        if problem not in seen:
+            seen.add(problem)
+            into.append(problem)
 
     def expression(entry: _Entry, field_name: str) -> Expression | None:
         text = entry.data.get(field_name)
@@ -325,16 +334,14 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
             if problem.parameter is not None:
                 faults.note(raw.name, problem)
                 continue
-            into = warnings if problem.is_warning else problems
-            if problem not in into:
-                into.append(problem)
+            report(warnings if problem.is_warning else problems, problem)
         return expr
 
     built_rules: list[Rule] = []
     for entry in rules:
         d = entry.data
         applies, fires = expression(entry, "applies_when"), expression(entry, "fires_when")
-        messages = _message(entry, params, compiler, problems, warnings, lambda p: faults.note(raw.name, p))
+        messages = _message(entry, params, compiler, report, problems, warnings, lambda p: faults.note(raw.name, p))
         if fires is None:
             continue
         built_rules.append(Rule(
@@ -360,13 +367,15 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
     by_action: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
     out_by_action: dict[tuple[str, str | None], tuple[Output, ...]] = {}
     presence: dict[tuple[str, str | None], NeedsPlan] = {}
+    checks = PresenceChecks()  # the paths share their checks
     for action in {a for r in built_rules for a in r.actions} | {a for o in built_outputs for a in o.actions}:
         for role in (None, "official", "channel"):
             context = (action, role)
             by_action[context] = tuple(r for r in built_rules if r.applies_to(action, role))
             out_by_action[context] = tuple(o for o in built_outputs if o.applies_to(action, role))
             presence[context] = needs_plan(context, [(r.applies_when, r.fires_when) for r in by_action[context]]
-                                            + [(o.applies_when, o.value) for o in out_by_action[context]])
+                                            + [(o.applies_when, o.value) for o in out_by_action[context]],
+                                            checks)
     version_digest = f"sha256:{digest.hexdigest()}"
     helpers = path_helpers(raw.name, params)
     memo = GenerationMemo()  # the paths of one version share its parameters: what they fold is shared
@@ -385,9 +394,11 @@ def _build(raw: _RawVersion, rules: list[_Entry], outputs: list[_Entry], params:
         _presence=MappingProxyType(presence), _paths=MappingProxyType(paths))
 
 
-def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, problems: list[Problem],
-             warnings: list[Problem], fault: Callable[[Problem], None]) -> Message:
-    """The rule's message in each language; every placeholder must name a parameter or a field."""
+def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler,
+             report: Callable[[list[Problem], Problem], None], problems: list[Problem], warnings: list[Problem],
+             fault: Callable[[Problem], None]) -> Message:
+    """The rule's message in each language; every placeholder must name a parameter or a field.
+    `report(into, problem)` adds a problem to `problems` or `warnings` unless it is there already."""
     written = entry.data["message"]
     messages, errors = build_message(written)
     key = (*entry.key, "message")
@@ -422,13 +433,13 @@ def _message(entry: _Entry, params: Mapping[str, Any], compiler: CelCompiler, pr
         if problem is not None:
             found.append(Problem(where(language, placeholder.offset), "message_placeholder",
                                  f"in the message {{{placeholder.text}}}: {problem}"))
-    problems.extend(p for p in found if p not in problems)  # inherited ones: reported once
+    for each in found:
+        report(problems, each)
     if CHINESE not in messages.templates:
         warning = Problem(entry.doc.location(key), "message_untranslated",
                           f"{entry.data['id']} has its message in English only: write it as "
                           "`message: {en: ..., zh: ...}` so that Chinese callers read it too")
-        if warning not in warnings:
-            warnings.append(warning)
+        report(warnings, warning)
     return messages
 
 

@@ -286,9 +286,41 @@ def absent_fields(request: Mapping[str, Any], path: FieldPath) -> list[str]:
 
 
 
-def needs_plan(context: Context, pairs: list[tuple[Expression | None, Expression]]) -> NeedsPlan:
+class PresenceChecks:
+    """The presence checks of one load, each written and compiled once: the rules of a large
+    policy share their fields' paths (every rule of one shape needs the same ones), and each of
+    an action's role paths asks again for the same sets. Keyed by the set of paths (a check is
+    the same whatever order its paths come in); the checks a plan asks for are compiled together,
+    as one module, which costs a fraction of one compile each."""
+
+    def __init__(self) -> None:
+        self._checks: dict[frozenset[FieldPath], Callable[[Mapping[str, Any]], bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._checks)
+
+    def get(self, paths: Iterable[FieldPath]) -> Callable[[Mapping[str, Any]], bool]:
+        return self.all([paths])[0]
+
+    def all(self, groups: list[Iterable[FieldPath]]) -> list[Callable[[Mapping[str, Any]], bool]]:
+        """One check for each group of paths."""
+        keys = [frozenset(paths) for paths in groups]
+        new = list(dict.fromkeys(key for key in keys if key not in self._checks))
+        if new:
+            lines: list[str] = []
+            for index, key in enumerate(new):
+                lines += presence_source(f"check{index}", sorted(key))
+            namespace: dict[str, Any] = {}
+            exec(compile("\n".join(lines), "<presence checks>", "exec"), namespace)  # written from the paths
+            for index, key in enumerate(new):
+                self._checks[key] = namespace[f"check{index}"]
+        return [self._checks[key] for key in keys]
+
+
+def needs_plan(context: Context, pairs: list[tuple[Expression | None, Expression]],
+               checks: PresenceChecks | None = None) -> NeedsPlan:
     """Fields needed whatever the request says, in one check; the rest, rule by rule (`pairs`:
-    each rule's or output's guard and body, in order)."""
+    each rule's or output's guard and body, in order). `checks`: those of the load so far."""
     def needs(expr: Expression) -> tuple[FieldPath, ...]:
         return expr.needs_for(*context)
 
@@ -303,8 +335,8 @@ def needs_plan(context: Context, pairs: list[tuple[Expression | None, Expression
             always.extend(needs(guard))
             everything.extend(needs(guard))
             conditional[id(body)] = needs(body)
-    return NeedsPlan(presence_check(everything), presence_check(always),
-                     MappingProxyType({key: presence_check(paths) for key, paths in conditional.items()}),
+    made = (checks or PresenceChecks()).all([everything, always, *conditional.values()])
+    return NeedsPlan(made[0], made[1], MappingProxyType(dict(zip(conditional, made[2:], strict=True))),
                      everything_paths=tuple(dict.fromkeys(everything)))
 
 
