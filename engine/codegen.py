@@ -820,7 +820,10 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
               "        return None  # a field needed whatever the request says is missing: the evaluator names it",
               "    violations = []",
               "    warnings = []"]
+    blocks: list[list[str]] = []  # each rule's lines, placed below once the hoisted fields are known
     for rule in rules:
+        block: list[str] = []
+        blocks.append(block)
         rule_name = names.add(rule, "_rule")
         if not verdict:
             findings = writer.memo.findings(rule, lambda rule=rule: {  # type: ignore[misc]
@@ -828,32 +831,33 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
                 for language in LANGUAGES if _static_message(rule, language)})
             found = names.add(findings, "_found")
         into = "violations" if rule.effect == "deny" else "warnings"
-        lines += ["", f"    # rule {rule.id} ({rule.effect}), {rule.where}, defined in {rule.defined_in}"]
+        block += ["", f"    # rule {rule.id} ({rule.effect}), {rule.where}, defined in {rule.defined_in}"]
         body_indent = "        "
-        lines.append("    try:")
+        block.append("    try:")
         if rule.applies_when is not None:
-            lines += _comment(f"applies_when: {rule.applies_when.text}", "        ")
+            block += _comment(f"applies_when: {rule.applies_when.text}", "        ")
             text, note = writer.expression(rule.applies_when, True)
-            lines.append(f"        if {text}:{note}")
+            block.append(f"        if {text}:{note}")
             body_indent = "            "
-            lines += check(needs(rule.fires_when), body_indent)
-        lines += _comment(f"fires_when: {rule.fires_when.text}", body_indent)
+            block += check(needs(rule.fires_when), body_indent)
+        block += _comment(f"fires_when: {rule.fires_when.text}", body_indent)
         text, note = writer.expression(rule.fires_when, True)
-        lines.append(f"{body_indent}if {text}:{note}")
+        block.append(f"{body_indent}if {text}:{note}")
         if not verdict:
             finding = f"{found}.get(language) or _render({rule_name}, language, request)"
-            lines.append(f"{body_indent}    {into}.append({finding})")
+            block.append(f"{body_indent}    {into}.append({finding})")
         elif rule.effect == "deny":
             denied = names.add(("deny", rule.id), "_verdict")
-            lines += [f"{body_indent}    if complete:", f"{body_indent}        return {denied}",
+            block += [f"{body_indent}    if complete:", f"{body_indent}        return {denied}",
                       f"{body_indent}    violations.append({denied})"]
         else:
-            lines.append(f"{body_indent}    pass  # a warning: no part of the verdict")
-        lines.append("    except CelError:  # judged again by the native closures, which absorb errors as CEL does")
-        lines.append(f"        if _again_rule({rule_name}, request, at, language, violations, warnings):")
-        lines.append("            return None")
+            block.append(f"{body_indent}    pass  # a warning: no part of the verdict")
+        block.append("    except CelError:  # judged again by the native closures, which absorb errors as CEL does")
+        block.append(f"        if _again_rule({rule_name}, request, at, language, violations, warnings):")
+        block.append("            return None")
         if verdict:
-            lines += ["        if complete and violations:", "            return _first_verdict(violations)"]
+            block += ["        if complete and violations:", "            return _first_verdict(violations)"]
+    lines.append(_RULES_HERE)
     lines += ["", "    outputs = {}"]
     if outputs:
         lines.append("    if not violations:  # allowed decisions only")
@@ -878,9 +882,35 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     if outputs:
         lines += ["        if violations:  # an output that failed denies: a denial carries no outputs",
                   "            outputs = {}"]
+    hoisted = sorted(writer.hoisted)
+    here = lines.index(_RULES_HERE)
+    if len(blocks) <= _CHUNK:
+        lines[here:here + 1] = [line for block in blocks for line in block]
+    else:
+        # Python's compiler slows more than in proportion to a function's length (a path of 4,000
+        # rules, 2.5 MB: 4.8 s as one function, 0.85 s as chunks of 250): a long path calls its
+        # rules in chunks, each a function of its own (one call per chunk per decision), which
+        # returns True where the path would hand over (None), False to go on, and a verdict
+        # path's early verdict as it is.
+        shared = ", ".join(["request", "at", "language", "complete", "violations", "warnings",
+                            *(f"_{name}" for name in hoisted)])
+        calls: list[str] = []
+        defined: list[str] = []
+        for first in range(0, len(blocks), _CHUNK):
+            chunk = f"_rules_{first // _CHUNK}"
+            part = blocks[first:first + _CHUNK]
+            calls += ["", f"    # rules {first + 1} to {first + len(part)}"]
+            calls += ([f"    if {chunk}({shared}):", "        return None"] if not verdict else
+                      [f"    found = {chunk}({shared})", "    if found is not False:",
+                       "        return None if found is True else found"])
+            defined += [f"def {chunk}({shared}):",
+                        *(line.replace("return None", "return True") if line.strip() == "return None" else line
+                          for block in part for line in block),
+                        "    return False", ""]
+        lines[here:here + 1] = calls
+        lines[insert_at:insert_at] = defined
     start = lines.index(signature) + 1
-    lines[start:start] = [f"    _{name} = request[{name!r}]  # required for {action!r}: there"
-                          for name in sorted(writer.hoisted)]
+    lines[start:start] = [f"    _{name} = request[{name!r}]  # required for {action!r}: there" for name in hoisted]
     if verdict:
         lines += ["", "    return _first_verdict(violations) if violations else _ALLOWED", ""]
     else:
@@ -902,6 +932,10 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
 
     return GeneratedPath(action, role, source, namespace[function], writer.native_calls,
                          None if verdict else remake)
+
+
+_RULES_HERE = "\0rules"  # where the rules' lines go, in the function or in calls of chunks
+_CHUNK = 200  # rules in a chunk function, where a path has more (a few compile fastest: see generate_path)
 
 
 def _static_message(rule: Rule, language: str) -> bool:

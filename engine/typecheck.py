@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -825,7 +825,7 @@ class _Checker:
 
     def constant(self, tree: Any, condition: bool) -> None:
         """Comparisons the schema's bounds decide (`account.age >= 0`): warnings, not errors."""
-        for node in tree.iter_subtrees() if isinstance(tree, Tree) else ():
+        for node in _subtrees(tree) if isinstance(tree, Tree) else ():
             if node.data != "relation" or len(node.children) != 2:
                 continue
             op_node, right_node = node.children
@@ -847,6 +847,15 @@ class _Checker:
                     f"{left.name} {bounds} in the request schema, so this comparison is always "
                     f"{'true' if verdict else 'false'}; compare with a value it can take"), severity=WARNING,
                     at=_operator(op_node, _ORDER_OPS[op_node.data]))
+
+
+def _subtrees(tree: Tree[Any]) -> Iterator[Tree[Any]]:
+    """Every subtree, in the order of lark's iter_subtrees (breadth first, backwards), at a
+    fraction of its cost: a parse tree holds no node twice, so nothing need be looked up."""
+    queue: list[Tree[Any]] = [tree]
+    for node in queue:  # the list grows as it is read
+        queue.extend(child for child in reversed(node.children) if isinstance(child, Tree))
+    return iter(queue[::-1])
 
 
 _ORDER_OPS = {"relation_lt": "<", "relation_le": "<=", "relation_gt": ">", "relation_ge": ">="}

@@ -10,17 +10,20 @@ from typing import Any
 
 import pytest
 
+from engine import codegen
 from engine.cli import main
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.evaluator import CEL_PYTHON, FALLBACKS, GENERATED_BUG, NATIVE
 from engine.generator import generate_requests
 from engine.loader import load_policies
+from engine.needs import PresenceChecks
 from engine.versions import PolicySet, parse_timestamp
 
 from .conftest import NOW, VERSION_V1, WriteFiles
 from .conftest import POLICIES as POLICIES_DIR
 from .test_differential import suite_requests
+from .test_impact_quick import near_misses
 
 
 def answer(engine: Engine, request: dict[str, Any]) -> dict[str, Any]:
@@ -213,3 +216,108 @@ def test_compile_show_prints_the_source(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["compile", "--show", "v2", "bind", "nobody", "--policies", str(POLICIES_DIR)]) == 2
     assert "no decision path for action 'bind', role 'nobody'" in capsys.readouterr().err
 
+
+
+# --- how fast the paths are generated must not change what they decide (issue 10 item 3) ---
+
+
+def test_long_paths_call_their_rules_in_chunks_and_decide_alike(monkeypatch: pytest.MonkeyPatch,
+                                                                  write_policies: WriteFiles) -> None:
+    """A path of more rules than a chunk holds calls them in chunk functions (Python compiles
+    those far faster than one long function); hand-overs from inside a chunk (a missing field,
+    a CEL error the closures judge again) still reach the caller."""
+    monkeypatch.setattr(codegen, "_CHUNK", 3)
+    chunked = load_policies(POLICIES_DIR)
+    source = chunked.get("v2").path("bind", "official").source  # type: ignore[union-attr]
+    assert "def _rules_0(request, at, language, complete, violations, warnings, _account, _shop):" in source
+    assert "    if _rules_1(request, at, language, complete, violations, warnings, _account, _shop):" in source
+    before = dict(FALLBACKS.counts)
+    assert compare_all(chunked, suite_requests()) > 150
+    assert compare_all(chunked, list(generate_requests(300, seed=7, broken=0.03))) > 200
+    engine, outcomes = Engine(chunked), set()  # the verdict paths (impact's) chunk alike
+    for request in generate_requests(40, seed=9):
+        for variant in near_misses(request):
+            if not engine.check.usable.is_valid(variant):
+                continue
+            path = chunked.get("v2").path(variant["action"], variant.get("role"))  # type: ignore[union-attr]
+            if path is None:
+                continue
+            decided = path.function(variant, NOW, "d", "en")
+            expected = None if decided is None else (decided.decision, decided.rule.id if decided.rule else None)
+            assert path.verdict(variant, NOW) == expected, variant
+            outcomes.add("handed over" if expected is None else expected[0])
+    assert outcomes == {"allow", "deny", "handed over"}
+    monkeypatch.setattr(codegen, "_CHUNK", 2)
+    errors = load_policies(write_policies(ERRORS_V1))
+    assert "def _rules_1(" in errors.get("v1").path("bind", "channel").source  # type: ignore[union-attr]
+    requests = [{"action": "bind", "role": "channel", "at": "2024-07-01T00:00:00Z", "shop": {"id": "s",
+                 "official_account": None}, "account": {"id": "a", "age": age, "name": "xavier"}} for age in (5, 30)]
+    requests.append({**requests[1], "account": {"id": "a", "age": 30}})  # needs account.name: refused
+    cel_python = Engine(errors, runtime=CEL_PYTHON)
+    assert compare_all(errors, requests, lambda r: answer(cel_python, r)) == 2
+    assert answer(Engine(errors), requests[2])["rejected"] == "missing_field"
+    assert dict(FALLBACKS.counts) == before
+
+
+ROLES_V1 = {
+    "v1/version.yaml": VERSION_V1,
+    "v1/rules.yaml": """\
+rules:
+  - id: young.official
+    actions: [bind]
+    effect: deny
+    fires_when: role == "official" && account.age < 30
+    message: read per role
+    source: test
+  - id: not.channel
+    actions: [bind]
+    effect: warn
+    applies_when: role != "channel"
+    fires_when: account.age > 20
+    message: read per role
+    source: test
+  - id: any.role
+    actions: [bind]
+    effect: warn
+    fires_when: account.age > 25
+    message: the same text in every role's path
+    source: test
+""",
+}
+
+
+def test_an_expression_is_written_once_per_version_unless_it_reads_the_role(
+        monkeypatch: pytest.MonkeyPatch, write_policies: WriteFiles) -> None:
+    writes: list[str] = []
+    original = codegen._PathWriter._write
+
+    def counted(self: codegen._PathWriter, expr: Any, as_condition: bool) -> tuple[str, str]:
+        writes.append(expr.text)
+        return original(self, expr, as_condition)
+
+    monkeypatch.setattr(codegen._PathWriter, "_write", counted)
+    policies = load_policies(write_policies(ROLES_V1))
+    # role None, official and channel: the expressions that read the role are written for each
+    # role (for no role, `role` is not known, so not folded), the one that does not, once.
+    assert sorted(writes) == sorted([*['role == "official" && account.age < 30'] * 3,
+                                     *['role != "channel"'] * 3, "account.age > 20", "account.age > 25"])
+    version = policies.get("v1")
+    assert version is not None
+    lines = {role: version.path("bind", role).source for role in (None, "official", "channel")}  # type: ignore[union-attr]
+    assert all("if (_account['age'] > 25):" in text for text in lines.values())
+    assert "if False:" in lines["channel"] and "if True:" in lines["official"]
+    requests = [{"action": "bind", "at": "2024-07-01T00:00:00Z", "shop": {"id": "s"},
+                 "account": {"id": "a", "age": age}, "role": role}
+                for age in (18, 22, 40) for role in ("official", "channel")]  # a bind names its role
+    cel_python = Engine(policies, runtime=CEL_PYTHON)
+    assert compare_all(policies, requests, lambda r: answer(cel_python, r)) == len(requests)
+
+
+def test_presence_checks_are_made_once_per_set_of_paths() -> None:
+    checks = PresenceChecks()
+    first = checks.get([("account", "age"), ("shop", "id")])
+    assert checks.get([("shop", "id"), ("account", "age"), ("shop", "id")]) is first
+    both = checks.all([[("account", "name")], [("shop", "id"), ("account", "age")]])
+    assert both[1] is first and len(checks) == 2
+    assert first({"account": {"age": 1}, "shop": {"id": "s"}}) and not first({"account": {}, "shop": {"id": "s"}})
+    assert both[0]({"account": {"name": "x"}}) and not both[0]({"account": {"age": 1}})
