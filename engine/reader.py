@@ -104,8 +104,8 @@ class RequestReader:
             return None
         try:
             value: dict[str, Any] = self._decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-            return None
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            return None  # RecursionError: deep nesting in a field msgspec skips or takes as Raw
         timestamps: list[str] = []
         keys = self._finish(value, timestamps)
         if keys < 0:
