@@ -320,6 +320,8 @@ def _number(raw: msgspec.Raw, low: float | None, high: float | None) -> int | fl
         return None
     value: int | float
     if text.isdigit() or (text[0] == 45 and text[1:].isdigit()):  # 45: "-"
+        if len(text) > 17:  # beyond +-2^53 (and Python's int() refuses 4,300 digits and more)
+            return None
         value = int(text)
         if not -SAFE_INTEGER <= value <= SAFE_INTEGER:
             return None

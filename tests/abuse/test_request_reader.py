@@ -140,7 +140,8 @@ def test_every_field_made_wrong_every_way_is_judged_alike() -> None:
 @pytest.mark.parametrize("number", ["0", "-0", "-0.0", "0.0", "12.5", "12.50", "1E2", "1e2", "1e+2", "0.1",
                                     "0.10000000000000001", "17.9999999999999999", "1e400", "-1", "-0.5",
                                     "9007199254740992", "9007199254740993", "18446744073709551616", "5e-324",
-                                    "1e-400", "\"12\"", "null", "true", "[]", "{}", "1.7976931348623157e+308"])
+                                    "1e-400", "\"12\"", "null", "true", "[]", "{}", "1.7976931348623157e+308",
+                                    "-9007199254740992", "1" * 5000, "-" + "1" * 5000])
 @pytest.mark.parametrize("field", ["unwithdrawn_earnings", "age", "followers", "health_score"])
 def test_every_number_trap_in_every_numeric_field(field: str, number: str) -> None:
     text = written(WHOLE, "compact")
