@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Request, Response
 from flask.json.provider import DefaultJSONProvider
+from flask.sessions import NullSession, SessionInterface
 
 from api.auditing import auditing
 from api.authoring import authoring
@@ -94,6 +95,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
+    app.session_interface = NoSessions()
     app.config.update(DEFAULTS)
     for key, variable in ENVIRONMENT.items():
         if variable in os.environ:
@@ -202,6 +204,20 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(text)
     temporary.replace(path)
+
+
+class NoSessions(SessionInterface):
+    """The service keeps no sessions and reads no cookie: every request gets the same empty
+    session, which cannot be written (Flask's default looked for a signing key and made a new
+    null session for each request, then checked it again to save it)."""
+
+    null_session = NullSession()
+
+    def open_session(self, app: Flask, request: Request) -> NullSession:
+        return self.null_session
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        return None
 
 
 class OrjsonProvider(DefaultJSONProvider):

@@ -17,7 +17,6 @@ configure_logging(os.environ.get("BINDPOLICY_LOG_LEVEL", "INFO"))
 forget_dead_workers()
 flask_app = create_app()
 app = BufferedFront(flask_app.wsgi_app, max_body=int(flask_app.config["MAX_CONTENT_LENGTH"]),
-                    body_timeout=float(os.environ.get("BINDPOLICY_BODY_TIMEOUT", "10")),
                     threads=int(os.environ.get("BINDPOLICY_THREADS", "8")),
                     # a graceful stop signs the log's head (uvicorn's workers exit without atexit)
                     on_shutdown=flask_app.extensions["bindpolicy"].watch.close)

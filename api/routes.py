@@ -48,6 +48,8 @@ def _start() -> None:
 
 @routes.after_app_request
 def _access_log(response: Response) -> Response:
+    if not access_log.isEnabledFor(logging.INFO):  # (BINDPOLICY_LOG_LEVEL=WARNING: no line, nothing to gather)
+        return response
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
     access_log.info("request", extra={
         "event": "request", "method": request.method, "path": request.path, "status": response.status_code,

@@ -149,8 +149,8 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], what: str) -> None:
 
 @contextmanager
 def running(command: list[str], ready_path: str, name: str, port: int,
-            env: dict[str, str] | None = None) -> Iterator[Server]:
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env: dict[str, str] | None = None, cwd: Path = ROOT) -> Iterator[Server]:
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -165,6 +165,29 @@ def running(command: list[str], ready_path: str, name: str, port: int,
 def reference(port: int) -> list[str]:
     return [str(BIN / "gunicorn"), "-k", "gthread", "-w", "3", "--threads", "4", "-b", f"127.0.0.1:{port}",
             "--log-level", "warning", "bench.hello:app"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running bindpolicy in the run: its workers and threads, and the checkout whose
+    code it runs (another checkout, e.g. `git worktree add /tmp/old <commit>`, for an A/B pair of
+    old and new code in the same run)."""
+
+    label: str
+    workers: int
+    threads: int
+    checkout: Path = ROOT
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """LABEL:WORKERS:THREADS[:CHECKOUT]"""
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
+            raise argparse.ArgumentTypeError(f"expected LABEL:WORKERS:THREADS[:CHECKOUT], not {text!r}")
+        checkout = Path(parts[3]).resolve() if len(parts) == 4 else ROOT
+        if not (checkout / "api" / "asgi.py").is_file():
+            raise argparse.ArgumentTypeError(f"{checkout} is not a bindpolicy checkout (no api/asgi.py)")
+        return cls(parts[0], int(parts[1]), int(parts[2]), checkout)
 
 
 def bindpolicy(port: int, data: Path, database_url: str, workers: int, threads: int, loop: str) -> list[str]:
@@ -207,17 +230,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         ref = stack.enter_context(running(reference(port), "/healthz", "reference", port))
         servers = []
-        for name, url in logs.items():
-            if args.only and args.only not in name:
+        variants = args.variant or [Variant("", args.workers, args.threads)]
+        for log_name, log_url in logs.items():
+            if args.only and args.only not in log_name:
                 continue
-            port = free_port()
-            data = Path(temp) / name.split()[0].lower()
-            servers.append((stack.enter_context(running(
-                bindpolicy(port, data, url, args.workers, args.threads, args.loop), "/readyz", name, port,
-                # The service is bounded as the batches sent (issue 10 names batches of 100; the
-                # default bound is 50 requests and 64 KiB, issue 8's CPU bound for one request).
-                env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
-                     "BINDPOLICY_MAX_BATCH_BYTES": str(max(64 * 1024, 2 * batch.stat().st_size))})), url))
+            for number, variant in enumerate(variants):
+                name = f"{log_name}, {variant.label}" if variant.label else log_name
+                url = log_url if number == 0 else (
+                    f"sqlite:///{temp}/sqlite-{number}/decisions.db" if log_url.startswith("sqlite")
+                    else fresh_schema(cluster.url, f"bench{number}"))
+                port = free_port()
+                data = Path(temp) / f"{log_name.split()[0].lower()}-{number}"
+                # Another checkout's code: found first on the path (before the editable install).
+                path_env = {} if variant.checkout == ROOT else {"PYTHONPATH": str(variant.checkout)}
+                servers.append((stack.enter_context(running(
+                    bindpolicy(port, data, url, variant.workers, variant.threads, args.loop), "/readyz", name,
+                    port, cwd=variant.checkout,
+                    # The service is bounded as the batches sent (issue 10 names batches of 100; the
+                    # default bound is 50 requests and 64 KiB, issue 8's CPU bound for one request).
+                    env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
+                         "BINDPOLICY_MAX_BATCH_BYTES": str(max(64 * 1024, 2 * batch.stat().st_size)),
+                         **path_env})), url))
         for server in [ref] + [s for s, _ in servers]:  # warm up (and compile)
             path, body = ("/hello", hello) if server is ref else ("/v1/decisions", one)
             hey(server.url + path, body, 1000, CONCURRENCY)
@@ -266,8 +299,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["rows"] = rows
     report["load_after"] = os.getloadavg()[0]
     report["batch_size"] = args.batch_size
-    report["settings"] = (f"bindpolicy: `bindpolicy serve --workers {args.workers} --threads {args.threads} "
-                          f"--loop {args.loop}`; "
+    serving = "; ".join(
+        f"{v.label + ': ' if v.label else ''}`bindpolicy serve --workers {v.workers} --threads {v.threads} "
+        f"--loop {args.loop}`{'' if v.checkout == ROOT else f' (the code of {v.checkout})'}"
+        for v in args.variant or [Variant("", args.workers, args.threads)])
+    report["settings"] = (f"bindpolicy: {serving}; "
                           f"load: hey, {CONCURRENCY} connections ({BATCH_CONCURRENCY} for batches of "
                           f"{args.batch_size}), {args.requests} requests a measurement, median of "
                           f"{args.rounds} rounds")
@@ -325,6 +361,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="bindpolicy's event loop (uvloop, as `make run`; asyncio to compare)")
+    parser.add_argument("--variant", action="append", type=Variant.parse, metavar="LABEL:WORKERS:THREADS[:CHECKOUT]",
+                        help="run bindpolicy this way too, each in turn with the others in every round (A/B pairs: "
+                             "worker models, or old code from another checkout); replaces --workers/--threads")
     parser.add_argument("--only", help="only the decision log whose name holds this (SQLite, PostgreSQL)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")

@@ -120,6 +120,9 @@ _NOT_META = frozenset({"request", "response", "prev_hash", "hash"})
 _STORED_COLUMNS = operator.attrgetter(*(f"{c}_text" if c in ("request", "response") else c for c in COLUMNS))
 
 
+_HEAD = "SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1"  # the chain's head: (seq, hash)
+
+
 def canonical(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8 as is: the bytes that are stored and hashed."""
     try:
@@ -557,21 +560,26 @@ class Store:
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
         """One transaction: read the chain's head, chain the records on, commit."""
         with self._exclusive(conn):
-            row = conn.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (row[0], row[1]) if row else (0, GENESIS)
-            chained = []
-            for record in records:
-                seq += 1
-                record = record.chained(seq, prev, self.keys)
-                prev = record.hash
-                chained.append(record)
-            marks = ", ".join([self.placeholder] * len(COLUMNS))
-            sql = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({marks})"
-            rows = [self._row(r) for r in chained]
-            (conn if hasattr(conn, "executemany") else conn.cursor()).executemany(sql, rows)
+            chained = self._chain(records, conn.execute(_HEAD).fetchone())
+            (conn if hasattr(conn, "executemany") else conn.cursor()).executemany(
+                self._insert(), [self._row(r) for r in chained])
         self.batches += 1
         self.records += len(chained)
         return chained
+
+    def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
+        """The records chained on after the head (seq, hash) read under the write lock."""
+        seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+        chained = []
+        for record in records:
+            seq += 1
+            record = record.chained(seq, prev, self.keys)
+            prev = record.hash
+            chained.append(record)
+        return chained
+
+    def _insert(self) -> str:
+        return f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join([self.placeholder] * len(COLUMNS))})"
 
     @staticmethod
     def _row(record: LogRecord) -> tuple[Any, ...]:
@@ -722,7 +730,7 @@ class Store:
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the last record: (0, genesis) for an empty log."""
         with self._reading() as conn:
-            row = conn.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+            row = conn.execute(_HEAD).fetchone()
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
     def init(self) -> None:
@@ -918,6 +926,43 @@ class PostgresStore(Store):
 
     def _begin_exclusive(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
+
+    SMALL_GROUP = 4  # records: up to this many go with their COMMIT in one message (see _append)
+
+    def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
+        """As Store._append, in two round trips to the server instead of five for a small group
+        (each costs the service about 100 µs of CPU): BEGIN, the lock and the read of the head go
+        as one message of three statements, the rows and COMMIT as another, bound on this side
+        (the server binds parameters only for a single statement). Binding here costs about 1.5 µs
+        a record more than the server's: a larger group sends its rows bound by the server, then
+        COMMIT (three round trips, shared by its records). The head is still read by a statement of
+        its own once the lock is held (a statement sees what was committed when it started: read
+        within the lock's, a head committed while it waited for the lock would be missed)."""
+        import psycopg
+
+        if not conn.autocommit:
+            conn.autocommit = True  # the transaction is begun and ended by the statements sent
+        try:
+            cursor = conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({self.LOCK}); {_HEAD}")
+            cursor.nextset()
+            cursor.nextset()
+            chained = self._chain(records, cursor.fetchone())
+            rows = [self._row(r) for r in chained]
+            if len(rows) > self.SMALL_GROUP:
+                conn.cursor().executemany(self._insert(), rows)
+                conn.execute("COMMIT")
+            else:
+                marks = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
+                psycopg.ClientCursor(conn).execute(
+                    f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES {', '.join([marks] * len(rows))}; COMMIT",
+                    [value for row in rows for value in row])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        self.batches += 1
+        self.records += len(chained)
+        return chained
 
     def _has_table(self, conn: Any, name: str) -> bool:
         row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from engine.decisionlog import LogError, new_record, open_store
+from engine.decisionlog import LogError, _Pending, new_record, open_store
 from engine.schemas import load_schema
 
 from .conftest import bind_request, make_app
@@ -325,6 +325,22 @@ class TestStore:
         records = list(store.query())
         assert [r.seq for r in records] == list(range(1, 201))
         assert store.records == 200 and store.batches < 200  # commits were grouped
+        assert store.verify() is None
+        store.close()
+
+    def test_a_row_the_database_refuses_fails_its_caller_alone(self, database_url: str) -> None:
+        # A decision id logged already: the database refuses the group's transaction (on
+        # PostgreSQL, a small group is sent as one message with its COMMIT, which then never runs;
+        # a larger one as rows bound by the server, then COMMIT); it is rolled back, each caller
+        # is tried alone, and the connection goes on taking commits.
+        store = open_store(database_url)
+        store.write(self.record(1))
+        callers = [_Pending([self.record(2)]), _Pending([self.record(1)]),
+                   _Pending([self.record(n) for n in range(3, 9)])]
+        store._commit(callers)
+        assert [c.error is None for c in callers] == [True, False, True]
+        store.write(self.record(9))
+        assert [(r.seq, r.decision_id) for r in store.query()] == [(n, f"d-{n}") for n in range(1, 10)]
         assert store.verify() is None
         store.close()
 

@@ -293,3 +293,48 @@ def test_policy_reload_under_load(tmp_path: Path) -> None:
         assert failures_total >= 1
     finally:
         server.stop()
+
+
+def workers_of(server: Server) -> set[int]:
+    """The pids of the service's worker processes (uvicorn's supervisor spawns them)."""
+    found = set()
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+            except OSError:  # (gone meanwhile)
+                continue
+    return found
+
+
+def test_a_crashed_worker_is_replaced_and_a_graceful_stop_answers_what_is_in_flight(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        first = workers_of(server)
+        assert len(first) == 2
+        os.kill(min(first), signal.SIGKILL)
+        replaced = wait_for(lambda: workers_of(server), lambda pids: len(pids) == 2 and pids != first)
+        assert len(replaced) == 2 and min(first) not in replaced, (first, replaced)
+        answered: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=load, args=(server.url, answered, failures, stop)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(answered), lambda count: count >= 40)
+        # A graceful stop with requests in flight: each of them is answered and logged (or refused
+        # a connection), the process ends cleanly, and the log's chain holds.
+        os.killpg(server.process.pid, signal.SIGTERM)
+        code = server.process.wait(timeout=30)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        server.stop(signal.SIGKILL)
+    output = server.output.read_text()
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+    refused = ("URLError", "ConnectionRefused", "RemoteDisconnected", "ConnectionReset")  # (once it stopped)
+    assert len(answered) >= 40 and not [f for f in failures if not f.startswith(refused)], failures[:5]
+    assert_every_answered_decision_logged(answered, open_store(f"sqlite:///{server.data / 'decisions.db'}"),
+                                          "graceful stop")
