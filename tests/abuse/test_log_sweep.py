@@ -5,6 +5,7 @@ removed from the end after the last check, or after a graceful stop, are found b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +101,23 @@ def test_one_worker_of_a_service_sweeps(evidence: Evidence) -> None:
     ev.watch._sweep_lock.close()  # the sweeping worker ends: the kernel frees its lock
     other.step()
     assert other.swept > 0
+
+
+def test_the_tail_checks_again_what_earlier_steps_verified_not_what_it_just_read(evidence: Evidence) -> None:
+    ev = swept(evidence)  # records 1..30 verified; the tail is the last 3, no range complete for the sweep
+    ev.watch.RANGE = 1000
+    reads: list[tuple[int, int | None]] = []
+    scan = ev.watch.store.scan_stored
+
+    def counted(*, limit: int | None = None, after_seq: int = 0) -> Any:
+        reads.append((after_seq, limit))
+        return scan(limit=limit, after_seq=after_seq)
+
+    ev.watch.store.scan_stored = counted  # type: ignore[method-assign]
+    decide(ev.app.test_client(), 2)  # records 31, 32
+    ev.watch.step()
+    # The new records (after 30), then the last 3 less those just read: record 30 only.
+    assert reads == [(30, ev.watch.CHUNK), (29, 1)] and ev.watch.breach is None
+    forged_mac(ev, 31, MacKey(b"\x02" * 32))  # verified as new in the step before: the tail finds it
+    ev.watch.step()
+    assert ev.watch.breach is not None and ev.watch.breach.seq == 31, ev.watch.breach
