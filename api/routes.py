@@ -127,17 +127,22 @@ def _decidable(value: Any) -> bool:
 def _body(batch: bool = False) -> tuple[Any, bytes]:
     """The body's JSON (strict: see parse_json) and its bytes; _Rejected for a body we cannot take.
     A batch is held to its own bounds (bytes, then requests) before the strict reading."""
-    if request.mimetype != "application/json":
-        raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
-    charset = request.mimetype_params.get("charset", "utf-8").lower()
-    if charset not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); any other is refused, never misread
-        raise _Rejected(415, "unsupported_media_type", f"the body must be UTF-8 JSON, not {charset[:40]}",
-                        [Detail("/headers/content-type", "charset must be utf-8 or absent")])
-    try:
-        raw = request.get_data(cache=False)
-    except RequestEntityTooLarge as exc:
-        limit = current_app.config["MAX_CONTENT_LENGTH"]
-        raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
+    raw = _body_bytes()
+    return _parsed(raw, batch), raw
+
+
+def _decision_body(engine: Any) -> tuple[Any, bytes, bool]:
+    """As _body for a single request, and whether it is checked already: where the engine's
+    one-pass reader vouches for the bytes (engine/reader.py: read strictly and checked against the
+    contract at once), the decision takes the request without checking it again."""
+    raw = _body_bytes()
+    vouched = engine.check.vouch(raw)
+    if vouched is not None:
+        return vouched, raw, True
+    return _parsed(raw, False), raw, False
+
+
+def _parsed(raw: bytes, batch: bool) -> Any:
     if batch and len(raw) > current_app.config["MAX_BATCH_BYTES"]:
         limit = current_app.config["MAX_BATCH_BYTES"]
         raise _Rejected(413, "batch_too_large", f"a batch's body holds at most {limit} bytes",
@@ -149,10 +154,26 @@ def _body(batch: bool = False) -> tuple[Any, bytes]:
             _check_batch(value, raw)
         if _decidable(value):  # the strict reading costs a call per object: only for what may be decided
             strict_json(raw)
-        return value, raw
+        return value
     except RequestError as exc:
         # The raw text is what the log keeps of a body that is not JSON.
         raise _Rejected(400, exc.code, exc.message, exc.details, logged=_logged_body(raw)) from exc
+
+
+def _body_bytes() -> bytes:
+    """The body's bytes, if it is JSON in UTF-8 and within the size limit; else _Rejected."""
+    if request.mimetype != "application/json":
+        raise _Rejected(415, "unsupported_media_type", "send the request as application/json")
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):  # JSON is UTF-8 (RFC 8259); any other is refused, never misread
+        raise _Rejected(415, "unsupported_media_type", f"the body must be UTF-8 JSON, not {charset[:40]}",
+                        [Detail("/headers/content-type", "charset must be utf-8 or absent")])
+    try:
+        raw = request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raise _Rejected(413, "payload_too_large", f"the body is larger than {limit} bytes") from exc
+    return raw
 
 
 def _check_batch(value: Any, raw: bytes) -> None:
@@ -183,15 +204,19 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
-def _decide_one(raw: Any, now: datetime, explain: bool, language: str,
-                engine: Any = None) -> tuple[int, dict[str, Any], str, str | None]:
+def _decide_one(raw: Any, now: datetime, explain: bool, language: str, engine: Any = None,
+                checked: bool = False) -> tuple[int, dict[str, Any], str, str | None]:
     """(status, body, outcome, the digest of a rejection past the schema check); `engine`, a
-    batch's, taken once for all its requests."""
+    batch's, taken once for all its requests; `checked`: read and checked already (_decision_body)."""
     if engine is None:
         engine = _service().holder.engine  # taken once: this request sees one whole policy set
     decision_id = new_decision_id()
     try:
-        decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain, language=language)
+        if checked:
+            decision = engine.decide_checked(raw, True, now=now, decision_id=decision_id, explain=explain,
+                                             language=language)
+        else:
+            decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain, language=language)
     except RequestError as exc:
         return 400, {**exc.to_dict(), "decision_id": decision_id}, "rejected", exc.policy_digest
     except Exception:  # a bug of ours: answered as such, and logged like every other answer
@@ -250,12 +275,13 @@ def _elapsed_us() -> int:
 def decide() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized_and_logged()
+    engine = _service().holder.engine  # taken once: this request is read and decided by one policy set
     try:
-        raw, received = _body()
+        raw, received, checked = _decision_body(engine)
     except _Rejected as exc:
         return _reject_and_log(exc)
     language = _language()
-    status, body, outcome, digest = _decide_one(raw, datetime.now(UTC), _explain(), language)
+    status, body, outcome, digest = _decide_one(raw, datetime.now(UTC), _explain(), language, engine, checked)
     logged = raw if status == 200 else _bounded(raw, received)
     record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=logged,
                         response=body, duration_us=_elapsed_us(),

@@ -113,7 +113,7 @@ class TestDecisions:
         def explode(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("secret internals")
 
-        monkeypatch.setattr(app.extensions["bindpolicy"].holder.engine, "decide", explode)
+        monkeypatch.setattr(app.extensions["bindpolicy"].holder.engine, "decide_checked", explode)  # (every way)
         response = client.post("/v1/decisions", json=bind_request())
         assert response.status_code == 500 and response.is_json
         assert "secret internals" not in response.get_data(as_text=True)
