@@ -37,8 +37,8 @@ from tests.conftest import bind_request  # noqa: E402
 
 # (part, how to find its cumulative time: file suffix and function name), in the order printed
 PARTS = [
-    ("reading the body (strict JSON)", "api/routes.py", "_body"),
-    ("the decision (engine: request check, rules, answer)", "api/routes.py", "_decide_one"),
+    ("reading the body (the one-pass reader: strict JSON and the check)", "api/routes.py", "_decision_body"),
+    ("the decision (engine: rules, answer)", "api/routes.py", "_decide_one"),
     ("making the log record (canonical JSON of the answer)", "engine/decisionlog.py", "new_record"),
     ("committing the record (SQLite, one transaction, chained)", "engine/decisionlog.py", "write_many"),
     ("metrics (prometheus, multiprocess files)", "prometheus_client/metrics.py", "inc"),
