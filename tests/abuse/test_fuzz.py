@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from engine.generator import generate_requests
 
 from ..conftest import make_app
+from . import paths
 
 CORPUS = list(generate_requests(200, seed=8, broken=0.2))
 ODD_VALUES = st.one_of(
@@ -27,22 +28,11 @@ ODD_VALUES = st.one_of(
     st.sampled_from(["", "\u0000", "x" * 600, "2025-06-30T23:59:60Z", "9999-12-31T23:59:59-01:00", [], {}]))
 
 
-def paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [at] if at else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += paths(item, (*at, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:3]):
-            found += paths(item, (*at, index))
-    return found
-
-
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     request = copy.deepcopy(draw(st.sampled_from(CORPUS)))
     kind = draw(st.sampled_from(["as generated", "set", "drop", "null"]))
-    where = draw(st.sampled_from(paths(request))) if kind != "as generated" else ()
+    where = draw(st.sampled_from(paths(request, items=3))) if kind != "as generated" else ()
     if where:
         parent: Any = request
         for step in where[:-1]:

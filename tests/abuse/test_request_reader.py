@@ -21,6 +21,7 @@ from engine.generator import generate_requests
 from engine.reader import FAST_TIMESTAMP, RequestReader
 from engine.request import MAX_DEPTH, RequestChecker, default_checker, parse_json
 
+from . import paths
 from .test_strict_reader import HOSTILE
 
 WHOLE: dict[str, Any] = {
@@ -77,17 +78,6 @@ def assert_alike(raw: bytes | str, checker: RequestChecker | None = None) -> boo
         assert reference(checker, raw) == ("value", repr((vouched, True))), raw
         assert repr(vouched) == repr(json.loads(data)), raw  # what impact reads, too
     return vouched is not None
-
-
-def paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [at] if at else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += paths(item, (*at, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found += paths(item, (*at, index))
-    return found
 
 
 def replaced(value: Any, at: tuple[Any, ...], new: Any) -> Any:
