@@ -239,6 +239,7 @@ class QuickJudge:
         self.now = now
         self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool] | tuple[()]] = {}
         self.times: dict[str, datetime] = {}  # `at` as read -> as parsed (a log's requests share seconds)
+        self.handed_over = 0  # requests judged the plain way (the bench says how many)
 
     @classmethod
     def of(cls, old: Side, new: Side, now: datetime) -> QuickJudge | None:
@@ -317,6 +318,8 @@ class QuickJudge:
             elif type(request) is dict and self._invalid_both_ways(request):
                 report.reject("invalid_request", _origin(origins, index))  # as RequestChecker says under both pins
                 continue
+            if pair is None:
+                self.handed_over += 1
             if pair is None and twins:  # one side the plain way: twin paths, the same rules, the same outcome
                 decided = _decide(old, request, now)
                 if isinstance(decided, RequestError):
@@ -418,7 +421,9 @@ def _decide(side: Side, request: dict[str, Any], now: datetime, explain: bool = 
     try:
         return engine.decide(pinned, now=now, decision_id="impact", explain=explain)
     except RequestError as exc:
-        return exc
+        # without its traceback: its frames (the request, its activation) would be a cycle that
+        # only a collection frees, and each chunk's collection would walk them all
+        return exc.with_traceback(None)
 
 
 def _why_rejected(before: Decision | RequestError, after: Decision | RequestError, old: str, new: str) -> str:

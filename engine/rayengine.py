@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from engine.impact import CHUNK, ImpactReport, Sides, judge_engines, load_shipped, parse_lines
+from engine.decider import Engine
+from engine.impact import CHUNK, ImpactReport, Sides, explain_examples, judge_engines, load_shipped, parse_lines
 from engine.inputs import JSONL, InputFile, resolve
 from engine.versions import PolicySet
 
@@ -88,7 +89,7 @@ class _ImpactJudge:
         import numpy as np
 
         report = judge_engines(self.old, self.new, parse_lines(str(t) for t in batch["line"]), self.now,
-                               labels=self.labels, origins=[str(o) for o in batch["origin"]])
+                               labels=self.labels, origins=[str(o) for o in batch["origin"]], explain=False)
         return {"report": np.array([pickle.dumps(report)], dtype=object), "node": np.array([_node()], dtype=object)}
 
 
@@ -178,6 +179,8 @@ def run_impact_ray(policies: PolicySet, old: str, new: str, locations: Sequence[
     for row in judged.iter_rows():
         report.merge(pickle.loads(row["report"]))
         _count(nodes, row)
+    other = new_policies or policies  # the examples kept, explained once here (not in every batch)
+    explain_examples(report, (Engine(policies, runtime=runtime), old), (Engine(other, runtime=runtime), new), now)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -4,6 +4,7 @@ side's whole decision through Engine.decide on each line json.loads read."""
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -185,3 +186,20 @@ def test_the_generated_decision_record_has_every_field(policies: PolicySet) -> N
                                                                                              decision_id="d")
     assert generated == evaluated and generated.to_dict() == evaluated.to_dict()
     assert vars(generated).keys() == vars(evaluated).keys()
+
+
+def test_judging_leaves_no_cycles_for_the_collector(policies: PolicySet) -> None:
+    """A request rejected the plain way leaves no cycle behind (its error's traceback would hold the
+    frames, the request and its activation): a worker's chunk ends with one collection, which
+    would walk them all."""
+    engine = Engine(policies)
+    lines = [json.dumps(bind_request(account={k: v for k, v in ACCOUNT.items() if k != "age"}))] * 40
+    gc.collect()
+    gc.disable()
+    try:
+        report = judge_engines((engine, "v1"), (engine, "v2"), parse_lines(lines), NOW)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert report.rejected == 40 and [r.reason for r in report.rejections.values()] == ["missing_field"]
+    assert found < 40, found
