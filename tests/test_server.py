@@ -167,24 +167,35 @@ def load(url: str, answered: list[str], failures: list[str], stop: threading.Eve
             failures.append(f"{status} {body}")
 
 
+class Clients:
+    """`count` threads sending decisions (`load`) until finished; the ids answered, the failures."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.answered: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=load, args=(url, self.answered, self.failures, self._stop))
+                         for _ in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+
 def answered_until_sigkill(server: Server, after_kill: Callable[[], None] | None = None) -> list[str]:
     """Six clients send decisions for two seconds, then the service (master and workers) is killed
     mid-flight and `after_kill` runs while they still send; the ids of the decisions that were answered."""
-    answered: list[str] = []
-    failures: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=load, args=(server.url, answered, failures, stop)) for _ in range(6)]
-    for thread in threads:
-        thread.start()
+    clients = Clients(server.url, 6)
     time.sleep(2.0)
     server.stop(signal.SIGKILL)
     if after_kill is not None:
         after_kill()
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert len(answered) > 50, failures[:5]
-    return answered
+    clients.finish()
+    assert len(clients.answered) > 50, clients.failures[:5]
+    return clients.answered
 
 
 def assert_every_answered_decision_logged(answered: list[str], store: Store, label: str) -> None:
@@ -316,22 +327,16 @@ def test_a_crashed_worker_is_replaced_and_a_graceful_stop_answers_what_is_in_fli
         os.kill(min(first), signal.SIGKILL)
         replaced = wait_for(lambda: workers_of(server), lambda pids: len(pids) == 2 and pids != first)
         assert len(replaced) == 2 and min(first) not in replaced, (first, replaced)
-        answered: list[str] = []
-        failures: list[str] = []
-        stop = threading.Event()
-        threads = [threading.Thread(target=load, args=(server.url, answered, failures, stop)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: len(answered), lambda count: count >= 40)
+        clients = Clients(server.url, 4)
+        wait_for(lambda: len(clients.answered), lambda count: count >= 40)
         # A graceful stop with requests in flight: each of them is answered and logged (or refused
         # a connection), the process ends cleanly, and the log's chain holds.
         os.killpg(server.process.pid, signal.SIGTERM)
         code = server.process.wait(timeout=30)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        clients.finish()
     finally:
         server.stop(signal.SIGKILL)
+    answered, failures = clients.answered, clients.failures
     output = server.output.read_text()
     assert code == 0 and "Traceback" not in output, output[-3000:]
     refused = ("URLError", "ConnectionRefused", "RemoteDisconnected", "ConnectionReset")  # (once it stopped)
