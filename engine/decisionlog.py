@@ -578,8 +578,10 @@ class Store:
             chained.append(record)
         return chained
 
-    def _insert(self) -> str:
-        return f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ({', '.join([self.placeholder] * len(COLUMNS))})"
+    def _insert(self, rows: int = 1) -> str:
+        """The INSERT of the records' columns, with the placeholders of `rows` rows."""
+        marks = "(" + ", ".join([self.placeholder] * len(COLUMNS)) + ")"
+        return f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES {', '.join([marks] * rows)}"
 
     @staticmethod
     def _row(record: LogRecord) -> tuple[Any, ...]:
@@ -952,10 +954,8 @@ class PostgresStore(Store):
                 conn.cursor().executemany(self._insert(), rows)
                 conn.execute("COMMIT")
             else:
-                marks = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
-                psycopg.ClientCursor(conn).execute(
-                    f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES {', '.join([marks] * len(rows))}; COMMIT",
-                    [value for row in rows for value in row])
+                psycopg.ClientCursor(conn).execute(f"{self._insert(len(rows))}; COMMIT",
+                                                   [value for row in rows for value in row])
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
