@@ -44,7 +44,22 @@ import orjson
 
 from engine.schemas import Schema, SchemaWalker
 
-SAFE_INTEGER = 2**53
+SAFE_INTEGER = 2**53  # beyond it a JSON number is not the same integer in every client (IEEE doubles)
+
+
+def safe_integer(text: str | bytes) -> int | None:
+    """An integer's text as the strict reading takes it: None beyond +-2^53."""
+    number = int(text)
+    return number if -SAFE_INTEGER <= number <= SAFE_INTEGER else None
+
+
+def exact_double(text: str) -> float | None:
+    """A number's text as the strict reading takes it: the double, where it holds the number
+    exactly as written; None otherwise (1e400, 0.10000000000000001)."""
+    number = float(text)
+    if repr(number) == text or (math.isfinite(number) and Decimal(repr(number)) == Decimal(text)):
+        return number
+    return None
 
 # A date-time that the date-time format and USABLE_TIMESTAMP (engine/request.py) both take and
 # Python holds: years 0002 to 9989, days that every year has in their month (29 February is read
@@ -318,18 +333,13 @@ def _number(raw: msgspec.Raw, low: float | None, high: float | None) -> int | fl
     text = bytes(raw)
     if text[0] not in _NUMBER_START:
         return None
-    value: int | float
+    value: int | float | None
     if text.isdigit() or (text[0] == 45 and text[1:].isdigit()):  # 45: "-"
         if len(text) > 17:  # beyond +-2^53 (and Python's int() refuses 4,300 digits and more)
             return None
-        value = int(text)
-        if not -SAFE_INTEGER <= value <= SAFE_INTEGER:
-            return None
+        value = safe_integer(text)
     else:
-        value = float(text)
-        if repr(value).encode() != text and (
-                not math.isfinite(value) or Decimal(repr(value)) != Decimal(text.decode())):
-            return None
-    if (low is not None and value < low) or (high is not None and value > high):
+        value = exact_double(text.decode())
+    if value is None or (low is not None and value < low) or (high is not None and value > high):
         return None
     return value

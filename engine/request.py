@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from functools import cache
 from typing import Any, cast
 
@@ -21,7 +19,7 @@ from engine.checker import first_problems
 from engine.errors import Detail, RequestError
 from engine.model import EACH, OPTIONAL, FieldPath
 from engine.needs import pointer
-from engine.reader import ReaderError, RequestReader
+from engine.reader import ReaderError, RequestReader, exact_double, safe_integer
 from engine.schemas import Schema, SchemaWalker, load_schema
 from engine.versions import parse_timestamp
 
@@ -37,7 +35,6 @@ MAX_DEPTH = 16  # a request nests 4 deep (account.bind_history[i].bound_at), a b
 # Bounds known before parsing, from the bytes (strings included): what a body may cost is bounded.
 MAX_CONTAINERS = 20_000  # '{' and '[': a batch of 1000 generated requests holds about 11,000
 MAX_VALUES = 60_000  # ',' + 1: a batch of 1000 generated requests holds about 37,000
-SAFE_INTEGER = 2**53  # beyond it a JSON number is not the same integer in every client (IEEE doubles)
 
 
 BATCH_ADVICE = "send them as several batches (a batch is bounded to cost about as much CPU as one request)"
@@ -218,18 +215,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _safe_integer(text: str) -> int:
-    number = int(text)
-    if not -SAFE_INTEGER <= number <= SAFE_INTEGER:
+    number = safe_integer(text)
+    if number is None:
         raise RequestError("invalid_json", "the request has an integer too large to be exchanged exactly",
                            [Detail("", f"{text[:40]} is beyond +-2^53")])
     return number
 
 
 def _exact_number(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number) or Decimal(repr(number)) != Decimal(text):
+    number = exact_double(text)
+    if number is None:
         raise RequestError("invalid_json", "the request has a number a double cannot hold as written",
-                           [Detail("", f"{text[:40]} would be read as {number!r}")])
+                           [Detail("", f"{text[:40]} would be read as {float(text)!r}")])
     return number
 
 
@@ -306,13 +303,10 @@ class RequestChecker:
         """A request from its bytes, as checked(parse_json(data)) gives it, with the same errors:
         in one pass (engine/reader.py) where the reader vouches for it, else that way."""
         raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-        if len(raw) > MAX_CONTAINERS:  # shorter, it cannot hold too many values
-            _bound_values(raw)
-        if self.reader is not None:
-            value = self.reader(raw)
-            if value is not None:
-                return value, True
-        return self.checked(parse_json(raw))
+        value = self.vouch(raw)
+        if value is not None:
+            return value, True
+        return self.checked(parse_json(raw))  # (too many values: parse_json says so first)
 
     def vouch(self, raw: bytes) -> dict[str, Any] | None:
         """The request of these bytes where the one-pass reader vouches for it, else None: then it
@@ -321,8 +315,9 @@ class RequestChecker:
         if self.reader is None:
             return None
         if len(raw) > MAX_CONTAINERS:  # shorter, it cannot hold too many values
-            containers, commas = raw.count(b"{") + raw.count(b"["), raw.count(b",")
-            if containers > MAX_CONTAINERS or commas >= MAX_VALUES:
+            try:
+                _bound_values(raw)
+            except RequestError:
                 return None
         return self.reader(raw)
 
