@@ -320,14 +320,13 @@ class QuickJudge:
                 continue
             if pair is None:
                 self.handed_over += 1
-            if pair is None and twins:  # one side the plain way: twin paths, the same rules, the same outcome
-                decided = _decide(old, request, now)
-                if isinstance(decided, RequestError):
-                    report.reject(decided.code, _origin(origins, index))  # the same code under both
-                else:
-                    same += 1
-                continue
-            if pair is None:
+                if twins:  # one side the plain way: twin paths, the same rules, the same outcome
+                    decided = _decide(old, request, now)
+                    if isinstance(decided, RequestError):
+                        report.reject(decided.code, _origin(origins, index))  # the same code under both
+                    else:
+                        same += 1
+                    continue
                 judged = _judged_plainly(old, new, request, now, report)
                 if isinstance(judged, str):
                     report.reject(judged, _origin(origins, index))
