@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
+from engine.decider import Engine
 
-from .conftest import POLICIES, ROOT, VERSION_V1, WriteFiles, bind_request
+from .conftest import NOW, POLICIES, ROOT, VERSION_V1, WriteFiles, bind_request
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str], stdin: str | None = None,
@@ -122,6 +123,59 @@ def test_decide_jsonl_numbers_lines_as_a_text_file_does(tmp_path: Path, capsys: 
     assert code == 2
     assert [a.get("decision") or (a["error"]["code"], a["line"]) for a in answers] == [
         "allow", "allow", ("invalid_json", 5), "allow"]
+
+
+class _CountedBytes(io.BytesIO):
+    """A bare binary stdout (as PYTHONUNBUFFERED leaves it) that counts its writes."""
+
+    writes = 0
+
+    def write(self, data: object) -> int:
+        self.writes += 1
+        return super().write(data)  # type: ignore[arg-type]
+
+
+class _BareStdout:
+    def __init__(self) -> None:
+        self.buffer = _CountedBytes()
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+
+def test_decide_jsonl_long_run_answers_as_each_request_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             engine: Engine) -> None:
+    """Many lines (generated requests, some broken, some not JSON) are answered in order, each as
+    the engine decides that request alone from its strict reading; the answers go out in blocks
+    even where stdout is the bare file, not one system call per line."""
+    from engine.cli import ANSWERS_PER_WRITE
+    from engine.errors import RequestError
+    from engine.generator import generate_requests
+    from engine.request import parse_json
+
+    texts = [json.dumps(r, ensure_ascii=False) for r in generate_requests(200, seed=7, broken=0.2)]
+    texts[10], texts[150] = "{oops", texts[150].replace('"action"', '"action" ', 1)
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    stdout = _BareStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = main(["decide", str(path), "--policies", str(POLICIES), "--now", "2025-07-01T00:00:00Z"])
+    answers = [json.loads(line) for line in stdout.buffer.getvalue().decode().splitlines()]
+    expected = []
+    for number, text in enumerate(texts, start=1):
+        try:
+            expected.append(engine.decide(parse_json(text), now=NOW).to_dict())
+        except RequestError as exc:
+            expected.append({**exc.to_dict(), "line": number})
+    for answer in (*answers, *expected):
+        answer.pop("decision_id", None)
+    assert answers == expected
+    assert {"allow", "deny"} <= {a.get("decision") for a in answers} and any("error" in a for a in answers)
+    assert code == max(0 if a.get("decision") == "allow" else 1 if "decision" in a else 2 for a in answers)
+    assert stdout.buffer.writes == -(-len(texts) // ANSWERS_PER_WRITE)
 
 
 def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> None:
