@@ -71,16 +71,18 @@ class GeneratedPath:
     remake: Callable[[], GeneratedPath] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
-    def verdict(self) -> Callable[[dict[str, Any], datetime], Verdict | None]:
+    def verdict(self) -> Callable[[dict[str, Any], datetime], Verdict | tuple[()] | None]:
         """The path's decision and deciding rule only, `verdict(request, at)`: ('allow', None) or
-        ('deny', rule id), or None where `function` returns None (and it raises where `function`
-        raises). No Decision, no messages, no output formatted (an output is still evaluated on
-        an allowed request: one that fails denies); on a request with every field the path may
-        read, it returns at the first denial (what follows cannot change the first). Written on
-        first use (what `bindpolicy impact` calls): loading writes only `function`."""
+        ('deny', rule id), or where `function` returns None, LACKING if it hands over for a field
+        the rules need that is missing (Engine.decide then refuses the request as missing_field),
+        None for any other reason (and it raises where `function` raises). No Decision, no
+        messages, no output formatted (an output is still evaluated on an allowed request: one
+        that fails denies); on a request with every field the path may read, it returns at the
+        first denial (what follows cannot change the first). Written on first use (what
+        `bindpolicy impact` calls): loading writes only `function`."""
         if self.remake is None:
             raise ValueError(f"the path of {self.action!r}, {self.role!r} was not generated to be written again")
-        return cast(Callable[[dict[str, Any], datetime], "Verdict | None"], self.remake().function)
+        return cast(Callable[[dict[str, Any], datetime], "Verdict | tuple[()] | None"], self.remake().function)
 
 
 @dataclass(frozen=True)
@@ -762,6 +764,10 @@ def _comment(text: str, indent: str) -> list[str]:
 
 Verdict = tuple[str, str | None]  # (decision, the deciding rule's id or None)
 ALLOWED: Verdict = ("allow", None)
+# A verdict path's answer where its function hands over because a field the rules need is missing
+# (a presence check failed): the evaluator then refuses the request as missing_field, naming the
+# fields. Falsy, as None (any other hand-over) is.
+LACKING: tuple[()] = ()
 
 
 def generate_path(version_name: str, digest: str, action: str, role: str | None, rules: tuple[Rule, ...],
@@ -810,14 +816,16 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
         if name is None:
             name = checks[paths] = f"_needs_{len(checks)}"
             lines[insert_at:insert_at] = [*presence.source(name, paths), ""]
-        return [f"{indent}if not complete and not {name}(request):", f"{indent}    return None"]
+        return [f"{indent}if not complete and not {name}(request):", f"{indent}    return {lacking}"]
 
     insert_at = len(lines)
+    lacking = "_LACKING" if verdict else "None"  # a field missing: the evaluator would refuse the request
     said = f"    language = {DEFAULT_LANGUAGE!r}  # for a rule judged again: its findings' words unread"
     lines += [signature, *([said] if verdict else []),
               "    complete = _everything(request)",
               "    if not complete and not _always(request):",
-              "        return None  # a field needed whatever the request says is missing: the evaluator names it",
+              f"        return {lacking}  # a field needed whatever the request says is missing: the evaluator"
+              " names it",
               "    violations = []",
               "    warnings = []"]
     blocks: list[list[str]] = []  # each rule's lines, placed below once the hoisted fields are known
@@ -1020,4 +1028,5 @@ _RUNTIME: dict[str, Any] = {
     "_ge": native._ge, "_in": native._in, "_add": native._add, "_sub": native._sub, "_mul": native._mul,
     "_div": native._div, "_mod": native._mod, "_negate": native._negate, "_size": native._size,
     "_index": native._index, "_to_json": to_json, "_first_verdict": _first_verdict, "_ALLOWED": ALLOWED,
+    "_LACKING": LACKING,
 }

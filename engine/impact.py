@@ -112,6 +112,7 @@ class ImpactReport:
         }
 
 
+MISSING_FIELD = "missing_field"  # the code of a request lacking a field the rules need (engine/evaluator.py)
 NOT_JSON = object()  # a line that is not JSON at all (its text is no request)
 Side = tuple[Engine, str | None]
 
@@ -224,9 +225,10 @@ class QuickJudge:
     straight to each side's generated path's verdict (engine/codegen.py: the decision and its
     rule, no Decision built), and where both versions generate the same function for its action
     and role (the same source once the version's name and digest are taken out, the same
-    constants and rules), it is decided once. Anything else (a request the check or its
-    timestamps refuse in another way, a path that hands over to the evaluator, any exception)
-    is judged the plain way."""
+    constants and rules), it is decided once. A path that finds a field missing (its verdict
+    LACKING) refuses the request as the evaluator would (missing_field), without it. Anything
+    else (a request the check or its timestamps refuse in another way, a path that hands over
+    to the evaluator for another reason, any exception) is judged the plain way."""
 
     def __init__(self, old: Side, new: Side, now: datetime) -> None:
         (old_engine, old_name), (new_engine, new_name) = old, new
@@ -280,7 +282,7 @@ class QuickJudge:
         for index, request in enumerate(requests):
             total += 1
             pair: Any = None
-            twins = False
+            twins = settle = False
             if type(request) is dict and usable(request):
                 key = (request["action"], request.get("role"))
                 found = paths.get(key)
@@ -302,21 +304,26 @@ class QuickJudge:
                             at = now
                         if reads_pin:
                             before = old_verdict({**request, "policy_version": old_pin}, at)
-                            after = None if before is None or new_verdict is None else \
+                            after = None if new_verdict is None or before is None else \
                                 new_verdict({**request, "policy_version": new_pin}, at)
                         else:
                             before = old_verdict(request, at)
-                            after = None if before is None or new_verdict is None else new_verdict(request, at)
+                            after = None if new_verdict is None or before is None else new_verdict(request, at)
                     except Exception:  # a Defer, a bug, a timestamp Python cannot hold: the plain way judges it
                         before = None
-                    if before is not None:
+                    if before:  # a verdict (None: handed over; LACKING, falsy too: a field missing)
                         if new_verdict is None or before == after:
                             same += 1
                             continue
-                        if after is not None:
+                        if after:
                             pair = (before, after)
+                    # a side LACKING, the other a verdict or LACKING too (or its twin): settled below
+                    settle = before is not None and (twins or after is not None)
             elif type(request) is dict and self._invalid_both_ways(request):
                 report.reject("invalid_request", _origin(origins, index))  # as RequestChecker says under both pins
+                continue
+            if settle and pair is None:  # a side found a field missing: refused without the evaluator
+                report.reject(self._lacking(before, after, twins, report), _origin(origins, index))
                 continue
             if pair is None:
                 self.handed_over += 1
@@ -338,6 +345,16 @@ class QuickJudge:
             flip(pair, index, request)
         report.total += total
         report.same += same
+
+    @staticmethod
+    def _lacking(before: Any, after: Any, twins: bool, report: ImpactReport) -> str:
+        """Why a request is refused where a side's verdict is LACKING (and the other's a verdict,
+        or LACKING too): in the plain way's words (_why_rejected), its code missing_field."""
+        if twins or before == after:
+            return MISSING_FIELD
+        if not before:
+            return f"{MISSING_FIELD} under {report.old} only (decided under {report.new})"
+        return f"{MISSING_FIELD} under {report.new} only (decided under {report.old})"
 
     def _invalid_both_ways(self, request: dict[str, Any]) -> bool:
         """Whether RequestChecker refuses the request under both pins (as invalid_request): the

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from engine.codegen import LACKING
 from engine.decider import Engine
+from engine.errors import RequestError
 from engine.generator import generate_requests
 from engine.impact import (
     QuickJudge,
@@ -124,7 +126,9 @@ def near_misses(request: dict[str, Any]) -> list[dict[str, Any]]:
 def test_each_path_verdict_is_its_decision(policies: PolicySet) -> None:
     """GeneratedPath.verdict (what impact calls: no Decision built, the first denial returned at
     once on a request with every field) answers as the path's whole function, decision and rule,
-    on every request the check lets through: complete ones, ones lacking a field, nulls inside."""
+    on every request the check lets through: complete ones, ones lacking a field, nulls inside;
+    where it says LACKING (the function hands over for a missing field), Engine.decide refuses the
+    request as missing_field."""
     engine = Engine(policies)
     outcomes: dict[str, int] = {}
     for request in generate_requests(120, seed=9):
@@ -139,11 +143,19 @@ def test_each_path_verdict_is_its_decision(policies: PolicySet) -> None:
                     continue
                 decided = path.function(variant, NOW, "d", "en")
                 verdict = path.verdict(variant, NOW)
-                expected = None if decided is None else (decided.decision, decided.rule.id if decided.rule else None)
-                assert verdict == expected, (name, variant)
-                kind = "handed over" if verdict is None else verdict[0]
+                if verdict is LACKING:  # the evaluator refuses it, naming what is missing
+                    assert decided is None, (name, variant)
+                    with pytest.raises(RequestError) as refused:
+                        engine.decide({**variant, "policy_version": name}, now=NOW)
+                    assert refused.value.code == "missing_field", (name, variant)
+                    kind = "lacking"
+                else:
+                    expected = None if decided is None else (decided.decision,
+                                                             decided.rule.id if decided.rule else None)
+                    assert verdict == expected, (name, variant)
+                    kind = "handed over" if verdict is None else verdict[0]
                 outcomes[kind] = outcomes.get(kind, 0) + 1
-    assert min(outcomes.get(kind, 0) for kind in ("allow", "deny", "handed over")) >= 20, outcomes
+    assert min(outcomes.get(kind, 0) for kind in ("allow", "deny", "lacking")) >= 20, outcomes
 
 
 def test_near_misses_give_the_plain_report(policies: PolicySet) -> None:
