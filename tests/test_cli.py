@@ -178,6 +178,35 @@ def test_decide_jsonl_long_run_answers_as_each_request_alone(tmp_path: Path, mon
     assert stdout.buffer.writes == -(-len(texts) // ANSWERS_PER_WRITE)
 
 
+def test_decide_jsonl_reads_in_blocks_the_lines_a_line_by_line_reading_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lines cut from blocks (short ones here, ends such as \r|\n split between two) are the
+    bytes and numbers that reading the stream line by line gives, blank ones skipped alike."""
+    import random
+
+    from engine import cli
+
+    def line_by_line(data: bytes) -> list[tuple[int, bytes]]:
+        found, number = [], 0
+        for chunk in io.BytesIO(data):
+            for line in chunk.splitlines() if b"\r" in chunk else (chunk,):
+                number += 1
+                if line.decode("utf-8", "replace").strip():
+                    found.append((number, line))
+        return found
+
+    class Trickle(io.BytesIO):
+        def read1(self, size: int = -1) -> bytes:  # what a pipe gives: less than asked for
+            return super().read1(random.randint(1, max(1, size)))
+
+    random.seed(3)
+    pieces = [b"{}", b'{"a": 1}', b"x", b"\r", b"\n", b"\r\n", b" ", b"\x1c", b"\xc2\xa0", b"\xff", b"\n\n"]
+    monkeypatch.setattr(cli, "READ_SIZE", 5)
+    for _ in range(300):
+        data = b"".join(random.choices(pieces, k=random.randint(0, 30)))
+        got = [line for block in cli._blocks(Trickle(data)) for line in block]
+        assert got == line_by_line(data), data
+
+
 def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["test", str(POLICIES)], capsys)
     assert code == 0, out
