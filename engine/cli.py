@@ -987,10 +987,10 @@ ANSWERS_PER_WRITE = 64  # about 40 KB of answers per write where no terminal rea
 
 
 def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, now: datetime) -> int:
-    """The answers gathered and written ANSWERS_PER_WRITE at a time, whatever buffering stdout
-    has: under PYTHONUNBUFFERED (as many containers set it) sys.stdout.buffer is the bare file,
-    and one write per line cost a system call and a wake-up of the reader of a pipe each (about a
-    tenth of a line's CPU time)."""
+    """The answers gathered and written ANSWERS_PER_WRITE at a time, and when the input read so
+    far is answered, whatever buffering stdout has: under PYTHONUNBUFFERED (as many containers
+    set it) sys.stdout.buffer is the bare file, and one write per line cost a system call and a
+    wake-up of the reader of a pipe each (about a tenth of a line's CPU time)."""
     worst = EXIT_ALLOW
     sys.stdout.flush()
     out: IO[bytes] | None = getattr(sys.stdout, "buffer", None)  # None: a text stream put in its place
@@ -1022,15 +1022,16 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
 _MAYBE_BLANK = frozenset(b"\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3")  # first bytes of whitespace str.strip() knows
 
 
-READ_SIZE = 1 << 20  # bytes of input read at once, or what there is (read1 awaits no more)
+READ_SIZE = 1 << 16  # bytes of input read at once, or what there is (read1 awaits no more); 1 MB was slower
 
 
 def _blocks(stream: IO[bytes]) -> Iterator[list[tuple[int, bytes]]]:
     """(number, bytes) of each line that is not blank, a list per block of input: the lines as
     reading the stream line by line gives them (with their \n), numbered as a text file read
     with universal newlines numbers them (\n, \r\n and a lone \r end a line), those that
-    str.strip() sees blank skipped. Read in blocks and cut in C: a buffered reader's line by line
-    reading cost about a tenth of a line's CPU time."""
+    str.strip() sees blank skipped. Read in blocks and cut in C (a little cheaper than a buffered
+    reader's line by line reading); a block is all the input there is for now, so that the loop
+    answers every line read before it waits for more (tail -f ... | bindpolicy decide --jsonl -)."""
     read = getattr(stream, "read1", stream.read)
     number, rest = 0, b""
     while block := read(READ_SIZE):

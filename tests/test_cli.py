@@ -207,6 +207,22 @@ def test_decide_jsonl_reads_in_blocks_the_lines_a_line_by_line_reading_gives(mon
         assert got == line_by_line(data), data
 
 
+def test_decide_jsonl_answers_what_it_read_before_it_waits_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines that come one at a time (a pipe fed slowly) are each answered before the next read."""
+    line = json.dumps(bind_request()).encode() + b"\n"
+    stdout, written_at_each_read = _BareStdout(), []
+
+    class OneLineAtATime(io.BytesIO):
+        def read1(self, size: int = -1) -> bytes:
+            written_at_each_read.append(stdout.buffer.getvalue().count(b"\n"))
+            return self.readline()
+
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": OneLineAtATime(line * 3)})())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["decide", "-", "--jsonl", "--policies", str(POLICIES)]) == 0
+    assert written_at_each_read == [0, 1, 2, 3]
+
+
 def test_test_command_runs_the_suites(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["test", str(POLICIES)], capsys)
     assert code == 0, out
