@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -19,14 +20,21 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from api.errors import error_response
 from api.openapi import build_openapi
 from engine.decider import new_decision_id
-from engine.decisionlog import FILTERS, BrokenRecordError, LogError, new_record
+from engine.decisionlog import FILTERS, BrokenRecordError, LogError, log_time, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
 from engine.errors import Detail, RequestError
 from engine.messages import LANGUAGES, negotiate
 from engine.model import PolicyVersion
 from engine.replay import render_record
-from engine.request import batch_bytes_problem, batch_count_problem, parse_json, strict_json
+from engine.request import (
+    MAX_CONTAINERS,
+    MAX_VALUES,
+    batch_bytes_problem,
+    batch_count_problem,
+    parse_json,
+    strict_json,
+)
 from engine.versions import format_timestamp, parse_timestamp
 
 routes = Blueprint("bindpolicy", __name__)
@@ -302,19 +310,21 @@ def decide() -> Response:
 def decide_batch() -> Response:
     if _tokens("DECISION_TOKENS") and not _authorized("DECISION_TOKENS"):
         return _unauthorized_and_logged()
+    engine = _service().holder.engine  # taken once: one policy set reads and decides the whole batch
     try:
-        raw, _received = _body(batch=True)
+        items = _batch_items(engine)
     except _Rejected as exc:
         return _reject_and_log(exc)
     now, explain, language = datetime.now(UTC), _explain(), _language()
-    engine, started, clock = _service().holder.engine, g.started, time.perf_counter  # one policy set for all
+    started, clock = g.started, time.perf_counter
+    logged_at = log_time(now)  # the batch's records are committed together: one time for all
     answers, records = [], []
-    for one in raw["requests"]:
-        status, body, outcome, digest = _decide_one(one, now, explain, language, engine)
+    for one, checked, text in items:
+        status, body, outcome, digest = _decide_one(one, now, explain, language, engine, checked)
         answers.append(body)
-        record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
-                            response=body, duration_us=int((clock() - started) * 1_000_000))
-        records.append(record if digest is None else replace(record, policy_digest=digest))
+        records.append(new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
+                                  response=body, duration_us=int((clock() - started) * 1_000_000),
+                                  request_text=text, logged_text=logged_at, policy_digest=digest))
     failure = _commit(records)
     if failure is not None:
         return failure
@@ -322,6 +332,59 @@ def decide_batch() -> Response:
     response = _json({"decisions": answers})
     _say_language(response, language)
     return response
+
+
+class _BatchShape(msgspec.Struct, forbid_unknown_fields=True):
+    """A batch's body as its one-pass reading takes it: one field, each request's text apart."""
+
+    requests: list[msgspec.Raw]
+
+
+_BATCH_SHAPE = msgspec.json.Decoder(_BatchShape)
+
+
+def _batch_items(engine: Any) -> list[tuple[Any, bool, str]]:
+    """A batch's requests: (the request, whether it is read and checked already, the text the log
+    keeps of it: its exact bytes, or "" for its canonical JSON); _Rejected for a batch refused
+    whole. Each request is read by the engine's one-pass reader where it vouches for the request's
+    bytes (engine/reader.py, as a single decision's), the batch's own text being proven to be
+    `{"requests": [...]}` and nothing else. Where the reader vouches for every request, that is
+    the whole reading; else the body is read the strict way too, as before (_parsed: the same
+    refusals of the whole batch, in the same words), and a request the reader did not vouch for is
+    decided from that reading, checked by the engine (its own error entry, if it is refused)."""
+    raw = _body_bytes()
+    if len(raw) > current_app.config["MAX_BATCH_BYTES"]:
+        _parsed(raw, True)  # refused for its size, as ever (nothing else is read first)
+    texts = _batch_texts(raw)
+    vouched = [engine.check.vouch(text) for text in texts] if texts is not None else []
+    if texts is not None and None not in vouched:
+        return [(one, True, text.decode("utf-8")) for one, text in zip(vouched, texts, strict=True)]
+    requests = _parsed(raw, True)["requests"]
+    if len(vouched) != len(requests):  # (the one-pass reading did not read this body)
+        return [(one, False, "") for one in requests]
+    return [(one, False, "") if mine is None else (mine, True, text.decode("utf-8"))
+            for one, mine, text in zip(requests, vouched, texts or (), strict=True)]
+
+
+def _batch_texts(raw: bytes) -> list[bytes] | None:
+    """The text of each request of a batch body, where its one-pass reading proves that the body
+    is `{"requests": [...]}` (whitespace aside) within the batch's bounds; else None (read it the
+    strict way). msgspec reads the body's syntax in C (strict: UTF-8, no NaN, nothing after the
+    value), refuses a field other than `requests`, and keeps each request's text; a field written
+    twice, which it takes the last of in silence, shows in the colons: each key has one, so the
+    body holds one more colon than its requests' texts only where `requests` is its one key."""
+    if raw.count(b"{") + raw.count(b"[") > MAX_CONTAINERS or raw.count(b",") >= MAX_VALUES:
+        return None  # too many values: the strict reading says so
+    try:
+        requests = _BATCH_SHAPE.decode(raw).requests
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if len(requests) > current_app.config["MAX_BATCH"]:
+        return None
+    texts = [bytes(one) for one in requests]
+    if raw.count(b":") != 1 + sum(text.count(b":") for text in texts):
+        return None
+    return texts
 
 
 @routes.get("/v1/decisions/<decision_id>")

@@ -16,6 +16,7 @@ import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -39,13 +40,18 @@ def key_id(material: bytes) -> str:
 class MacKey:
     secret: bytes
 
-    @property
+    @cached_property
     def id(self) -> str:
         return key_id(self.secret)
 
+    @cached_property
+    def _prefix(self) -> str:
+        return f"{MAC_PREFIX}{self.id}:"
+
     def mac(self, text: str) -> str:
-        digest = hmac.new(self.secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
-        return f"{MAC_PREFIX}{self.id}:{digest}"
+        # (hmac.digest: OpenSSL's one-shot HMAC, the same digest as hmac.new(...).hexdigest() at
+        # about a third of its cost: a record's MAC is taken once written and once by each watch)
+        return self._prefix + hmac.digest(self.secret, text.encode("utf-8"), "sha256").hex()
 
 
 @dataclass(frozen=True)

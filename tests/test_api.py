@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -13,7 +15,19 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from engine.decisionlog import LogError, _Pending, new_record, open_store
+from engine.cli import main
+from engine.decisionlog import (
+    COLUMNS,
+    BrokenRecord,
+    LogError,
+    LogRecord,
+    _Pending,
+    canonical,
+    new_record,
+    open_store,
+    record_from_row,
+)
+from engine.logkeys import MacKey, MacKeyring
 from engine.schemas import load_schema
 
 from .conftest import bind_request, make_app
@@ -36,6 +50,10 @@ def logged(client: FlaskClient, decision_id: str) -> dict[str, Any]:
 
 def store_of(app: Flask) -> Any:
     return app.extensions["bindpolicy"].store
+
+
+def database_url_of(store: Any) -> str:
+    return str(getattr(store, "url", "sqlite"))
 
 
 class TestDecisions:
@@ -139,6 +157,93 @@ class TestBatch:
         assert response.status_code == 413 and response.json["error"]["code"] == "batch_too_large"
         response = client.post("/v1/decisions/batch", json=[bind_request()])
         assert response.status_code == 400 and response.json["error"]["details"][0]["path"] == "/requests"
+        # What the one-pass reading of a batch cannot take is read the strict way, refused whole as ever.
+        one = json.dumps(bind_request())
+
+        def batch_of(text: str, after: str = "") -> str:
+            return '{"requests": [' + text + "]" + after + "}"
+
+        for body, code, words in (
+                (batch_of(one, ', "requests": []'), "invalid_json", "a key twice"),
+                (batch_of(one, ', "more": 1'), "invalid_request", 'a batch is {"requests": [...]}'),
+                (batch_of(one) + " x", "invalid_json", "not valid JSON"),
+                (batch_of(one.replace('"action": "bind"', '"action": "bind", "action": "bind"')),
+                 "invalid_json", "a key twice"),
+                (batch_of(one.replace('"age": 30', '"age": 30.000000000000001')), "invalid_json",
+                 "a double cannot hold")):
+            answer = client.post("/v1/decisions/batch", data=body, content_type="application/json")
+            assert (answer.status_code, answer.json["error"]["code"]) == (400, code), body[-80:]
+            assert words in answer.json["error"]["message"]
+            kept = logged(client, answer.json["decision_id"])["request"]  # as received, or as read
+            assert kept == (body if code == "invalid_json" else json.loads(body))
+        spaced = '{ "requests" :\n[ ' + one + " ," + json.dumps(bind_request(), separators=(",", ":")) + " ] }"
+        answer = client.post("/v1/decisions/batch", data=spaced, content_type="application/json")
+        assert [a["decision"] for a in answer.json["decisions"]] == ["allow", "allow"]
+
+    def test_a_batch_answers_and_logs_as_its_requests_one_by_one(self, tmp_path: Path, database_url: str) -> None:
+        """Read in one pass or the strict way, each request of a batch gets the answer, and the log
+        the record, it gets sent alone (but for ids and times); the chain holds (`log verify`)."""
+        young, missing, nulls, strict = bind_request(), bind_request(), bind_request(), bind_request()
+        young["account"]["age"] = 16  # type: ignore[index]
+        del missing["account"]["age"]  # type: ignore[attr-defined]
+        nulls["account"]["kyc"] = None  # type: ignore[index]
+        strict["account"]["followers"] = 5000.0  # type: ignore[index]  (an integer written 5000.0)
+        requests = [bind_request(), young, {"action": "x"}, missing, bind_request(policy_version="v7"), nulls,
+                    strict, [1], bind_request(at="2020-01-01T00:00:00Z"), bind_request(policy_version="v1")]
+        client = make_app(tmp_path, database_url).test_client()
+        store = client.application.extensions["bindpolicy"].store
+
+        def same(body: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in body.items() if k != "decision_id"}
+
+        def kept(record: dict[str, Any]) -> dict[str, Any]:
+            return {**{k: v for k, v in record.items() if k not in ("seq", "decision_id", "logged_at", "duration_us",
+                                                                   "prev_hash", "hash")},
+                    "response": same(record["response"])}
+
+        alone = [client.post("/v1/decisions", json=r).json for r in requests]
+        assert [a.get("decision") or a["error"]["code"] for a in alone] == [
+            "allow", "deny", "invalid_request", "missing_field", "unknown_version", "allow", "allow",
+            "invalid_request", "no_version_in_force", "allow"]
+        check = client.application.extensions["bindpolicy"].holder.engine.check
+        vouched = [check.vouch(json.dumps(r).encode()) is not None for r in requests]
+        assert vouched == [True, True, False, True, True, False, False, False, True, True]
+        # All read in one pass; then some the strict way (a request of those has its own error entry).
+        for chosen in ([n for n, ok in enumerate(vouched) if ok], list(range(len(requests)))):
+            batch = client.post("/v1/decisions/batch", json={"requests": [requests[n] for n in chosen]})
+            assert batch.status_code == 200
+            assert [same(a) for a in batch.json["decisions"]] == [same(alone[n]) for n in chosen]
+            assert [kept(logged(client, a["decision_id"])) for a in batch.json["decisions"]] == \
+                [kept(logged(client, alone[n]["decision_id"])) for n in chosen]
+            seqs = [logged(client, a["decision_id"])["seq"] for a in batch.json["decisions"]]
+            assert seqs == list(range(seqs[0], seqs[0] + len(chosen)))  # in order, one after another
+        assert store.verify() is None
+        assert main(["log", "verify", "--database-url", database_url]) == 0
+
+    def test_a_database_that_refuses_a_row_fails_the_batch_whole(self, client: FlaskClient, app: Flask) -> None:
+        store = store_of(app)
+        client.post("/v1/decisions/batch", json={"requests": [bind_request()] * 3})
+        head = store.head()
+        conn = store._connect()  # the 3rd row of the next batch is refused, after two went in
+        trigger = ("CREATE TRIGGER refuse BEFORE INSERT ON decisions WHEN NEW.seq = {} "
+                   "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        if database_url_of(store).startswith("postgresql"):
+            conn.execute("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.seq = %s THEN "
+                         "RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql" % (head[0] + 3))
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON decisions FOR EACH ROW EXECUTE FUNCTION refuse()")
+        else:
+            conn.execute(trigger.format(head[0] + 3))
+        conn.commit()
+        refused = client.post("/v1/decisions/batch", json={"requests": [bind_request()] * 5})
+        assert refused.status_code == 503 and refused.json["error"]["code"] == "log_unavailable"
+        assert "decisions" not in refused.json
+        assert store.head() == head and store.verify() is None  # none of it: no half-written chain
+        conn.execute("DROP TRIGGER refuse" + (" ON decisions" if database_url_of(store).startswith("postgresql")
+                                              else ""))
+        conn.commit()
+        conn.close()
+        answer = client.post("/v1/decisions/batch", json={"requests": [bind_request()] * 5})
+        assert answer.status_code == 200 and store.head()[0] == head[0] + 5 and store.verify() is None
 
 
 class TestLogAccess:
@@ -313,6 +418,26 @@ class TestStore:
     def record(self, n: int) -> Any:
         return new_record(decision_id=f"d-{n}", outcome="decided", status=200, request={"n": n},
                           response={"decision": "allow"}, duration_us=n)
+
+    def test_records_made_without_init_are_the_dataclass_own(self) -> None:
+        # new_record, chained and record_from_row fill a record's fields without __init__: the same
+        # record as the dataclass makes, and the MAC as hmac.new's.
+        request, response = {"action": "bind", "shop": {"id": "s\0"}, "n": 2**70}, {"decision": "deny", "policy": 3}
+        made = new_record(decision_id="d", outcome="decided", status=200, request=request, response=response,
+                          duration_us=7, logged_text="2025-01-01T00:00:00.000000Z", policy_digest="sha256:x")
+        assert made == LogRecord(decision_id="d", logged_at="2025-01-01T00:00:00.000000Z", outcome="decided",
+                                 status=200, request=request, response=response, duration_us=7, action="bind",
+                                 decision="deny", policy_digest="sha256:x")
+        key = MacKey(b"k" * 32)
+        chained = made.chained(4, "h", MacKeyring((key,)))
+        assert chained.hash == f"hmac-sha256:{key.id}:" + hmac.new(key.secret, ("h" + chained.content()).encode(),
+                                                                  hashlib.sha256).hexdigest()
+        assert made.content().startswith(canonical({c: getattr(made, c) for c in COLUMNS
+                                                    if c not in ("request", "response", "prev_hash", "hash")}))
+        row = tuple(getattr(chained, c) if c not in ("request", "response") else getattr(chained, f"{c}_text")
+                    for c in COLUMNS)
+        assert record_from_row(row) == chained and record_from_row((*row[:4], True, *row[5:])) == BrokenRecord(
+            4, "d", "its status is bool, not int")
 
     def test_concurrent_writes_are_grouped_and_chained(self, database_url: str) -> None:
         store = open_store(database_url)
