@@ -141,6 +141,9 @@ class BufferedFront:
             "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
             # Whatever the framing, the app sees the length it was given: one over the limit, if so.
             "CONTENT_LENGTH": str(self.max_body + 1 if over else len(body)),
+            # The whole body as read, for the app to take without wrapping wsgi.input in a stream
+            # (werkzeug's get_data: about 40 µs a request); wsgi.input stays for everyone else.
+            "bindpolicy.body": body,
         }
         for name, value in scope.get("headers", []):
             key = name.decode("latin1").upper().replace("-", "_")

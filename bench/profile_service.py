@@ -54,7 +54,8 @@ def environ(method: str, path: str, body: bytes) -> dict[str, Any]:
             "REMOTE_ADDR": "127.0.0.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
             "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
             "wsgi.multiprocess": True, "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body)),
-            "CONTENT_TYPE": "application/json", "HTTP_HOST": "127.0.0.1:8080"}
+            "CONTENT_TYPE": "application/json", "HTTP_HOST": "127.0.0.1:8080",
+            "bindpolicy.body": body}  # as api/front.py hands it: the whole body, read
 
 
 def cpu_per_call(call: Callable[[], Any], count: int) -> float:

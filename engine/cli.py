@@ -776,7 +776,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Check the policies, then become uvicorn (exec: signals reach it directly).
+    """Check the policies, then become the supervisor of uvicorn workers (exec: signals reach it directly).
 
     uvicorn's httptools protocol (api/server.py: a cap and a deadline on each request's head,
     its own errors in JSON) and the ASGI front of api/front.py read each request on the event
@@ -802,16 +802,10 @@ def _serve(args: argparse.Namespace) -> int:
     (data / "metrics").mkdir()
     os.environ.update({"BINDPOLICY_HEADER_TIMEOUT": str(args.header_timeout),
                        "BINDPOLICY_MAX_HEADER_BYTES": str(args.max_header_bytes)})
-    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
-    os.execv(uvicorn, [
-        uvicorn, "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-        "--http", "api.server:JsonHttpProtocol",  # httptools, every error of its own in JSON
-        # uvloop (libuv, C): measured against asyncio's loop, it took the server's CPU per logged
-        # decision down and about doubled the decisions per second (README, "The service")
-        "--loop", args.loop, "--ws", "none", "--lifespan", "on", "--no-server-header",
-        "--timeout-keep-alive", "5", "--timeout-graceful-shutdown", "15",
-        "--log-level", "warning", "--no-access-log",  # the app writes one JSON line per request itself
-        "api.asgi:app"])
+    # uvicorn's workers, each on its own SO_REUSEPORT socket, so that the kernel spreads the
+    # connections evenly (api/supervisor.py; with one shared socket one worker took most of them)
+    os.execv(sys.executable, [sys.executable, "-m", "api.supervisor", "--host", args.host, "--port", str(args.port),
+                              "--workers", str(args.workers), "--loop", args.loop])
     return 0  # not reached
 
 

@@ -257,6 +257,9 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "request": str, "response": str, "prev_hash": str, "hash": str}
 
 
+_KINDS = tuple((name, _TYPES.get(name, (str, type(None)))) for name in COLUMNS)
+
+
 def parse_cell(text: str) -> Any:
     """A stored JSON cell: exact numbers (the standard library), and no RecursionError for deep
     nesting (orjson takes up to 1024 levels without the stack; deeper is a ValueError)."""
@@ -300,12 +303,13 @@ def _row_problem(values: dict[str, Any]) -> BrokenRecord | None:
     """What makes a row unreadable before its JSON is read: a cell of the wrong type, or text
     that is not valid Unicode."""
     seq, decision_id = values["seq"], values["decision_id"]
-    for name in COLUMNS:
-        value, kind = values[name], _TYPES.get(name, (str, type(None)))
+    for name, kind in _KINDS:
+        value = values[name]
         if not isinstance(value, kind) or isinstance(value, bool):
             return BrokenRecord(seq, decision_id, f"its {name} is {type(value).__name__}, not "
                                 f"{getattr(kind, '__name__', 'text or null')}")
-        if isinstance(value, str) and _has_surrogate(value):
+        # (a surrogate is not ASCII: ASCII text, most cells, is known as such without a scan)
+        if isinstance(value, str) and not value.isascii() and _has_surrogate(value):
             return BrokenRecord(seq, decision_id, f"its {name} holds text that is not valid Unicode")
     return None
 
@@ -370,9 +374,11 @@ class _Pending:
     """One caller's records: committed together, or not at all."""
 
     records: Sequence[LogRecord]
-    done: bool = False  # guarded by the store's condition
+    done: bool = False  # guarded by the store's lock
+    leads: bool = False  # its caller commits the next group (guarded by the store's lock)
     results: list[LogRecord] | None = None
     error: BaseException | None = None
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or its turn to lead
 
 
 class Store:
@@ -466,28 +472,45 @@ class Store:
         deadline = time.monotonic() + self.timeout
         with self._ready:
             self._queue.append(pending)
-        while True:
-            with self._ready:
-                while not pending.done and self._leading:
-                    if not self._ready.wait(max(0.0, deadline - time.monotonic())):
-                        # Take back what no leader has taken yet: it will not be committed
-                        # after its caller was told it failed. (A group already being
-                        # committed cannot be taken back; it is committed or not as a whole.)
-                        self._queue = [p for p in self._queue if p is not pending]
-                        raise LogError("the decision log did not commit in time")
-                if pending.done:
-                    break
-                self._leading = True
-                group, self._queue = self._take(self._queue)
-            try:
-                self._commit(group)
-            finally:
+            if not self._leading:  # (the queue was empty: this caller is its first)
+                self._leading = pending.leads = True
+        while not pending.leads and not pending.done:
+            if not pending.wake.wait(max(0.0, deadline - time.monotonic())):
                 with self._ready:
-                    self._leading = False
-                    self._ready.notify_all()
+                    if pending.leads or pending.done:
+                        break
+                    # Take back what no leader has taken yet: it will not be committed
+                    # after its caller was told it failed. (A group already being
+                    # committed cannot be taken back; it is committed or not as a whole.)
+                    self._queue = [p for p in self._queue if p is not pending]
+                    raise LogError("the decision log did not commit in time")
+        if not pending.done:
+            self._lead()
         if pending.error is not None:
             raise LogError(f"the decision log could not commit: {pending.error}") from pending.error
         return pending.results or []
+
+    def _lead(self) -> None:
+        """Commit the group at the head of the queue (this caller's first), then hand over: the
+        next caller in the queue leads, woken alone; each caller of the group is woken alone. (A
+        condition's notify_all woke every waiting thread at every commit, to find most of them
+        not done yet: under load, more thread switches than commits.)"""
+        with self._ready:
+            group, self._queue = self._take(self._queue)
+        try:
+            self._commit(group)
+        finally:
+            with self._ready:
+                for pending in group:
+                    if not pending.done:  # (the commit itself raised)
+                        pending.done, pending.error = True, pending.error or LogError("the group commit failed")
+                if self._queue:
+                    self._queue[0].leads = True
+                    self._queue[0].wake.set()
+                else:
+                    self._leading = False
+            for pending in group:
+                pending.wake.set()
 
     def _take(self, queue: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """Whole callers, up to max_batch records (at least one caller)."""

@@ -319,14 +319,41 @@ def workers_of(server: Server) -> set[int]:
     return found
 
 
+def listening_sockets(server: Server) -> dict[int, set[int]]:
+    """The listening sockets on the server's port (inodes), by the worker process that holds them."""
+    port = int(server.url.rsplit(":", 1)[1])
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            inodes.add(int(fields[9]))
+    held: dict[int, set[int]] = {}
+    for pid in workers_of(server):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                held.setdefault(pid, set()).add(int(target[8:-1]))
+    return held
+
+
 def test_a_crashed_worker_is_replaced_and_a_graceful_stop_answers_what_is_in_flight(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     try:
         first = workers_of(server)
         assert len(first) == 2
+        # Each worker listens on a socket of its own (SO_REUSEPORT: the kernel spreads connections).
+        sockets = listening_sockets(server)
+        assert sorted(len(held) for held in sockets.values()) == [1, 1], sockets
+        assert len(set.union(*sockets.values())) == 2, sockets
         os.kill(min(first), signal.SIGKILL)
         replaced = wait_for(lambda: workers_of(server), lambda pids: len(pids) == 2 and pids != first)
         assert len(replaced) == 2 and min(first) not in replaced, (first, replaced)
+        # The replacement serves the dead worker's socket: the same two sockets, one each.
+        after = wait_for(lambda: listening_sockets(server), lambda held: len(held) == 2)
+        assert sorted(map(sorted, after.values())) == sorted(map(sorted, sockets.values())), (sockets, after)
         clients = Clients(server.url, 4)
         wait_for(lambda: len(clients.answered), lambda count: count >= 40)
         # A graceful stop with requests in flight: each of them is answered and logged (or refused

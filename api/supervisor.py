@@ -1,0 +1,125 @@
+"""The workers of `bindpolicy serve`: uvicorn's, each on a listening socket of its own (SO_REUSEPORT).
+
+`uvicorn --workers N` hands one listening socket to every worker: whichever worker's loop
+wakes first accepts a new connection, and keep-alive clients stay with it. Under load the
+busiest of two workers took 53-86% of the answers (bench/bench_service.py): half the machine
+idled while one worker queued. Here the supervisor binds one socket per worker to the same
+address with SO_REUSEPORT before it starts them: the kernel spreads new connections over the
+sockets by a hash of their addresses, whichever worker is busy.
+
+The sockets belong to the supervisor, the workers get them at start: a worker that dies is
+replaced on the same socket (connections queued on it wait for the replacement instead of
+being refused), and a stop (SIGTERM, SIGINT) stops every worker gracefully, as uvicorn's own
+supervisor does (this one is uvicorn's, with a socket per worker slot).
+
+Run by `bindpolicy serve` (python -m api.supervisor ...); the options are uvicorn's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from uvicorn.config import STARTUP_FAILURE, Config
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+
+def reuseport_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
+    """`count` listening sockets bound to one address, in one SO_REUSEPORT group."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)  # listening from now: the kernel counts it in the group's spread
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
+class ReusePortSupervisor(Multiprocess):
+    """uvicorn's supervisor (health checks, replacement of a dead worker, graceful stop, HUP),
+    with worker slot i always served from socket i."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.slots = sockets
+
+    def _process(self, slot: int) -> Process:
+        return Process(self.config, [self.slots[slot]])
+
+    def init_processes(self) -> None:
+        for slot in range(self.processes_num):
+            process = self._process(slot)
+            process.start()
+            self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        # uvicorn's loop, but the replacement gets the dead worker's socket.
+        for slot, process in enumerate(self.processes):
+            if self.should_exit.is_set():
+                return
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
+                self.should_exit.set()
+                return
+            replacement = self._process(slot)
+            replacement.start()
+            self.processes[slot] = replacement
+
+    def restart_all(self) -> None:
+        for slot, old in enumerate(self.processes):
+            if self.should_exit.is_set():
+                return
+            new = self._process(slot)
+            new.start()
+            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
+                new.kill()
+                new.join()
+                return
+            old.terminate()
+            old.join()
+            self.processes[slot] = new
+
+    def handle_ttin(self) -> None:  # the slots are fixed at start
+        pass
+
+    def handle_ttou(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m api.supervisor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--backlog", type=int, default=2048)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        sys.exit("--workers must be 1 or more")
+    config = Config(
+        "api.asgi:app", host=args.host, port=args.port, workers=args.workers,
+        http="api.server:JsonHttpProtocol",  # httptools, every error of its own in JSON
+        # uvloop (libuv, C): measured against asyncio's loop, it took the server's CPU per logged
+        # decision down and about doubled the decisions per second (README, "The service")
+        loop=args.loop, ws="none", lifespan="on", server_header=False, timeout_keep_alive=5,
+        timeout_graceful_shutdown=15, log_level="warning",
+        access_log=False,  # the app writes one JSON line per request itself
+        backlog=args.backlog)
+    try:
+        sockets = reuseport_sockets(args.host, args.port, args.workers, args.backlog)
+    except OSError as exc:
+        sys.exit(f"cannot listen on {args.host}:{args.port}: {exc}")
+    ReusePortSupervisor(config, sockets).run()
+
+
+if __name__ == "__main__":
+    main()
