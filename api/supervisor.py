@@ -26,14 +26,27 @@ from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 
 def reuseport_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
-    """`count` listening sockets bound to one address, in one SO_REUSEPORT group."""
+    """`count` listening sockets bound to one address, in one SO_REUSEPORT group; OSError if
+    anything listens there already (SO_REUSEPORT alone would join another service's group, of
+    the same user, in silence). Port 0: the first socket's port, for all of them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = []
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # not in any group: refused if taken
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    sockets: list[socket.socket] = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            for other in sockets:
+                other.close()
+            raise
+        port = sock.getsockname()[1]
         sock.listen(backlog)  # listening from now: the kernel counts it in the group's spread
         sock.set_inheritable(True)
         sockets.append(sock)
