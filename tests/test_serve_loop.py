@@ -37,7 +37,8 @@ def test_serve_runs_uvicorn_on_the_loop_asked(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(Started):
         main(["serve", "--policies", str(POLICIES), "--data", str(tmp_path / "data"), *given])
     argv = started[0]
-    assert argv[argv.index("--loop") + 1] == loop and argv[-1] == "api.asgi:app"
+    # uvicorn's workers under api/supervisor.py (a socket per worker), which serves api.asgi:app
+    assert argv[argv.index("--loop") + 1] == loop and argv[1:3] == ["-m", "api.supervisor"]
     if loop == "uvloop":
         import uvloop  # the default must be installed with the project
 
