@@ -8,7 +8,11 @@ takes ten times the lines of the reference, so that its run stays long against t
 a start-up. Each is run `--repeat` times, alternating;
 the medians are compared. Before timing, both must fire the same rules on every line.
 
-Run: .venv/bin/python bench/peers/cli.py [--lines 4000] [--repeat 3]
+Run: .venv/bin/python bench/peers/cli.py [--lines 4000] [--repeat 3] [--before TREE]
+
+--before TREE: first the same measure with bindpolicy's code taken from TREE (another checkout,
+e.g. `git worktree add /tmp/before COMMIT`, put first on PYTHONPATH), then this tree's: a
+before/after in one run, each with its own reference.
 """
 
 from __future__ import annotations
@@ -81,12 +85,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=3000, help="lines for the reference (bindpolicy: ten times)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--before", type=Path, help="a checkout whose engine is measured first, in the same run")
     args = parser.parse_args()
-    found = measure(args.lines, args.repeat)
-    print(f"per JSON line, median of {args.repeat}: bindpolicy decide --jsonl ({args.lines * 10} lines) "
-          f"{found['bindpolicy_us']:.1f} µs, cel-expr-python ({args.lines} lines) "
-          f"{found['cel_expr_python_us']:.1f} µs: "
-          f"{found['ratio']:.2f}x (goal ≤ 0.35x); CPU time per line, load average {found['load']:.1f}")
+    trees = [("before: ", str(args.before.resolve())), ("after: ", None)] if args.before else [("", None)]
+    for label, tree in trees:
+        if tree is not None:
+            os.environ["PYTHONPATH"] = tree  # the bindpolicy script imports engine from there first
+        else:
+            os.environ.pop("PYTHONPATH", None)
+        found = measure(args.lines, args.repeat)
+        print(f"{label}per JSON line, median of {args.repeat}: bindpolicy decide --jsonl ({args.lines * 10} lines) "
+              f"{found['bindpolicy_us']:.1f} µs, cel-expr-python ({args.lines} lines) "
+              f"{found['cel_expr_python_us']:.1f} µs: "
+              f"{found['ratio']:.2f}x (goal ≤ 0.35x); CPU time per line, load average {found['load']:.1f}", flush=True)
 
 
 if __name__ == "__main__":
