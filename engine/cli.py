@@ -1075,21 +1075,11 @@ def _answer(engine: Engine, text: str | bytes, args: argparse.Namespace, now: da
 
 
 def _answer_line(answer: Decision | dict[str, Any]) -> bytes:
-    """One answer as a JSON line: orjson's writing of Decision.to_dict(), byte for byte, with the
-    findings handed to orjson as the dataclasses they are (it writes their fields, in order, as
-    Finding.to_dict names them) instead of a dict built for each."""
+    """One answer (a decision or an error body) as a JSON line."""
     if type(answer) is dict:
         return orjson.dumps(answer, option=orjson.OPT_APPEND_NEWLINE)
     assert isinstance(answer, Decision)
-    if answer.explain is not None:
-        return orjson.dumps(answer.to_dict(), option=orjson.OPT_APPEND_NEWLINE)
-    outputs = answer.outputs
-    return orjson.dumps({
-        "decision_id": answer.decision_id, "decision": answer.decision, "rule": answer.rule,
-        "violations": answer.violations, "warnings": answer.warnings,
-        "outputs": outputs if type(outputs) is dict else dict(outputs),
-        "policy": {"version": answer.policy_version, "digest": answer.policy_digest, "runtime": answer.runtime},
-        "at": answer.at, "language": answer.language}, option=orjson.OPT_APPEND_NEWLINE)
+    return answer.to_json_line()
 
 
 def _decided(engine: Engine, text: str | bytes, args: argparse.Namespace, now: datetime,

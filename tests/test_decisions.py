@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 import pytest
 
 from engine.decider import Engine
@@ -154,6 +155,20 @@ class TestDecisions:
         assert [w["id"] for w in got["warnings"]] == ["upgrade.earnings-expire", "upgrade.music-muted"]
         assert got["outputs"] == {"trial_ends_at": "2025-07-16T00:00:00Z"}
 
+
+    def test_a_json_line_is_the_dicts_writing_byte_for_byte(self, engine: Engine) -> None:
+        denied = bind_request()
+        denied["account"].update(age=16, location="GB")  # type: ignore[attr-defined]
+        warned = {"action": "upgrade_start", "at": "2025-07-01T00:00:00Z",
+                  "shop": {"id": "shop-1", "official_account": None},
+                  "account": {"id": "acct-1", "type": "personal",
+                              "upgrade": {"state": "none", "unwithdrawn_earnings": 12.5}}}
+        for request in (bind_request(), denied, warned):
+            for explain in (False, True):
+                decision = engine.decide(request, now=NOW, explain=explain)
+                assert decision.to_json_line() == orjson.dumps(decision.to_dict()) + b"\n"
+        # findings of both kinds were among them
+        assert engine.decide(denied, now=NOW).violations and engine.decide(warned, now=NOW).warnings
 
 FAILING = {
     "v1/version.yaml": VERSION_V1,
