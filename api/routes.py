@@ -8,7 +8,6 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,8 +39,13 @@ from engine.versions import format_timestamp, parse_timestamp
 routes = Blueprint("bindpolicy", __name__)
 WHOLE_BODY = "bindpolicy.body"  # the environ's key of the whole body, where the front read it (api/front.py)
 JSON_HEADERS = [("Content-Type", "application/json")]
-LANGUAGE_HEADERS = {language: [*JSON_HEADERS, ("Content-Language", language), ("Vary", "Accept-Language")]
-                    for language in LANGUAGES}  # Vary: the only one these answers have
+
+
+def _language_headers(language: str) -> dict[str, str]:
+    return {"Content-Language": language, "Vary": "Accept-Language"}  # Vary: the only one these answers have
+
+
+LANGUAGE_HEADERS = {language: [*JSON_HEADERS, *_language_headers(language).items()] for language in LANGUAGES}
 access_log = logging.getLogger("bindpolicy.access")
 
 
@@ -211,8 +215,7 @@ def _language() -> str:
 
 
 def _say_language(response: Response, language: str) -> None:
-    response.headers["Content-Language"] = language
-    response.headers["Vary"] = "Accept-Language"  # the only Vary these answers have
+    response.headers.update(_language_headers(language))
 
 
 def _json(body: Any, status: int = 200, language: str | None = None) -> Response:
@@ -307,9 +310,7 @@ def decide() -> Response:
     record = new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=logged,
                         response=body, duration_us=_elapsed_us(),
                         # the body's exact bytes (valid UTF-8, checked by the parser)
-                        request_text=received.decode("utf-8") if logged is raw else "")
-    if digest is not None:
-        record = replace(record, policy_digest=digest)
+                        request_text=received.decode("utf-8") if logged is raw else "", policy_digest=digest)
     failure = _commit([record], service)
     if failure is not None:
         return failure
@@ -340,10 +341,9 @@ def decide_batch() -> Response:
     failure = _commit(records)
     if failure is not None:
         return failure
-    _service().metrics.latency.labels("batch").observe(time.perf_counter() - g.started)
-    response = _json({"decisions": answers})
-    _say_language(response, language)
-    return response
+    metrics = _service().metrics
+    metrics.child(metrics.latency, ("batch",)).observe(time.perf_counter() - g.started)
+    return _json({"decisions": answers}, language=language)
 
 
 class _BatchShape(msgspec.Struct, forbid_unknown_fields=True):
