@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers.corpus import build_corpus  # noqa: E402
-from engine.cli import _lines  # noqa: E402
+from engine.cli import _blocks  # noqa: E402
 from engine.decider import Engine  # noqa: E402
 from engine.request import default_checker, parse_json  # noqa: E402
 
@@ -87,15 +87,15 @@ def loop(corpus: list[Any], repeat: int) -> None:
 
     def old() -> None:
         out = io.BytesIO()
-        for _, text in _lines(io.BytesIO(data)):
-            decision = engine.decide(parse_json(text), now=now)
-            out.write(orjson.dumps(decision.to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        for block in _blocks(io.BytesIO(data)):
+            for _, text in block:
+                out.write(engine.decide(parse_json(text), now=now).to_json_line())
 
     def one_pass() -> None:
         out = io.BytesIO()
-        for _, text in _lines(io.BytesIO(data)):
-            decision = engine.decide_bytes(text, now=now)
-            out.write(orjson.dumps(decision.to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+        for block in _blocks(io.BytesIO(data)):
+            for _, text in block:
+                out.write(engine.decide_bytes(text, now=now).to_json_line())
 
     found = per_request({"old": lambda _: old(), "one pass": lambda _: one_pass()}, [data], repeat)
     print(f"decide --jsonl's loop per line (5,000 lines, best of {repeat}): old {found['old'] / 5000:.1f} µs, "
