@@ -530,6 +530,9 @@ def readyz() -> Response:
         "loaded_at": format_timestamp(holder.loaded_at), "decision_log": "writable" if writable else "unwritable"}
     if breach is not None:
         body["decision_log_chain"] = f"broken at {breach.describe()}"
+    elif (silent := watch.stale()) is not None:  # a warning: the service still decides and logs
+        body["decision_log_watch"] = (f"stale: the log's watch has not checked for {silent:.0f} s (the watcher "
+                                      "process may be stuck; a breach since would not be seen yet)")
     if store.last_error is not None:  # the kind only: the message may name the server
         body["decision_log_last_error"] = (f"{type(store.last_error).__name__}: the last commit failed "
                                            "(details in the service's log)")
@@ -555,14 +558,18 @@ def _integrity(store: Any, watch: Any) -> dict[str, Any]:
     integrity: dict[str, Any] = {
         "mac": f"hmac-sha256, key {keys.current.id}" if keys else
         "off: records are chained with plain SHA-256, which anyone can recompute (set BINDPOLICY_LOG_MAC_KEY_FILE)",
-        "verified_through": watch.verified_seq}
+        "verified_through": watch.verified_through,
+        "checked_at": format_timestamp(datetime.fromtimestamp(watch.checked_at, UTC))
+        if watch.checked_at is not None else None,
+        "checked_by": "this worker" if watch.watching else
+        f"the worker of pid {watch.watcher_pid}" if watch.watcher_pid else "no worker yet"}
     if watch.signing_key is None:
         integrity["checkpoints"] = "off: no signing key (set BINDPOLICY_CHECKPOINT_KEY_FILE)"
     else:
-        latest = watch.last_checkpoint
+        latest = watch.latest_checkpoint()
         integrity["checkpoints"] = {"every_seconds": watch.checkpoint_interval,
-                                    "latest_tree_size": latest.tree_size if latest else None,
-                                    "latest_written_at": latest.written_at if latest else None}
+                                    "latest_tree_size": latest[0] if latest else None,
+                                    "latest_written_at": latest[1] if latest else None}
     return integrity
 
 
@@ -572,7 +579,7 @@ def metrics() -> Response:
     engine = service.holder.engine
     in_force = engine.policies.in_force(datetime.now(UTC))
     service.metrics.policies_loaded(engine, in_force.name if in_force else None)
-    service.metrics.log_verified.set(service.watch.verified_seq)
+    service.metrics.log_verified.set(service.watch.verified_through)
     return Response(service.metrics.render(), mimetype="text/plain", headers={"Content-Type":
                                                                                "text/plain; version=0.0.4"})
 

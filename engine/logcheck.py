@@ -4,10 +4,13 @@ incremental watch, and inclusion proofs of one decision against a signed checkpo
 - `verify_log` walks every record (links, hashes or MACs) and compares the Merkle tree at each
   checkpoint's size with the signed root: a record rewritten, removed or inserted, the end cut
   off, or a checkpoint altered, is named.
-- `LogWatch` runs in each worker: every few seconds it checks the records written since, the
-  last records, and that the records it verified are still there; it sweeps the older records
-  again within a CPU budget (see `LogWatch._sweep`); it writes a signed checkpoint at the
-  configured interval, and at shutdown (`close`).
+- `LogWatch` is in each worker, but one worker of a service checks (the watcher: the first to
+  take a lock in the checkpoint folder; another takes it at its next step when that worker
+  ends): every few seconds it checks the records written since, the last records, and that the
+  records it verified are still there; it sweeps the older records again within a CPU budget
+  (see `LogWatch._sweep`); it writes a signed checkpoint at the configured interval, and at
+  shutdown (`close`). It writes its verdict (the first broken record, how far the chain is
+  verified, when it last checked) to a small file the other workers read at their own steps.
 - `prove` and `verify_proof`: RFC 6962 inclusion proofs, checked with the public key only.
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -191,10 +196,21 @@ class LogWatch:
     from their stored text (links, MACs), never parsed: a cell made unreadable breaks its MAC
     anyway, and parsing every record twice in every worker cost a serving worker about a tenth
     of its CPU (`log verify` still parses, and names a cell that is not JSON as such).
+
+    One worker of a service checks: the watcher, which holds an exclusive lock on `.watch.lock`
+    in the checkpoint folder (the kernel frees it when that process ends; another worker takes
+    it at its next step, and goes on from the newest signed checkpoint or head, or else from
+    where it was itself). Every worker checked every new record again before (a fifth of a
+    serving worker's CPU). The watcher writes its verdict to `.watch.json` there at every step
+    (replaced whole); the others read it at their steps: a breach it found is theirs too (until
+    the service restarts), and they report how far it verified and when it last checked
+    (`stale` once that is older than STALE_INTERVALS steps).
     """
 
     CHUNK = 20_000  # new records read in one step (a log met for the first time takes a few)
     RANGE = 2000  # records the sweep checks, and keeps a digest of, at a time
+    LOCK, STATE = ".watch.lock", ".watch.json"  # in the checkpoint folder: who checks, what it found
+    STALE_INTERVALS, STALE_MIN = 3, 15.0  # the watcher's verdict is stale after max(3 steps, 15 s)
 
     def __init__(self, store: Store, *, interval: float = 5.0, tail: int = 1000, budget: float = 0.1,
                  signing_key: Ed25519PrivateKey | None = None, checkpoint_dir: Path | None = None,
@@ -218,7 +234,13 @@ class LogWatch:
         self._last_checkpoint_at = 0.0
         self._cursor = 0  # the range the sweep checks next
         self._head_written = 0
-        self._sweep_lock: Any = None  # the open lock file, once this worker is the one that sweeps
+        self._watch_lock: Any = None  # the open lock file, while this process is the watcher
+        self._lock_pid = 0  # the process that took it (a forked child has not)
+        self.checked_at: float | None = None  # wall time of the last check, this worker's or the watcher's
+        self.watcher_pid: int | None = None  # the process that checks (this one's, when it is the watcher)
+        self._shared: dict[str, Any] = {}  # the watcher's verdict, as last read
+        self._shared_stamp: tuple[int, int] | None = None  # the state file's (mtime, size) when read
+        self._started_at = time.time()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -256,12 +278,133 @@ class LogWatch:
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> None:
+        """The watcher's check and verdict, or the other workers' reading of that verdict."""
         with self._lock:
+            if not self._elect():
+                self._follow()
+                return
             try:
                 self._step()
                 self.read_error = None
             except LogError as exc:
                 self.read_error = str(exc)
+            self.checked_at, self.watcher_pid = time.time(), os.getpid()
+            self._publish()
+
+    # --- one watcher for the workers of a service -----------------------------------------------
+    @property
+    def watching(self) -> bool:
+        """Whether this process is the one that checks (always, without a checkpoint folder)."""
+        return self.checkpoint_dir is None or (self._watch_lock is not None and self._lock_pid == os.getpid())
+
+    def _elect(self) -> bool:
+        """This process is the watcher, or becomes it now if the lock is free (none holds it, or
+        its holder ended)."""
+        if self.watching:
+            return True
+        assert self.checkpoint_dir is not None
+        self._watch_lock = None  # (one inherited through a fork is the parent's)
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.checkpoint_dir / self.LOCK, "a+b")  # noqa: SIM115 - held while this process lives
+        except OSError:
+            return False
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return False
+        self._watch_lock, self._lock_pid = lock, os.getpid()
+        self._take_over()
+        return True
+
+    def _take_over(self) -> None:
+        """Becoming the watcher: go on from the newest signed checkpoint or head of this service's
+        key if it is ahead of where this worker was (the records after it are checked as new),
+        else from there. A breach the last watcher published stays found."""
+        self._follow()
+        if self.breach is not None or self.signing_key is None or self.checkpoint_dir is None:
+            return
+        own = {public_key_id(self.signing_key.public_key()): self.signing_key.public_key()}
+        found = latest_valid(self.checkpoint_dir, own)
+        best = found
+        with contextlib.suppress(CheckpointError, OSError):
+            head = read_checkpoint(self.checkpoint_dir / HEAD)
+            if head.verify(own) is None and (best is None or head.tree_size > best.tree_size):
+                best = head
+        if best is None or best.tree_size <= self.verified_seq or (state := best.frontier_state()) is None:
+            return
+        self.frontier, self.verified_seq, self.verified_hash = state, best.tree_size, best.head_hash
+        if found is not None and (self.last_checkpoint is None or found.tree_size > self.last_checkpoint.tree_size):
+            self.last_checkpoint = found
+
+    def _publish(self) -> None:
+        """The verdict, for the other workers: replaced whole, so a reader sees one or the other."""
+        if self.checkpoint_dir is None:
+            return
+        breach = self.breach
+        latest = self.last_checkpoint
+        state = {"pid": os.getpid(), "checked_at": self.checked_at, "interval": self.interval,
+                 "verified_seq": self.verified_seq, "read_error": self.read_error,
+                 "breach": None if breach is None else {"seq": breach.seq, "decision_id": breach.decision_id,
+                                                        "problem": breach.problem},
+                 "checkpoint": None if latest is None else {"tree_size": latest.tree_size,
+                                                            "written_at": latest.written_at}}
+        temporary = self.checkpoint_dir / f"{self.STATE}.{os.getpid()}"
+        with contextlib.suppress(OSError):
+            temporary.write_text(json.dumps(state))
+            temporary.replace(self.checkpoint_dir / self.STATE)
+
+    def _follow(self) -> None:
+        """The watcher's verdict, read again when its file changed; a file that cannot be read
+        or is not the watcher's shape is ignored (the verdict then goes stale)."""
+        assert self.checkpoint_dir is not None
+        path = self.checkpoint_dir / self.STATE
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._shared_stamp:
+                return
+            state = json.loads(path.read_bytes())
+            breach = state["breach"]
+            shared = {"pid": int(state["pid"]), "checked_at": float(state["checked_at"]),
+                      "verified_seq": int(state["verified_seq"]), "read_error": state["read_error"],
+                      "checkpoint": state["checkpoint"]}
+            found = None if breach is None else Breach(int(breach["seq"]), breach["decision_id"],
+                                                       str(breach["problem"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return
+        self._shared, self._shared_stamp = shared, stamp
+        self.checked_at, self.watcher_pid = shared["checked_at"], shared["pid"]
+        if found is not None and self.breach is None:
+            self._found(found)
+
+    @property
+    def verified_through(self) -> int:
+        """How far the chain is verified: by this process if it checks, else by the watcher."""
+        if self.watching or "verified_seq" not in self._shared:
+            return self.verified_seq
+        return int(self._shared["verified_seq"])
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(records covered, written at) of the newest checkpoint the watcher wrote or started from."""
+        if self.watching or not self._shared:
+            latest = self.last_checkpoint
+            return None if latest is None else (latest.tree_size, latest.written_at)
+        shared = self._shared.get("checkpoint")
+        if isinstance(shared, dict) and isinstance(shared.get("tree_size"), int):
+            return shared["tree_size"], str(shared.get("written_at"))
+        latest = self.last_checkpoint
+        return None if latest is None else (latest.tree_size, latest.written_at)
+
+    def stale(self) -> float | None:
+        """Seconds since the last check, when that is longer than the watch allows (none checked
+        since this worker started counts from its start); None while the watch keeps up, or when
+        it does not run (interval 0)."""
+        if self.interval <= 0:
+            return None
+        since = time.time() - (self.checked_at if self.checked_at is not None else self._started_at)
+        return since if since > max(self.STALE_INTERVALS * self.interval, self.STALE_MIN) else None
 
     def _step(self) -> None:
         if self.breach is not None:
@@ -318,21 +461,8 @@ class LogWatch:
             self.sweep_cpu += time.thread_time() - started
 
     def _sweeper(self) -> bool:
-        """Whether this worker sweeps: one worker of a service does (the first to take a lock in
-        the checkpoint folder; the kernel frees it when that worker ends, and another takes it)."""
-        if self._sweep_lock is not None or self.checkpoint_dir is None:
-            return True
-        with contextlib.suppress(OSError):
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            lock = open(self.checkpoint_dir / ".sweep.lock", "a+b")  # noqa: SIM115 - held while this worker lives
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                return False
-            self._sweep_lock = lock
-            return True
-        return False
+        """Whether this worker sweeps: the watcher does (steps run only there)."""
+        return self.watching
 
     def _check_range(self, number: int) -> Breach | None:
         first, last = number * self.RANGE, (number + 1) * self.RANGE
@@ -376,6 +506,8 @@ class LogWatch:
         """At shutdown: check what came since, and sign the head (records removed from the end
         while the service is stopped are then found by `log verify` and at the next start)."""
         with self._lock, contextlib.suppress(LogError, OSError):
+            if not self._elect():
+                return  # the watcher signs it
             self._step()
             self._write_head(force=True)
 

@@ -4,6 +4,7 @@ removed from the end after the last check, or after a graceful stop, are found b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from engine.checkpoints import HEAD, read_checkpoint
 from engine.logkeys import MacKey
 
+from ..conftest import make_app
 from .test_log_evidence import Evidence, decide, evidence, forged_mac
 
 __all__ = ["evidence"]  # the fixture, shared
@@ -89,18 +91,73 @@ def test_an_altered_head_is_named(evidence: Evidence, capsys: pytest.CaptureFixt
     assert evidence.verify() == 1 and "head.json" in capsys.readouterr().out
 
 
-def test_one_worker_of_a_service_sweeps(evidence: Evidence) -> None:
-    from engine.logcheck import LogWatch
+def second_worker(ev: Evidence) -> Any:
+    """Another worker of the same service: an app on the same data folder and keys."""
+    return make_app(ev.data.parent, f"sqlite:///{ev.db}", LOG_MAC_KEY_FILE=str(ev.keys / "log-mac.key"),
+                    CHECKPOINT_KEY_FILE=str(ev.keys / "checkpoint.key"), CHECKPOINT_INTERVAL=0)
 
-    ev = swept(evidence)  # this worker took the sweep
-    other = LogWatch(ev.watch.store, tail=3, checkpoint_dir=ev.watch.checkpoint_dir)
-    other.RANGE = 5
-    other.start()
-    other.step()
-    assert other.swept == 0 and other.verified_seq == 30  # it still checks what is new
-    ev.watch._sweep_lock.close()  # the sweeping worker ends: the kernel frees its lock
-    other.step()
-    assert other.swept > 0
+
+def test_one_worker_checks_for_all_and_every_worker_reports_a_rewritten_record(evidence: Evidence) -> None:
+    ev = swept(evidence)  # this worker checked first: it is the watcher
+    other = second_worker(ev)
+    watch = other.extensions["bindpolicy"].watch
+    watch.RANGE = 5
+    reads: list[int] = []
+    scan = watch.store.scan_stored
+    watch.store.scan_stored = lambda **kw: reads.append(1) or scan(**kw)  # type: ignore[method-assign]
+    decide(other.test_client(), 2)  # records 31, 32
+    ev.watch.step()
+    watch.step()
+    assert not watch.watching and reads == [] and watch.swept == 0  # it read no record: it follows
+    ready = other.test_client().get("/readyz").json
+    assert ready["status"] == "ready" and ready["decision_log_integrity"]["verified_through"] == 32
+    assert ready["decision_log_integrity"]["checked_by"].startswith("the worker of pid")
+    integrity = ready["decision_log_integrity"]
+    assert integrity["checkpoints"]["latest_tree_size"] == ev.watch.last_checkpoint.tree_size == 32
+    forged_mac(ev, 31, MacKey(b"\x02" * 32))
+    ev.watch.step()
+    watch.step()
+    for app in (ev.app, other):
+        client = app.test_client()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json["decision_log_chain"].startswith("broken at record 31")
+        assert "bindpolicy_decision_log_broken_record 31.0" in client.get("/metrics").get_data(as_text=True)
+    assert reads == []
+
+
+def test_another_worker_takes_over_when_the_watcher_ends(evidence: Evidence) -> None:
+    ev = swept(evidence)
+    other = second_worker(ev)
+    watch = other.extensions["bindpolicy"].watch
+    watch.RANGE = 5
+    watch.step()
+    assert not watch.watching and watch.verified_through == 30
+    decide(other.test_client(), 3)  # records 31..33, after the signed head of 30 the watcher wrote
+    ev.watch._watch_lock.close()  # the watcher ends: the kernel frees its lock
+    watch.step()
+    assert watch.watching and watch.verified_seq == 33 and watch.swept > 0  # from the signed head on
+    assert other.test_client().get("/readyz").json["decision_log_integrity"]["checked_by"] == "this worker"
+    forged_mac(ev, 32, MacKey(b"\x02" * 32))
+    watch.step()
+    assert watch.breach is not None and watch.breach.seq == 32, watch.breach
+
+
+def test_a_silent_watcher_is_said_in_readyz(evidence: Evidence) -> None:
+    ev = swept(evidence)
+    other = second_worker(ev)
+    watch = other.extensions["bindpolicy"].watch
+    watch.interval = 5.0  # a running service's
+    watch.step()
+    assert "decision_log_watch" not in other.test_client().get("/readyz").json
+    state = ev.data / "checkpoints" / watch.STATE
+    shared = json.loads(state.read_text())
+    state.write_text(json.dumps({**shared, "checked_at": shared["checked_at"] - 60}))  # the watcher stuck
+    watch.step()  # the lock is still held: it cannot take over
+    ready = other.test_client().get("/readyz")
+    assert ready.status_code == 200 and ready.json["decision_log_watch"].startswith("stale: the log's watch has not")
+    state.write_text("{not json")  # an unreadable verdict is ignored, never a crash
+    watch.step()
+    assert other.test_client().get("/readyz").status_code == 200
 
 
 def test_the_tail_checks_again_what_earlier_steps_verified_not_what_it_just_read(evidence: Evidence) -> None:
