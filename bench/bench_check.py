@@ -9,7 +9,12 @@ parsing, field and type checks, native compilation, the generated decision paths
 paths, which find no problem). The 4,000 rules are the bundled rules again and again with their
 thresholds and literals changed, so that no two expressions share a parse (the compiler caches by text).
 
-Run: .venv/bin/python bench/bench_check.py [--runs 3] [--rules 4000]
+Run: .venv/bin/python bench/bench_check.py [--runs 3] [--rules 4000] [--before TREE]
+
+--before TREE: one more table, in the same run and the same turns: load_policies of the generated
+rules with bindpolicy's code taken from TREE (another checkout, e.g. `git worktree add /tmp/before
+COMMIT`) and with this tree's, each in a fresh interpreter (timed after its imports), with the
+reference: a before/after of the load.
 """
 
 from __future__ import annotations
@@ -35,14 +40,34 @@ from engine.loader import load_policies  # noqa: E402
 
 def taking_turns(runs: int, *works: Callable[[], Any]) -> list[float]:
     """Wall seconds of the fastest run of each, the works taking turns in each round: the load of
-    a shared machine, which moves 2-4x within minutes, falls on the reference and the measured alike."""
+    a shared machine, which moves 2-4x within minutes, falls on the reference and the measured alike.
+    A work that returns a float reports its own seconds (a load timed inside another interpreter)."""
     found: list[list[float]] = [[] for _ in works]
     for _ in range(runs):
         for times, work in zip(found, works, strict=True):
             started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
+            reported = work()
+            times.append(reported if isinstance(reported, float) else time.perf_counter() - started)
     return [min(times) for times in found]
+
+
+_TIMED_LOAD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from engine.loader import load_policies
+started = time.perf_counter()
+load_policies(sys.argv[2])
+print(time.perf_counter() - started)
+"""
+
+
+def fresh_load(tree: Path, folder: Path) -> float:
+    """Seconds of load_policies(folder) with the engine of `tree`, in a fresh interpreter, after its imports."""
+    result = subprocess.run([sys.executable, "-c", _TIMED_LOAD, str(tree), str(folder)], cwd=tree,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"load failed with {tree}'s code:\n{result.stdout}{result.stderr}")
+    return float(result.stdout.split()[-1])
 
 
 def bare_yaml(folder: Path) -> None:
@@ -88,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rules", type=int, default=4000)
+    parser.add_argument("--before", type=Path, help="a checkout whose load is measured too, in the same turns")
     args = parser.parse_args()
+    compared: tuple[float, float, float] | None = None
     bundled = ROOT / "policies"
     with tempfile.TemporaryDirectory() as scratch:
         generated = Path(scratch) / "policies"
@@ -103,6 +130,11 @@ def main() -> None:
                 args.runs, lambda f=folder: bare_yaml(f),  # type: ignore[misc]
                 lambda f=folder: load_policies(f), lambda f=folder: cli_check(f))  # type: ignore[misc]
             rows.append((name, reference, in_process, end_to_end, goals))
+        if args.before is not None:
+            before = args.before.resolve()
+            compared = taking_turns(  # type: ignore[assignment]
+                args.runs, lambda: bare_yaml(generated), lambda: fresh_load(before, generated),
+                lambda: fresh_load(ROOT, generated))
     print(f"machine load average at the end: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs")
     print("| policies | bare YAML load s (reference) | load_policies s (issue 10: every stage, generated paths "
           "included) | x reference | goal s | `bindpolicy check` s (fresh process) | x reference | goal s |")
@@ -111,6 +143,14 @@ def main() -> None:
         shown = f"{load_goal:.0f}" if load_goal is not None else "-"
         print(f"| {name} | {reference:.3f} | {in_process:.2f} | {in_process / reference:.2f} | {shown} "
               f"| {end_to_end:.2f} | {end_to_end / reference:.2f} | {check_goal:.0f} |")
+    if compared is not None:
+        reference, before_s, after_s = compared
+        print(f"\nload_policies of the {args.rules:,} generated rules, each in a fresh interpreter (after its "
+              f"imports), in the same turns; before: the code of {args.before}")
+        print("| bare YAML load s (reference) | before s | x reference | after s | x reference | after / before |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        print(f"| {reference:.3f} | {before_s:.2f} | {before_s / reference:.2f} | {after_s:.2f} "
+              f"| {after_s / reference:.2f} | {after_s / before_s:.2f} |")
 
 
 if __name__ == "__main__":

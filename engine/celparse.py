@@ -44,6 +44,13 @@ class _Refused(Exception):
 
 def parse(text: str) -> Tree[Any] | None:
     """The lark tree of `text` as cel-python's parser builds it, or None (then parse with lark)."""
+    parsed = parse_named(text)
+    return None if parsed is None else parsed[0]
+
+
+def parse_named(text: str) -> tuple[Tree[Any], frozenset[str]] | None:
+    """parse, and the identifiers the tree reads (the names of its `ident` nodes), gathered as
+    the parser makes them: no walk of the tree after. Every node's rule name is a plain str."""
     if '"""' in text or "'''" in text:
         return None
     try:
@@ -54,7 +61,7 @@ def parse(text: str) -> Tree[Any] | None:
         tree, _, _ = parser.expr()
         if parser.at != len(tokens):
             return None
-        return tree
+        return tree, frozenset(parser.names)
     except _Refused:
         return None
 
@@ -133,6 +140,7 @@ class _Parser:
         self.tokens = tokens
         self.at = 0
         self.metas: dict[tuple[Span, Span], Meta] = {}
+        self.names: set[str] = set()  # the identifiers read (parse_named)
 
     def node(self, data: str, children: list[Any], start: Span, end: Span) -> Tree[Any]:
         """A Tree with the meta lark's PropagatePositions gives it (nothing is inlined: container =
@@ -261,6 +269,7 @@ class _Parser:
                     inner = self.node("ident_arg", children, start, end)
                 else:
                     end = first[3]
+                    self.names.add(str(token))
                     inner = self.node("ident", [token], start, end)
             else:
                 end = first[3]

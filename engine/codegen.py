@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
+from types import CodeType
 from typing import Any, cast
 
 from lark import Token, Tree
@@ -542,6 +543,7 @@ class GenerationMemo:
         self._findings: dict[int, tuple[Rule, dict[str, Finding]]] = {}
         self.names = _Namespace()  # the pool the paths' names come from
         self.written: dict[tuple[Any, ...], _Written] = {}  # see _PathWriter.expression
+        self._code: dict[str, CodeType] = {}  # see code
 
     def idents(self, tree: Any) -> dict[int, frozenset[str]]:
         """id(subtree) -> the identifiers read under it, for every subtree of `tree`."""
@@ -551,22 +553,32 @@ class GenerationMemo:
             # Children before their parents (a pre-order walked backwards), without recursion (deep
             # expressions stay within the stack); a node of one child (most: the grammar's chains
             # of wrappers) shares its child's set.
+            # An ident's only child is its name (a Token); a leaf (a literal) reads nothing.
             order: list[Tree[Any]] = []
             stack: list[Any] = [tree] if isinstance(tree, Tree) else []
             while stack:
                 node = stack.pop()
                 order.append(node)
-                for child in node.children:
-                    if isinstance(child, Tree):
-                        stack.append(child)
-            for node in reversed(order):
-                kids = [found[id(child)] for child in node.children if isinstance(child, Tree)]
-                if node.data == "ident":
-                    found[id(node)] = frozenset((str(node.children[0]), *(n for k in kids for n in k)))
-                elif len(kids) == 1:
-                    found[id(node)] = kids[0]
+                children = node.children
+                if len(children) == 1:
+                    if isinstance(children[0], Tree):
+                        stack.append(children[0])
                 else:
-                    found[id(node)] = frozenset().union(*kids)
+                    stack.extend([child for child in children if isinstance(child, Tree)])
+            nothing: frozenset[str] = frozenset()
+            for node in reversed(order):
+                children = node.children
+                if len(children) == 1:
+                    child = children[0]
+                    if isinstance(child, Tree):
+                        found[id(node)] = found[id(child)]
+                    elif node.data == "ident":
+                        found[id(node)] = frozenset((str(child),))
+                    else:
+                        found[id(node)] = nothing
+                else:
+                    found[id(node)] = nothing.union(*[found[id(child)] for child in children
+                                                      if isinstance(child, Tree)])
             held = self._idents[id(tree)] = (tree, found)  # the tree is held: its ids stay its own
         return held[1]
 
@@ -577,11 +589,40 @@ class GenerationMemo:
             held = self._findings[id(rule)] = (rule, make())
         return held[1]
 
+    def code(self, lines: list[str], signature: str, function: str, where: str) -> CodeType:
+        """A path's module compiled once per distinct text, its role aside: the paths of an action
+        whose expressions do not read the role (most) differ only in the function's name and the
+        header comment, and Python's compiler takes a fifth of a large load. The code object is
+        the same; exec'd in each path's own namespace it binds that path's names and constants,
+        and its functions are renamed to the path's own (name and file of tracebacks)."""
+        header, at = lines[0], lines.index(signature)
+        lines[0], lines[at] = "#", signature.replace(function, _GENERIC_FUNCTION, 1)
+        try:
+            key = "\n".join(lines)
+        finally:
+            lines[0], lines[at] = header, signature
+        held = self._code.get(key)
+        if held is None:
+            held = self._code[key] = compile(key, where, "exec")
+        return _renamed(held, function, where)
+
     def constant(self, key: tuple[int, str | None, str | None], node: Any, fold: Callable[[], Any]) -> Any:
         held = self._constants.get(key)
         if held is None:
             held = self._constants[key] = (node, fold())
         return held[1]
+
+
+_GENERIC_FUNCTION = "_path_function"  # the path function's name in the text compiled (GenerationMemo.code)
+
+
+def _renamed(code: CodeType, function: str, where: str) -> CodeType:
+    """A compiled path module with its function named `function`, and every code object's file `where`."""
+    consts = tuple(_renamed(c, function, where) if isinstance(c, CodeType) else c for c in code.co_consts)
+    if code.co_name == _GENERIC_FUNCTION:
+        return code.replace(co_consts=consts, co_filename=where, co_name=function, co_qualname=function)
+    names = tuple(function if n == _GENERIC_FUNCTION else n for n in code.co_names)
+    return code.replace(co_consts=consts, co_filename=where, co_names=names)
 
 
 class _PathWriter:
@@ -932,7 +973,7 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     source = "\n".join(lines)
     namespace: dict[str, Any] = {**_RUNTIME, **helpers, **names.values}
     where = f"<{version_name} {action} {role}{' verdict' if verdict else ''}>"
-    exec(compile(source, where, "exec"), namespace)  # written above, from the policy
+    exec(writer.memo.code(lines, signature, function, where), namespace)  # written above, from the policy
 
     def remake() -> GeneratedPath:
         return generate_path(version_name, digest, action, role, rules, outputs, plan, schema, params, helpers,

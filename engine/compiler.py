@@ -83,10 +83,12 @@ def parse_program(text: str) -> tuple[Any, Any, Any, str | None]:
 def _parse_program(text: str) -> tuple[Any, Any, Any, str | None, frozenset[str]]:
     """parse_program, and the identifiers the tree reads."""
     env = _environment()
-    tree = celparse.parse(text)  # the same tree as lark's, by hand; None: lark parses (and explains errors)
-    if tree is None:
+    parsed = celparse.parse_named(text)  # the same tree as lark's, by hand; None: lark parses (and explains errors)
+    if parsed is None:
         tree = env.compile(text)
-    identifiers = plain_names(tree)
+        identifiers = plain_names(tree)
+    else:
+        tree, identifiers = parsed
     program = env.program(tree)
     try:
         return tree, program, compile_native(tree), None, identifiers

@@ -854,7 +854,12 @@ def _subtrees(tree: Tree[Any]) -> Iterator[Tree[Any]]:
     fraction of its cost: a parse tree holds no node twice, so nothing need be looked up."""
     queue: list[Tree[Any]] = [tree]
     for node in queue:  # the list grows as it is read
-        queue.extend(child for child in reversed(node.children) if isinstance(child, Tree))
+        children = node.children
+        if len(children) == 1:  # most: the grammar's one-child wrappers
+            if isinstance(children[0], Tree):
+                queue.append(children[0])
+        else:
+            queue.extend([child for child in reversed(children) if isinstance(child, Tree)])
     return iter(queue[::-1])
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from lark import Token, Tree
 
-from engine.celparse import parse
+from engine.celparse import parse, parse_named
+from engine.compiler import plain_names
 
 ROOT = Path(__file__).resolve().parent.parent
 LARK = celpy.Environment()
@@ -116,3 +117,19 @@ def test_drawn_expressions_parse_alike() -> None:
     chance = random.Random(20261128)
     taken = sum(_same(_draw(chance, 4)) for _ in range(400))
     assert taken > 300  # most drawn expressions are taken by the hand parser (others go to lark)
+
+
+def test_the_identifiers_are_gathered_as_the_walk_after_lark_finds_them() -> None:
+    """parse_named's names (gathered while parsing) are those plain_names finds walking lark's tree."""
+    chance = random.Random(11)
+    texts = [*BUNDLED, *CORNERS, *(_draw(chance, 4) for _ in range(200))]
+    named = 0
+    for text in texts:
+        parsed = parse_named(text)
+        if parsed is None:
+            continue
+        tree, names = parsed
+        assert names == plain_names(LARK.compile(text)), text
+        assert all(type(node.data) is str for node in tree.iter_subtrees())
+        named += 1
+    assert named > 200
