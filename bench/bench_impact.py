@@ -3,7 +3,12 @@ every core used (or --workers). Reports requests and decisions re-judged per sec
 and per CPU second of the judging processes (per core: what a shared machine's load does not
 change as much); only requests decided under both versions count, two decisions each.
 
-Run: .venv/bin/python bench/bench_impact.py [--count 1000000]
+The corpus file is handed to run_impact opened as bytes ("rb"), as `bindpolicy impact FILE` reads
+it. --before TREE: the same corpus judged in turns by this tree and by another checkout (its own
+bench/bench_impact.py, as that tree reads a file; --rounds each, the best kept): the ratio of
+their decisions per CPU second, in one run.
+
+Run: .venv/bin/python bench/bench_impact.py [--count 1000000] [--workers N] [--before TREE --rounds 3]
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,17 +35,24 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--corpus", type=Path, help="judge this JSON Lines file instead of a generated one")
+    parser.add_argument("--before", type=Path, metavar="TREE", help="another checkout judged in turns with this one")
+    parser.add_argument("--rounds", type=int, default=3, help="with --before: runs of each tree, the best kept")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
-        corpus = Path(temp) / "corpus.jsonl"
-        start = time.perf_counter()
-        with corpus.open("w") as out:
-            for request in generate_requests(args.count, args.seed, broken=0.01):
-                out.write(json.dumps(request) + "\n")
-        made = time.perf_counter() - start
-        print(f"corpus: {args.count:,} requests, {corpus.stat().st_size / 2**20:.0f} MiB, written in {made:.0f} s",
-              file=sys.stderr)
-        with corpus.open() as lines:
+        corpus = args.corpus or Path(temp) / "corpus.jsonl"
+        if args.corpus is None:
+            start = time.perf_counter()
+            with corpus.open("w") as out:
+                for request in generate_requests(args.count, args.seed, broken=0.01):
+                    out.write(json.dumps(request) + "\n")
+            made = time.perf_counter() - start
+            print(f"corpus: {args.count:,} requests, {corpus.stat().st_size / 2**20:.0f} MiB, written in {made:.0f} s",
+                  file=sys.stderr)
+        if args.before is not None:
+            compare(args, corpus)
+            return
+        with corpus.open("rb") as lines:
             report = run_impact(ROOT / "policies", "v1", "v2", lines, workers=args.workers, progress=sys.stderr)
     data = report.to_dict()
     per_cpu = 2 * report.decided / report.cpu_seconds
@@ -49,6 +63,30 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {data['requests']:,} | {args.workers} | {report.seconds:.1f} | {data['requests'] / report.seconds:,.0f} "
           f"| {data['decisions_per_second']:,} | {report.cpu_seconds:.1f} | {per_cpu:,.0f} |")
+
+
+def compare(args: argparse.Namespace, corpus: Path) -> None:
+    """This tree and the one before, each judging the corpus in its own process, in turns."""
+    best: dict[str, float] = {}
+    trees = {"before": args.before.resolve(), "after": ROOT}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            command = [sys.executable, str(tree / "bench" / "bench_impact.py"), "--workers", str(args.workers)]
+            try:  # an older bench has no --corpus: it generates the same corpus from --count and --seed
+                out = subprocess.run([*command, "--corpus", str(corpus)], capture_output=True, text=True, check=True)
+            except subprocess.CalledProcessError:
+                out = subprocess.run([*command, "--count", str(args.count), "--seed", str(args.seed)],
+                                     capture_output=True, text=True, check=True)
+            figure = float(re.findall(r"\| ([\d,]+) \|$", out.stdout.strip(), re.M)[-1].replace(",", ""))
+            best[name] = max(best.get(name, 0.0), figure)
+            print(f"{name}: {figure:,.0f} decisions re-judged per CPU second", file=sys.stderr)
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+          f"{args.count:,} requests, --workers {args.workers}, best of {args.rounds} in turns")
+    print("| tree | decisions re-judged per CPU second (goal >= 80,000 per core) |")
+    print("|---|---:|")
+    print(f"| before ({args.before}) | {best['before']:,.0f} |")
+    print(f"| after (this tree) | {best['after']:,.0f} |")
+    print(f"after / before: {best['after'] / best['before']:.2f}x")
 
 
 if __name__ == "__main__":

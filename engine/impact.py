@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import html
+import io
 import json
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import orjson
 
@@ -508,26 +509,36 @@ def _start_worker(sides: Sides, runtime: str, now: datetime, loaded: Mapping[str
     gc.freeze()  # the loaded policies stay for the worker's life: no collection walks them again
 
 
-def parse_lines(lines: Iterable[str]) -> list[Any]:
-    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON), at orjson's
-    cost where both read alike: they differ only where orjson refuses (NaN, a lone surrogate...:
-    then json.loads reads it) and on integers beyond 64 bits, which orjson reads as floats (a line
-    with 19 digits in a row is read by json.loads)."""
-    requests: list[Any] = []
-    append = requests.append
+def parse_lines(lines: Iterable[str | bytes]) -> list[Any]:
+    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON): parsed()
+    into a list."""
+    return list(parsed(lines))
+
+
+def parsed(lines: Iterable[str | bytes]) -> Iterator[Any]:
+    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON), one at a
+    time (a chunk's request judged while it is fresh in the cache, then freed: the next one is
+    built in the same memory), at orjson's cost where both read alike: they differ only where
+    orjson refuses (NaN, a lone surrogate, bytes that are not UTF-8...: then json.loads reads
+    the text, undecodable bytes replaced as a text file read with errors="replace" would) and
+    on integers beyond 64 bits, which orjson reads as floats (a line with 19 digits in a row is
+    read by json.loads). A line is text or its UTF-8 bytes (read as a file's bytes: no decoding
+    and encoding again)."""
+    loads, long_integer, digits_as_zero = orjson.loads, _LONG_INTEGER, DIGITS_AS_ZERO
     for line in lines:
         try:
-            raw = line.encode()
-            if _LONG_INTEGER not in raw.translate(DIGITS_AS_ZERO):
-                append(orjson.loads(raw))
+            raw = line if isinstance(line, bytes) else line.encode()
+            if long_integer not in raw.translate(digits_as_zero):
+                yield loads(raw)
                 continue
         except (UnicodeEncodeError, orjson.JSONDecodeError):
             pass
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
         try:
-            append(json.loads(line))
+            value = json.loads(text)
         except json.JSONDecodeError:
-            append(NOT_JSON)
-    return requests
+            value = NOT_JSON
+        yield value
 
 
 def parse_lines_plainly(lines: Iterable[str]) -> list[Any]:
@@ -561,7 +572,7 @@ def read_corpus(locations: Sequence[str]) -> Corpus:
     return Corpus(parse_lines(text for _, text in lines), [origin for origin, _ in lines])
 
 
-Chunk = tuple[list[str] | int, list[str]]  # (where each line was read, or the first's line number; texts)
+Chunk = tuple[list[str] | int, list[str] | list[bytes]]  # (where each line was read, or the first's number; lines)
 
 
 class _Numbered:
@@ -580,7 +591,7 @@ def _judge_chunk(chunk: Chunk) -> ImpactReport:
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
-        return judge_engines(_WORKER["old"], _WORKER["new"], parse_lines(texts), _WORKER["now"],
+        return judge_engines(_WORKER["old"], _WORKER["new"], parsed(texts), _WORKER["now"],
                              labels=_WORKER["labels"], origins=origins, explain=False)
 
 
@@ -609,12 +620,40 @@ def _chunks(lines: Iterable[str | tuple[str, str]], size: int) -> Iterator[Chunk
         yield (first if origins is None else origins), texts
 
 
-def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iterable[str | tuple[str, str]], *,
+def _byte_chunks(stream: IO[bytes], size: int) -> Iterator[Chunk]:
+    """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
+    reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
+    lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
+    from engine.cli import _blocks
+
+    texts: list[bytes] = []
+    origins: list[str] | None = None  # None: consecutive lines from `first`
+    first = 0
+    for block in _blocks(stream):
+        for number, line in block:
+            if not texts:
+                first, origins = number, None
+            elif origins is None and number != first + len(texts):
+                origins = [f"line {first + index}" for index in range(len(texts))]
+            if origins is not None:
+                origins.append(f"line {number}")
+            texts.append(line)
+            if len(texts) >= size:
+                yield (first if origins is None else origins), texts
+                texts = []
+    if texts:
+        yield (first if origins is None else origins), texts
+
+
+def run_impact(policies: PolicySet | Path | str, old: str, new: str,
+               lines: Iterable[str | tuple[str, str]] | IO[bytes], *,
                new_policies: PolicySet | Path | str | None = None, new_label: str | None = None,
                workers: int | None = None, runtime: str = "native", progress: TextIO | None = None,
                now: datetime | None = None) -> ImpactReport:
     """Judge every JSON line under `old` and `new` (taken from `new_policies` when given: another
-    checkout) with one process per core (or `workers`). Lines are text, or (where read, text)."""
+    checkout) with one process per core (or `workers`; one: judged in this process, no pickling).
+    Lines are text, or (where read, text), or a binary stream (a file opened "rb": read as bytes
+    in blocks, each line handed to orjson as read)."""
     workers = workers or os.cpu_count() or 1
     now = now or datetime.now(UTC)
     loaded = policies if isinstance(policies, PolicySet) else load_policies(policies)
@@ -625,16 +664,18 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str, lines: Iter
     started = time.perf_counter()
     last = started
     held = {loaded.digest: loaded, (other or loaded).digest: other or loaded}
+    chunks = _byte_chunks(lines, CHUNK) if isinstance(lines, io.BufferedIOBase | io.RawIOBase) \
+        else _chunks(lines, CHUNK)  # type: ignore[arg-type]
     if workers == 1:
         _start_worker(sides, runtime, now, held)
-        results: Iterable[ImpactReport] = map(_judge_chunk, _chunks(lines, CHUNK))
+        results: Iterable[ImpactReport] = map(_judge_chunk, chunks)
         pool = None
     else:  # forked workers inherit the loaded sets (arguments are not copied through a pipe by a fork)
         method = "fork" if sys.platform != "win32" else "spawn"
         context = multiprocessing.get_context(method)
         pool = context.Pool(workers, initializer=_start_worker,
                             initargs=(sides, runtime, now, held if method == "fork" else None))
-        results = pool.imap(_judge_chunk, _chunks(lines, CHUNK), chunksize=1)
+        results = pool.imap(_judge_chunk, chunks, chunksize=1)
     try:
         for part in results:
             report.merge(part)

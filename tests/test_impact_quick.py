@@ -215,3 +215,41 @@ def test_judging_leaves_no_cycles_for_the_collector(policies: PolicySet) -> None
         gc.enable()
     assert report.rejected == 40 and [r.reason for r in report.rejections.values()] == ["missing_field"]
     assert found < 40, found
+
+
+def test_a_binary_stream_gives_the_report_of_its_text_lines(policies: PolicySet, corpus: list[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_impact over a file opened "rb" (read in blocks, each line handed to orjson as bytes, judged
+    in this process) reports as over the file's text lines: counts, rejections, flips, examples and
+    the line each was read on, across blank lines, \\r\\n and lone \\r endings, bytes that are not
+    UTF-8 (read as a text file with errors="replace" reads them) and chunks' edges."""
+    import io
+
+    from engine import impact
+
+    def no_pool(method: str) -> None:
+        raise AssertionError("workers=1 starts no process")
+
+    monkeypatch.setattr(impact.multiprocessing, "get_context", no_pool)
+    lines = [json.dumps(FLIPPING), *corpus[-1200:], *([json.dumps(FLIPPING)] * 4)]
+    odd = ["", "  \t", "\u3000", json.dumps(FLIPPING) + "\r", "{\"action\": \"login\", \"x\": \"\xe9\"}"]
+    for index, extra in enumerate(odd):
+        lines.insert(300 * index + 7, extra)
+    text = "\n".join(lines) + "\r\n" + json.dumps(FLIPPING) + "\r" + "[1]"
+    data = text.encode() + b"\n{\"action\": \"login\", \"x\": \"\xff\"}\n" + json.dumps(FLIPPING).encode()
+    as_text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline=None)
+    expected = figures(run_impact(policies, "v1", "v2", list(as_text), workers=1, now=NOW))
+    got = figures(run_impact(policies, "v1", "v2", io.BytesIO(data), workers=1, now=NOW))
+    assert got == expected
+    assert expected["rejected"] > len(HOSTILE) // 2 and sum(expected["flips"].values()) > 5
+    inputs = [x["input"] for g in expected["groups"] for x in g["examples"]]
+    assert "line 1" in inputs and len(expected["groups"][0]["examples"]) == 3
+    assert {r["reason"] for r in expected["rejections"]} >= {"not JSON", "not a JSON object"}
+    assert expected["requests"] == sum(1 for line in io.StringIO(data.decode("utf-8", "replace"), newline=None)
+                                       if line.strip())
+
+
+def test_bytes_are_read_as_their_replaced_text(corpus: list[str]) -> None:
+    """parse_lines reads a line's bytes as json.loads reads its text (undecodable bytes replaced)."""
+    raw = [line.encode() for line in corpus] + [b'{"a": "\xff\xfe"}', b"\xef\xbb\xbf{}", b'{"n": 1}\r\n', b"\xc3"]
+    assert repr(parse_lines(raw)) == repr(parse_lines_plainly([r.decode("utf-8", "replace") for r in raw]))
