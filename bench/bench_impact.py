@@ -5,8 +5,8 @@ change as much); only requests decided under both versions count, two decisions 
 
 The corpus file is handed to run_impact opened as bytes ("rb"), as `bindpolicy impact FILE` reads
 it. --before TREE: the same corpus judged in turns by this tree and by another checkout (its own
-bench/bench_impact.py, as that tree reads a file; --rounds each, the best kept): the ratio of
-their decisions per CPU second, in one run.
+engine and policies, given the file's text lines as its run_impact takes them; --rounds each,
+the best kept): the ratio of their decisions per CPU second, in one run.
 
 Run: .venv/bin/python bench/bench_impact.py [--count 1000000] [--workers N] [--before TREE --rounds 3]
 """
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if "--tree" in sys.argv:  # the engine (and policies) of another checkout, judged by this script
+    ROOT = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 from engine.generator import generate_requests  # noqa: E402
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="judge this JSON Lines file instead of a generated one")
     parser.add_argument("--before", type=Path, metavar="TREE", help="another checkout judged in turns with this one")
     parser.add_argument("--rounds", type=int, default=3, help="with --before: runs of each tree, the best kept")
+    parser.add_argument("--tree", type=Path, help="judge with the engine and policies of this checkout")
+    parser.add_argument("--text", action="store_true", help="hand the corpus over as text lines (as trees before "
+                        "run_impact read binary streams were given it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         corpus = args.corpus or Path(temp) / "corpus.jsonl"
@@ -52,7 +57,7 @@ def main() -> None:
         if args.before is not None:
             compare(args, corpus)
             return
-        with corpus.open("rb") as lines:
+        with corpus.open("r" if args.text else "rb") as lines:
             report = run_impact(ROOT / "policies", "v1", "v2", lines, workers=args.workers, progress=sys.stderr)
     data = report.to_dict()
     per_cpu = 2 * report.decided / report.cpu_seconds
@@ -71,12 +76,9 @@ def compare(args: argparse.Namespace, corpus: Path) -> None:
     trees = {"before": args.before.resolve(), "after": ROOT}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            command = [sys.executable, str(tree / "bench" / "bench_impact.py"), "--workers", str(args.workers)]
-            try:  # an older bench has no --corpus: it generates the same corpus from --count and --seed
-                out = subprocess.run([*command, "--corpus", str(corpus)], capture_output=True, text=True, check=True)
-            except subprocess.CalledProcessError:
-                out = subprocess.run([*command, "--count", str(args.count), "--seed", str(args.seed)],
-                                     capture_output=True, text=True, check=True)
+            command = [sys.executable, str(ROOT / "bench" / "bench_impact.py"), "--workers", str(args.workers),
+                       "--corpus", str(corpus), *(["--tree", str(tree), "--text"] if name == "before" else [])]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
             figure = float(re.findall(r"\| ([\d,]+) \|$", out.stdout.strip(), re.M)[-1].replace(",", ""))
             best[name] = max(best.get(name, 0.0), figure)
             print(f"{name}: {figure:,.0f} decisions re-judged per CPU second", file=sys.stderr)
