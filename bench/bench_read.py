@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers.corpus import build_corpus  # noqa: E402
-from engine.cli import _blocks  # noqa: E402
 from engine.decider import Engine  # noqa: E402
+from engine.lines import line_blocks  # noqa: E402
 from engine.request import default_checker, parse_json  # noqa: E402
 
 
@@ -87,13 +87,13 @@ def loop(corpus: list[Any], repeat: int) -> None:
 
     def old() -> None:
         out = io.BytesIO()
-        for block in _blocks(io.BytesIO(data)):
+        for block in line_blocks(io.BytesIO(data)):
             for _, text in block:
                 out.write(engine.decide(parse_json(text), now=now).to_json_line())
 
     def one_pass() -> None:
         out = io.BytesIO()
-        for block in _blocks(io.BytesIO(data)):
+        for block in line_blocks(io.BytesIO(data)):
             for _, text in block:
                 out.write(engine.decide_bytes(text, now=now).to_json_line())
 

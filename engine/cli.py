@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +20,7 @@ import orjson
 from engine.decider import Engine
 from engine.errors import PolicyLoadError, RequestError
 from engine.gcpause import collector_paused
+from engine.lines import line_blocks
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.model import Decision
@@ -990,7 +991,7 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
     out: IO[bytes] | None = getattr(sys.stdout, "buffer", None)  # None: a text stream put in its place
     each_line = sys.stdout.isatty()
     gathered: list[bytes] = []
-    for block in _blocks(stream):
+    for block in line_blocks(stream):
         for line_number, text in block:
             if line_number % 10_000 == 0:
                 gc.collect(1)
@@ -1011,52 +1012,6 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
             gathered.clear()
     (out or sys.stdout).flush()
     return worst
-
-
-_MAYBE_BLANK = frozenset(b"\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3")  # first bytes of whitespace str.strip() knows
-
-
-READ_SIZE = 1 << 16  # bytes of input read at once, or what there is (read1 awaits no more); 1 MB was slower
-
-
-def _blocks(stream: IO[bytes]) -> Iterator[list[tuple[int, bytes]]]:
-    """(number, bytes) of each line that is not blank, a list per block of input: the lines as
-    reading the stream line by line gives them (with their \n), numbered as a text file read
-    with universal newlines numbers them (\n, \r\n and a lone \r end a line), those that
-    str.strip() sees blank skipped. Read in blocks and cut in C (a little cheaper than a buffered
-    reader's line by line reading); a block is all the input there is for now, so that the loop
-    answers every line read before it waits for more (tail -f ... | bindpolicy decide --jsonl -)."""
-    read = getattr(stream, "read1", stream.read)
-    number, rest = 0, b""
-    while block := read(READ_SIZE):
-        data = rest + block if rest else block
-        end = data.rfind(b"\n") + 1  # the lines ended so far; the rest waits for its end
-        rest = data[end:]
-        if end:
-            found: list[tuple[int, bytes]] = []
-            number = _numbered(data[:end] if rest else data, number, found)
-            if found:
-                yield found
-    if rest:
-        last: list[tuple[int, bytes]] = []
-        _numbered(rest, number, last)
-        if last:
-            yield last
-
-
-def _numbered(text: bytes, number: int, found: list[tuple[int, bytes]]) -> int:
-    """Adds to `found` the lines of `text` (whole lines) that are not blank; the last number."""
-    lines: Iterable[bytes] = text.splitlines(keepends=True) if b"\r" not in text else [
-        line for chunk in io.BytesIO(text) for line in (chunk.splitlines() if b"\r" in chunk else (chunk,))]
-    for line in lines:
-        number += 1
-        if line[:1] == b"{":  # the usual line: not blank, and no copy of it stripped to say so
-            found.append((number, line))
-            continue
-        stripped = line.strip()
-        if stripped and (stripped[0] not in _MAYBE_BLANK or line.decode("utf-8", "replace").strip()):
-            found.append((number, line))
-    return number
 
 
 def _parse_now(text: str | None) -> datetime:

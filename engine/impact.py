@@ -27,6 +27,7 @@ from engine.codegen import Verdict
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.gcpause import collector_paused
+from engine.lines import line_blocks
 from engine.loader import load_policies
 from engine.model import Decision, Output, Rule
 from engine.request import DIGITS_AS_ZERO
@@ -624,12 +625,10 @@ def _byte_chunks(stream: IO[bytes], size: int) -> Iterator[Chunk]:
     """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
     reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
     lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
-    from engine.cli import _blocks
-
     texts: list[bytes] = []
     origins: list[str] | None = None  # None: consecutive lines from `first`
     first = 0
-    for block in _blocks(stream):
+    for block in line_blocks(stream):
         for number, line in block:
             if not texts:
                 first, origins = number, None

@@ -183,7 +183,7 @@ def test_decide_jsonl_reads_in_blocks_the_lines_a_line_by_line_reading_gives(mon
     bytes and numbers that reading the stream line by line gives, blank ones skipped alike."""
     import random
 
-    from engine import cli
+    from engine import lines
 
     def line_by_line(data: bytes) -> list[tuple[int, bytes]]:
         found, number = [], 0
@@ -200,10 +200,10 @@ def test_decide_jsonl_reads_in_blocks_the_lines_a_line_by_line_reading_gives(mon
 
     random.seed(3)
     pieces = [b"{}", b'{"a": 1}', b"x", b"\r", b"\n", b"\r\n", b" ", b"\x1c", b"\xc2\xa0", b"\xff", b"\n\n"]
-    monkeypatch.setattr(cli, "READ_SIZE", 5)
+    monkeypatch.setattr(lines, "READ_SIZE", 5)
     for _ in range(300):
         data = b"".join(random.choices(pieces, k=random.randint(0, 30)))
-        got = [line for block in cli._blocks(Trickle(data)) for line in block]
+        got = [line for block in lines.line_blocks(Trickle(data)) for line in block]
         assert got == line_by_line(data), data
 
 
