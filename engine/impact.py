@@ -600,13 +600,29 @@ def _chunks(lines: Iterable[str | tuple[str, str]], size: int) -> Iterator[Chunk
     """The non-blank lines in chunks of `size`, each with where its lines were read: plain text
     lines are numbered from 1 (a chunk of consecutive ones carries only the first number, the
     rest are named when an example or a rejection needs them)."""
-    texts: list[str] = []
-    origins: list[str] | None = None  # None: plain lines, consecutive from `first`
+    def numbered() -> Iterator[tuple[int, str | None, str]]:
+        for number, line in enumerate(lines, start=1):
+            origin, text = (None, line) if isinstance(line, str) else line
+            if text.strip():
+                yield number, origin, text
+
+    return _in_chunks(numbered(), size)
+
+
+def _byte_chunks(stream: IO[bytes], size: int) -> Iterator[Chunk]:
+    """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
+    reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
+    lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
+    return _in_chunks(((number, None, line) for block in line_blocks(stream) for number, line in block), size)
+
+
+def _in_chunks(lines: Iterable[tuple[int, str | None, Any]], size: int) -> Iterator[Chunk]:
+    """(number, where it was read or None, text) in chunks of `size`: a chunk of lines numbered
+    one after another from `first` carries only that number; any other names each line."""
+    texts: list[Any] = []
+    origins: list[str] | None = None  # None: consecutive lines from `first`
     first = 0
-    for number, line in enumerate(lines, start=1):
-        origin, text = (None, line) if isinstance(line, str) else line
-        if not text.strip():
-            continue
+    for number, origin, text in lines:
         if not texts:
             first, origins = number, None
         if origins is None and (origin is not None or number != first + len(texts)):
@@ -617,29 +633,6 @@ def _chunks(lines: Iterable[str | tuple[str, str]], size: int) -> Iterator[Chunk
         if len(texts) >= size:
             yield (first if origins is None else origins), texts
             texts = []
-    if texts:
-        yield (first if origins is None else origins), texts
-
-
-def _byte_chunks(stream: IO[bytes], size: int) -> Iterator[Chunk]:
-    """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
-    reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
-    lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
-    texts: list[bytes] = []
-    origins: list[str] | None = None  # None: consecutive lines from `first`
-    first = 0
-    for block in line_blocks(stream):
-        for number, line in block:
-            if not texts:
-                first, origins = number, None
-            elif origins is None and number != first + len(texts):
-                origins = [f"line {first + index}" for index in range(len(texts))]
-            if origins is not None:
-                origins.append(f"line {number}")
-            texts.append(line)
-            if len(texts) >= size:
-                yield (first if origins is None else origins), texts
-                texts = []
     if texts:
         yield (first if origins is None else origins), texts
 
