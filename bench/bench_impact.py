@@ -3,8 +3,10 @@ every core used (or --workers). Reports requests and decisions re-judged per sec
 and per CPU second of the judging processes (per core: what a shared machine's load does not
 change as much); only requests decided under both versions count, two decisions each.
 
-The corpus file is handed to run_impact opened as bytes ("rb"), as `bindpolicy impact FILE` reads
-it. --before TREE: the same corpus judged in turns by this tree and by another checkout (its own
+The corpus file is handed to run_impact opened as bytes ("rb"; the `bindpolicy impact` command
+still reads text lines through engine/inputs.py, which this does not measure).
+
+--before TREE: the same corpus judged in turns by this tree and by another checkout (its own
 engine and policies, given the file's text lines as its run_impact takes them; --rounds each,
 the best kept): the ratio of their decisions per CPU second, in one run.
 
