@@ -678,7 +678,7 @@ class _PathWriter:
         the action (the fields it requires, the constants that read it), on the role only where
         the expression reads it, and on the fields its presence checks guarantee."""
         needs = expr.needs_for(self.action, self.role)
-        reads_role = expr.tree is not None and "role" in self.memo.idents(expr.tree).get(id(expr.tree), ())
+        reads_role = "role" in expr.identifiers  # from the parse: no walk of the tree here
         key = (id(expr), as_condition, self.action, self.role if reads_role else "*", needs)
         written = self.memo.written.get(key)
         if written is None:

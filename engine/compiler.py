@@ -75,13 +75,9 @@ def plain_names(tree: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def parse_program(text: str) -> tuple[Any, Any, Any, str | None]:
-    """The parse tree, cel-python's program, the native closure, and why there is none (or None)."""
-    return _parse_program(text)[:4]
-
-
-def _parse_program(text: str) -> tuple[Any, Any, Any, str | None, frozenset[str]]:
-    """parse_program, and the identifiers the tree reads."""
+def parse_program(text: str) -> tuple[Any, Any, Any, str | None, frozenset[str]]:
+    """The parse tree, cel-python's program, the native closure, why there is none (or None), and
+    the identifiers the tree reads."""
     env = _environment()
     parsed = celparse.parse_named(text)  # the same tree as lark's, by hand; None: lark parses (and explains errors)
     if parsed is None:
@@ -101,9 +97,9 @@ def compile_expression(text: str, location: Location | None = None) -> Expressio
 
     Parse errors raise celpy's CELParseError, with line and column.
     """
-    tree, program, native, _ = parse_program(text)
+    tree, program, native, _, identifiers = parse_program(text)
     return Expression(text=text, program=program, location=location or Location("<expression>", 1, 1),
-                      needs=(), tests=(), native=native, tree=tree)
+                      needs=(), tests=(), native=native, tree=tree, identifiers=identifiers)
 
 
 class CelCompiler:
@@ -134,7 +130,7 @@ class CelCompiler:
         cached = self._cache.get(text)
         if cached is None:
             try:
-                tree, program, native, unsupported, identifiers = _parse_program(text)
+                tree, program, native, unsupported, identifiers = parse_program(text)
                 found = walk(tree)
                 cached = _Parsed(tree, program, native, tuple(found.reads), tuple(found.null_inequalities),
                                  unsupported, identifiers)
@@ -219,7 +215,8 @@ class CelCompiler:
                 if need and need[0] not in ALWAYS_BOUND))
         expr = Expression(text=text, program=parsed.program, location=doc.location(key),
                           needs=tuple(dict.fromkeys(needs)), tests=tuple(dict.fromkeys(tests)),
-                          needs_by_context=MappingProxyType(by_context), native=parsed.native, tree=parsed.tree)
+                          needs_by_context=MappingProxyType(by_context), native=parsed.native, tree=parsed.tree,
+                          identifiers=parsed.identifiers)
         return expr, problems  # warnings only
 
     def field_problem(self, path: FieldPath) -> str | None:

@@ -37,6 +37,7 @@ class Expression:
     # expression uses CEL outside the native subset.
     native: Any = field(default=None, compare=False, repr=False)
     tree: Any = field(default=None, compare=False, repr=False)  # the parse tree (engine/codegen.py writes it out)
+    identifiers: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # every name the tree reads
 
     def reads(self) -> tuple[FieldPath, ...]:
         return self.needs + self.tests
