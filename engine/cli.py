@@ -736,11 +736,10 @@ def _log_list(args: argparse.Namespace) -> int:
                          decision=args.decision, rule_id=args.rule, shop_id=args.shop, account_id=args.account,
                          outcome=args.outcome)
     broken: list[BrokenRecord] = []
-    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
-    writer = csv.writer(out) if args.format == "csv" else None
-    if writer is not None:
-        writer.writerow(COLUMNS)
-    try:
+    with _lines_out(args.output, newline="") as out:
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(COLUMNS)
         for record in records:
             if isinstance(record, BrokenRecord):
                 broken.append(record)
@@ -755,9 +754,6 @@ def _log_list(args: argparse.Namespace) -> int:
             else:
                 out.write(f"{record.seq:>7} {record.logged_at} {record.outcome:<8} {record.action or '-':<18} "
                           f"{record.decision or '-':<5} {record.rule_id or '-':<36} {record.decision_id}\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     for item in broken:
         print(f"BROKEN: record {item.seq} ({item.decision_id}) cannot be read: {item.problem}", file=sys.stderr)
     return 1 if broken else 0
@@ -766,14 +762,36 @@ def _log_list(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from engine.generator import generate_requests
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
+    with _lines_out(args.output) as out:
         for request in generate_requests(args.count, args.seed, broken=args.broken):
             out.write(json.dumps(request, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0
+
+
+@contextlib.contextmanager
+def _lines_out(path: str | None, newline: str | None = None) -> Iterator[IO[str]]:
+    """Where a command writes its many lines: the file at `path` (UTF-8), else standard output in
+    blocks of OUT_BLOCK bytes, flushed at the end; line by line where a terminal reads it.
+    Under PYTHONUNBUFFERED (as many containers set it) sys.stdout writes every line with a system
+    call of its own, and wakes the reader of a pipe for each."""
+    if path:
+        with open(path, "w", encoding="utf-8", newline=newline) as out:
+            yield out
+        return
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # a text stream put in its place, as tests do
+        descriptor = -1
+    if descriptor < 0 or sys.stdout.isatty():
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    with open(descriptor, "w", buffering=OUT_BLOCK, encoding=sys.stdout.encoding, errors=sys.stdout.errors,
+              newline=newline, closefd=False) as out:  # closing it flushes it; the descriptor stays open
+        yield out
+
+
+OUT_BLOCK = 64 * 1024
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -178,6 +178,33 @@ def test_decide_jsonl_long_run_answers_as_each_request_alone(tmp_path: Path, mon
     assert stdout.buffer.writes == -(-len(texts) // ANSWERS_PER_WRITE)
 
 
+_WRITES_OF_MAIN = """
+import sys
+from pathlib import Path
+from engine.cli import main
+def writes():  # write system calls of this process so far (Linux)
+    return int(next(l for l in Path("/proc/self/io").read_text().splitlines() if l.startswith("syscw")).split()[1])
+before = writes()
+code = main(sys.argv[1:])
+print(code, writes() - before, file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts write system calls in /proc/self/io")
+def test_generate_writes_stdout_in_blocks_under_pythonunbuffered(tmp_path: Path) -> None:
+    """The many lines of a command (generate, log list) reach a pipe in blocks, not one write
+    each, even where PYTHONUNBUFFERED makes sys.stdout write through; the same bytes as -o FILE."""
+    from engine.cli import OUT_BLOCK
+
+    written = tmp_path / "requests.jsonl"
+    assert main(["generate", "--count", "300", "--seed", "4", "-o", str(written)]) == 0
+    done = subprocess.run([sys.executable, "-c", _WRITES_OF_MAIN, "generate", "--count", "300", "--seed", "4"],
+                          cwd=ROOT, capture_output=True, check=True, env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})
+    code, writes = map(int, done.stderr.split()[-2:])  # (no .pyc written by the imports main makes)
+    assert code == 0 and done.stdout == written.read_bytes()
+    assert writes <= -(-len(done.stdout) // OUT_BLOCK) + 1 < 300  # one write per line before
+
+
 def test_decide_jsonl_reads_in_blocks_the_lines_a_line_by_line_reading_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lines cut from blocks (short ones here, ends such as \r|\n split between two) are the
     bytes and numbers that reading the stream line by line gives, blank ones skipped alike."""
