@@ -199,8 +199,9 @@ def test_generate_writes_stdout_in_blocks_under_pythonunbuffered(tmp_path: Path)
     written = tmp_path / "requests.jsonl"
     assert main(["generate", "--count", "300", "--seed", "4", "-o", str(written)]) == 0
     done = subprocess.run([sys.executable, "-c", _WRITES_OF_MAIN, "generate", "--count", "300", "--seed", "4"],
-                          cwd=ROOT, capture_output=True, check=True, env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})
-    code, writes = map(int, done.stderr.split()[-2:])  # (no .pyc written by the imports main makes)
+                          cwd=ROOT, capture_output=True, check=True,
+                          env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})  # no .pyc
+    code, writes = map(int, done.stderr.split()[-2:])
     assert code == 0 and done.stdout == written.read_bytes()
     assert writes <= -(-len(done.stdout) // OUT_BLOCK) + 1 < 300  # one write per line before
 
