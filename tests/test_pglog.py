@@ -1,0 +1,81 @@
+"""The PostgreSQL store's group commit: the chain's lock, the group taken once it is held, and
+several writers (the service's processes, replicas) on one chain."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from engine.decisionlog import LogRecord, PostgresStore, Store, new_record, open_store
+from engine.logkeys import MacKey, MacKeyring
+
+from .postgres import fresh_schema
+
+pytestmark = pytest.mark.slow
+
+
+def record(name: str) -> LogRecord:
+    return new_record(decision_id=name, outcome="decided", status=200, request={"n": name},
+                      response={"decision": "allow"}, duration_us=1)
+
+
+@pytest.fixture
+def schema_url(postgres_url: str) -> str:
+    return fresh_schema(postgres_url, f"plog_{uuid.uuid4().hex[:12]}")
+
+
+def test_callers_who_come_while_the_leader_waits_for_the_lock_commit_with_it(schema_url: str) -> None:
+    store = open_store(schema_url)
+    assert isinstance(store, PostgresStore)
+    store.write(record("first"))
+    store.batches = store.records = 0
+    other = psycopg.connect(schema_url, autocommit=True)  # another process holding the chain's lock
+    other.execute("SELECT pg_advisory_lock(%s)", (PostgresStore.LOCK,))
+    threads = [threading.Thread(target=store.write, args=(record(f"r{i}"),)) for i in range(5)]
+    threads[0].start()
+    time.sleep(0.3)  # the leader is waiting for the lock; the others queue behind it
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.3)
+    assert store.records == 0  # nothing committed while the lock is held elsewhere
+    other.execute("SELECT pg_advisory_unlock(%s)", (PostgresStore.LOCK,))
+    for thread in threads:
+        thread.join(10)
+    other.close()
+    assert (store.batches, store.records) == (1, 5)  # one commit, one flush, for all five
+    assert store.head()[0] == 6 and store.verify() is None
+    store.close()
+
+
+def test_two_writers_on_one_chain_keep_it_whole(schema_url: str) -> None:
+    keys = MacKeyring((MacKey(b"k" * 32),))
+    stores = [open_store(schema_url, keys=keys) for _ in range(2)]  # as two worker processes
+    errors: list[BaseException] = []
+
+    def write(store: Store, prefix: str) -> None:
+        try:
+            for number in range(15):
+                if number % 5 == 4:
+                    store.write_many([record(f"{prefix}-{number}-{i}") for i in range(7)])
+                else:
+                    store.write(record(f"{prefix}-{number}"))
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(store, f"s{s}t{t}")) for s, store in enumerate(stores)
+               for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    expected = 2 * 4 * (12 + 3 * 7)
+    assert stores[0].head()[0] == expected
+    assert stores[0].verify() is None
+    assert len({r.decision_id for r in stores[1].query()}) == expected
+    for store in stores:
+        store.close()
