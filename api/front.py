@@ -1,11 +1,13 @@
 """The front: reads each request whole, off the Python threads, before the WSGI app sees it.
 
-uvicorn's httptools protocol (api/server.py) accepts connections and reads request lines,
-headers and bodies on the event loop, with a size cap and deadlines; this ASGI app then reads
-the body there too, with the byte limit, however it is framed (Content-Length or chunked), and
-only a complete body is handed to a thread of the pool that runs the Flask app. A slow client
-costs a coroutine, not a thread: sixty-four clients that send one byte a minute hold no thread
-that others need.
+`bindpolicy serve`'s protocol (api/server.py) accepts connections and reads request lines,
+headers and bodies on the event loop, with a size cap, deadlines and the byte limit however the
+body is framed (Content-Length or chunked); only a complete request is handed to a thread of
+the pool that runs the Flask app (`BufferedFront.serve`), which writes the whole answer and
+hands it back to the loop with one wake-up. A slow client costs a little memory on the loop,
+not a thread: sixty-four clients that send one byte a minute hold no thread that others need.
+The same front is an ASGI app too (its lifespan runs under uvicorn; any ASGI server can serve
+it, through the same pool).
 
 Why not a WSGI server: each calls the app as soon as the headers are in, and the body is read
 when the app asks, from the app's thread (measured with granian's WSGI interface: a slow body
@@ -20,6 +22,7 @@ import logging
 import queue
 import sys
 import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -28,7 +31,8 @@ import orjson
 log = logging.getLogger("bindpolicy.front")
 
 Scope = dict[str, Any]
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Result = tuple[str, list[tuple[str, str]], bytes]  # the app's status line, headers and whole body
+Answer = tuple[bytes, bool]  # an HTTP/1.1 answer's bytes, and whether the connection stays open
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -38,9 +42,106 @@ def error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message, "details": []}})
 
 
+FAILED: Result = ("500 Internal Server Error", [("Content-Type", "application/json")],
+                  error_body("internal_error", "the server failed to answer; the error is logged"))
+
+
 def _settle(answer: asyncio.Future[Any], result: Any) -> None:
     if not answer.done():  # (cancelled if the server stopped waiting)
         answer.set_result(result)
+
+
+class Request:
+    """A request as the protocol read it (api/server.py), for a pool thread to make its environ."""
+
+    __slots__ = ("body", "client", "default_headers", "headers", "keep_alive", "method", "over", "path",
+                 "query", "server", "version")
+
+    def __init__(self, *, method: str, path: bytes, query: bytes, version: str, headers: list[tuple[bytes, bytes]],
+                 server: tuple[str, int], client: tuple[str, int], keep_alive: bool,
+                 default_headers: list[tuple[bytes, bytes]]) -> None:
+        self.method, self.path, self.query, self.version = method, path, query, version
+        self.headers, self.server, self.client = headers, server, client
+        self.keep_alive = keep_alive
+        self.default_headers = default_headers  # the server's (uvicorn's date)
+        self.body = b""
+        self.over = False  # the body went past the limit: the app is told, and answers 413
+
+
+NO_BODY_STATUSES = frozenset((204, 304))
+
+
+def http_answer(request: Request, result: Result) -> Answer:
+    """The bytes of the whole answer to `request`: its status line, the server's headers, the app's
+    (its own length: the body is whole), the body unless HEAD; whether the connection stays open."""
+    status, headers, body = result
+    keep_alive = request.keep_alive
+    lines = [b"HTTP/1.1 ", status.encode("latin1"), b"\r\n"]
+    for server_name, server_value in request.default_headers:
+        lines += [server_name, b": ", server_value, b"\r\n"]
+    length = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "content-length":
+            length = value
+            continue
+        if lowered == "transfer-encoding":
+            continue
+        if lowered == "connection" and "close" in value.lower():
+            keep_alive = False
+            continue
+        lines += [name.encode("latin1"), b": ", value.encode("latin1"), b"\r\n"]
+    code = int(status[:3])
+    if request.method == "HEAD":  # the length of the body a GET would get, no body
+        if length is not None:
+            lines += [b"content-length: ", length.encode("latin1"), b"\r\n"]
+        body = b""
+    elif code >= 200 and code not in NO_BODY_STATUSES:
+        lines += [b"content-length: %d\r\n" % len(body)]
+    else:
+        body = b""
+    if not keep_alive:
+        lines.append(b"connection: close\r\n")
+    lines += [b"\r\n", body]
+    return b"".join(lines), keep_alive
+
+
+def request_environ(request: Request, max_body: int) -> dict[str, Any]:
+    """The WSGI environ of a request read by the protocol, with its whole body."""
+    path = request.path
+    if b"%" in path:
+        path = urllib.parse.unquote_to_bytes(path)
+    body = request.body
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method, "SCRIPT_NAME": "", "PATH_INFO": path.decode("latin1"),
+        "QUERY_STRING": request.query.decode("latin1"),
+        "SERVER_NAME": request.server[0], "SERVER_PORT": str(request.server[1]),
+        "SERVER_PROTOCOL": f"HTTP/{request.version}",
+        "REMOTE_ADDR": request.client[0], "REMOTE_PORT": str(request.client[1]),
+        "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+        "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
+        # Whatever the framing, the app sees the length it was given: one over the limit, if so.
+        "CONTENT_LENGTH": str(max_body + 1 if request.over else len(body)),
+        # The whole body as read, for the app to take without wrapping wsgi.input in a stream
+        # (werkzeug's get_data: about 40 µs a request); wsgi.input stays for everyone else.
+        "bindpolicy.body": body,
+    }
+    _add_headers(environ, request.headers)
+    return environ
+
+
+def _add_headers(environ: dict[str, Any], headers: Iterable[tuple[bytes, bytes]]) -> None:
+    for name, value in headers:
+        key = name.decode("latin1").upper().replace("-", "_")
+        text = value.decode("latin1")
+        if key == "CONTENT_TYPE":
+            environ["CONTENT_TYPE"] = text
+        elif key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+            continue
+        else:
+            key = f"HTTP_{key}"
+            environ[key] = f"{environ[key]},{text}" if key in environ else text
 
 
 class Pool:
@@ -50,13 +151,13 @@ class Pool:
     call_soon_threadsafe anyway."""
 
     def __init__(self, threads: int, name: str = "wsgi") -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}_{n}", daemon=True)
                          for n in range(threads)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, work: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], object]) -> None:
         self._queue.put(work)
 
     def shutdown(self) -> None:
@@ -84,6 +185,19 @@ class BufferedFront:
         self.max_body = max_body
         self.pool = Pool(threads)
 
+    def serve(self, request: Request, loop: asyncio.AbstractEventLoop, answered: Callable[[Answer], None]) -> None:
+        """From the loop: run the app on `request` in a pool thread, which makes the answer's bytes and
+        calls `answered` with them on the loop (one wake-up)."""
+        self.pool.submit(lambda: loop.call_soon_threadsafe(answered, self._answer(request)))
+
+    def _answer(self, request: Request) -> Answer:
+        try:
+            return http_answer(request, self._run(request_environ(request, self.max_body)))
+        except Exception:  # (a request the environ cannot hold): the last resort, as _run's
+            log.exception("a request could not be handed to the application")
+            request.keep_alive = False
+            return http_answer(request, FAILED)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -97,18 +211,12 @@ class BufferedFront:
             return
         environ = self._environ(scope, body, over)
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Answer] = loop.create_future()
-        self.pool.submit(lambda: self._run_and_answer(environ, loop, answer))
+        answer: asyncio.Future[Result] = loop.create_future()
+        self.pool.submit(lambda: loop.call_soon_threadsafe(_settle, answer, self._run(environ)))
         status, headers, chunks = await answer
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.start", "status": int(status[:3]),
+                    "headers": [(k.lower().encode("latin1"), v.encode("latin1")) for k, v in headers]})
         await send({"type": "http.response.body", "body": chunks})
-
-    def _run_and_answer(self, environ: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                        answer: asyncio.Future[Answer]) -> None:
-        """In a pool thread: the app's answer, handed straight to the waiting coroutine (one wake-up
-        of the loop; run_in_executor chains a second future through two more callbacks)."""
-        result = self._run(environ)
-        loop.call_soon_threadsafe(_settle, answer, result)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes | None, bool]:
         """The whole body, or (None, _) if the client left; past the limit, reading stops and the
@@ -145,19 +253,10 @@ class BufferedFront:
             # (werkzeug's get_data: about 40 µs a request); wsgi.input stays for everyone else.
             "bindpolicy.body": body,
         }
-        for name, value in scope.get("headers", []):
-            key = name.decode("latin1").upper().replace("-", "_")
-            text = value.decode("latin1")
-            if key == "CONTENT_TYPE":
-                environ["CONTENT_TYPE"] = text
-            elif key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
-                continue
-            else:
-                key = f"HTTP_{key}"
-                environ[key] = f"{environ[key]},{text}" if key in environ else text
+        _add_headers(environ, scope.get("headers", []))
         return environ
 
-    def _run(self, environ: dict[str, Any]) -> Answer:
+    def _run(self, environ: dict[str, Any]) -> Result:
         """Call the WSGI app in a pool thread; the answer comes back whole (bodies are small)."""
         started: dict[str, Any] = {}
 
@@ -174,11 +273,8 @@ class BufferedFront:
                     close()
         except Exception:  # the app's own handlers answer every error; this is the last resort
             log.exception("the application failed")
-            return 500, [(b"content-type", b"application/json")], error_body(
-                "internal_error", "the server failed to answer; the error is logged")
-        status = int(str(started["status"]).split(" ", 1)[0])
-        headers = [(k.lower().encode("latin1"), v.encode("latin1")) for k, v in started["headers"]]
-        return status, headers, body
+            return FAILED
+        return str(started["status"]), started["headers"], body
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

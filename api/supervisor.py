@@ -120,12 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--workers must be 1 or more")
     config = Config(
         "api.asgi:app", host=args.host, port=args.port, workers=args.workers,
-        http="api.server:JsonHttpProtocol",  # httptools, every error of its own in JSON
+        http="api.server:JsonHttpProtocol",  # httptools straight to the pool, every error of its own in JSON
         # uvloop (libuv, C): measured against asyncio's loop, it took the server's CPU per logged
         # decision down and about doubled the decisions per second (README, "The service")
         loop=args.loop, ws="none", lifespan="on", server_header=False, timeout_keep_alive=5,
         timeout_graceful_shutdown=15, log_level="warning",
         access_log=False,  # the app writes one JSON line per request itself
+        proxy_headers=False,  # (api/server.py serves the front directly: REMOTE_ADDR is the peer)
         backlog=args.backlog)
     try:
         sockets = reuseport_sockets(args.host, args.port, args.workers, args.backlog)
