@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -202,3 +203,45 @@ def test_a_worker_killed_while_the_files_are_broken_is_replaced_on_the_last_good
         server.stop()
     store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
     assert store.verify() is None
+
+
+def read_until_closed(server: Server, data: bytes, pause: float = 0.0, rest: bytes = b"") -> bytes:
+    """Send `data` (then `rest` after `pause` seconds) and read until the server closes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        if rest:
+            time.sleep(pause)
+            answer += sock.recv(65536)  # (what came before the rest was sent)
+            sock.sendall(rest)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+# The protocol (api/server.py) hands requests to the pool past uvicorn's: HTTP as uvicorn had it.
+def test_pipelined_requests_are_answered_in_order_and_connection_close_closes(shared: Server) -> None:
+    body = json.dumps(bind_request()).encode()
+    decision = (b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = read_until_closed(shared, decision + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + decision
+                               + b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 200, 200, 404], answer[:500]
+    assert answer.count(b'"decision":"allow"') == 2 and b'"code":"not_found"' in answer.rpartition(b"\r\n\r\n")[2]
+
+
+def test_expect_100_continue_head_and_http_1_0(shared: Server) -> None:
+    body = json.dumps(bind_request()).encode()
+    answer = read_until_closed(
+        shared, b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body), pause=0.5, rest=body)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer[:200]
+    assert answer.endswith(b"}") and b'"decision":"allow"' in answer
+    head = read_until_closed(shared, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 15\r\n" in head.lower()
+    assert head.endswith(b"\r\n\r\n"), head  # the length a GET would get, and no body
+    old = read_until_closed(shared, b"GET /healthz HTTP/1.0\r\n\r\n")  # answered, then closed
+    assert old.startswith(b"HTTP/1.1 200 OK\r\n") and old.endswith(b'{"status":"ok"}'), old
+    assert b"connection: close\r\n" in old.lower()
