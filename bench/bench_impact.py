@@ -3,12 +3,15 @@ every core used (or --workers). Reports requests and decisions re-judged per sec
 and per CPU second of the judging processes (per core: what a shared machine's load does not
 change as much); only requests decided under both versions count, two decisions each.
 
-The corpus file is handed to run_impact opened as bytes ("rb"; the `bindpolicy impact` command
-still reads text lines through engine/inputs.py, which this does not measure).
+The corpus file is read as `bindpolicy impact --requests FILE` reads it (engine/inputs.py's
+request_blocks: its lines as bytes, each named `FILE:N`) and judged by run_impact, as the
+command does (only the policies' loading and the report's rendering left out). --text: as the
+command read it before (numbered_lines: text lines).
 
 --before TREE: the same corpus judged in turns by this tree and by another checkout (its own
-engine and policies, given the file's text lines as its run_impact takes them; --rounds each,
-the best kept): the ratio of their decisions per CPU second, in one run.
+engine and policies, the file read as that checkout's command reads it: request_blocks where it
+has one, else text lines; --rounds each, the best kept): the ratio of their decisions per CPU
+second, in one run.
 
 Run: .venv/bin/python bench/bench_impact.py [--count 1000000] [--workers N] [--before TREE --rounds 3]
 """
@@ -31,6 +34,7 @@ if "--tree" in sys.argv:  # the engine (and policies) of another checkout, judge
 sys.path.insert(0, str(ROOT))
 
 from engine.generator import generate_requests  # noqa: E402
+from engine import inputs  # noqa: E402
 from engine.impact import render, run_impact  # noqa: E402
 
 
@@ -43,8 +47,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, metavar="TREE", help="another checkout judged in turns with this one")
     parser.add_argument("--rounds", type=int, default=3, help="with --before: runs of each tree, the best kept")
     parser.add_argument("--tree", type=Path, help="judge with the engine and policies of this checkout")
-    parser.add_argument("--text", action="store_true", help="hand the corpus over as text lines (as trees before "
-                        "run_impact read binary streams were given it)")
+    parser.add_argument("--text", action="store_true", help="read the corpus as text lines, as the command "
+                        "did before it read bytes (engine/inputs.py's numbered_lines)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         corpus = args.corpus or Path(temp) / "corpus.jsonl"
@@ -59,8 +63,9 @@ def main() -> None:
         if args.before is not None:
             compare(args, corpus)
             return
-        with corpus.open("r" if args.text else "rb") as lines:
-            report = run_impact(ROOT / "policies", "v1", "v2", lines, workers=args.workers, progress=sys.stderr)
+        read = getattr(inputs, "request_blocks", None)  # None: a checkout whose command reads text lines
+        lines = (inputs.numbered_lines if args.text or read is None else read)([str(corpus)])
+        report = run_impact(ROOT / "policies", "v1", "v2", lines, workers=args.workers, progress=sys.stderr)
     data = report.to_dict()
     per_cpu = 2 * report.decided / report.cpu_seconds
     print(render(report, "text").splitlines()[0])
@@ -79,7 +84,7 @@ def compare(args: argparse.Namespace, corpus: Path) -> None:
     for _ in range(args.rounds):
         for name, tree in trees.items():
             command = [sys.executable, str(ROOT / "bench" / "bench_impact.py"), "--workers", str(args.workers),
-                       "--corpus", str(corpus), *(["--tree", str(tree), "--text"] if name == "before" else [])]
+                       "--corpus", str(corpus), *(["--tree", str(tree)] if name == "before" else [])]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             figure = float(re.findall(r"\| ([\d,]+) \|$", out.stdout.strip(), re.M)[-1].replace(",", ""))
             best[name] = max(best.get(name, 0.0), figure)

@@ -20,7 +20,7 @@ import orjson
 from engine.decider import Engine
 from engine.errors import PolicyLoadError, RequestError
 from engine.gcpause import collector_paused
-from engine.lines import line_blocks
+from engine.lines import NamedLines, line_blocks, named_blocks
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE, LANGUAGES
 from engine.model import Decision
@@ -440,7 +440,7 @@ def _diff(args: argparse.Namespace) -> int:
 @_audit_handler
 def _impact(args: argparse.Namespace) -> int:
     from engine.impact import render, run_impact
-    from engine.inputs import InputError, numbered_lines, resolve
+    from engine.inputs import InputError, request_blocks, resolve
 
     if args.requests and args.requests != ["-"]:
         try:
@@ -478,13 +478,13 @@ def _impact(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         _write(render(report, args.format), args.output)
         return 0
-    lines: Iterator[tuple[str, str]]
+    lines: Iterator[tuple[str, str] | NamedLines]
     if args.from_log:
         lines = _logged_requests(_store(args), args.since, args.until)
-    elif args.requests == ["-"]:
-        lines = ((f"stdin:{number}", line) for number, line in enumerate(sys.stdin, start=1))
+    elif args.requests == ["-"]:  # read as bytes, as a file is: `stdin:N`
+        lines = named_blocks("stdin", _stdin_bytes())
     else:
-        lines = numbered_lines(args.requests)
+        lines = request_blocks(args.requests)  # each JSON Lines file as bytes, its lines `FILE:N`
     try:
         report = run_impact(policies, args.old, args.new, lines, new_policies=new_policies, new_label=new_label,
                             workers=args.workers, progress=None if args.quiet else sys.stderr)

@@ -27,7 +27,7 @@ from engine.codegen import Verdict
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.gcpause import collector_paused
-from engine.lines import line_blocks
+from engine.lines import NamedLines, line_blocks
 from engine.loader import load_policies
 from engine.model import Decision, Output, Rule
 from engine.request import DIGITS_AS_ZERO
@@ -573,22 +573,24 @@ def read_corpus(locations: Sequence[str]) -> Corpus:
     return Corpus(parse_lines(text for _, text in lines), [origin for origin, _ in lines])
 
 
-Chunk = tuple[list[str] | int, list[str] | list[bytes]]  # (where each line was read, or the first's number; lines)
+# (where each line was read: the name and number of the first of consecutive lines, or each
+# line's origin; the lines)
+Chunk = tuple[tuple[str, int] | list[str], list[str] | list[bytes]]
 
 
 class _Numbered:
-    """The origins of consecutive lines: `line N` from the first one's number."""
+    """The origins of consecutive lines of one input: `line N` or `FILE:N`, from the first one's."""
 
-    def __init__(self, first: int) -> None:
-        self.first = first
+    def __init__(self, name: str, first: int) -> None:
+        self.name, self.first = name, first
 
     def __getitem__(self, index: int) -> str:
-        return f"line {self.first + index}"
+        return f"{self.name}{self.first + index}"
 
 
 def _judge_chunk(chunk: Chunk) -> ImpactReport:
     where, texts = chunk
-    origins: Any = _Numbered(where) if isinstance(where, int) else where
+    origins: Any = _Numbered(*where) if isinstance(where, tuple) else where
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
@@ -596,56 +598,72 @@ def _judge_chunk(chunk: Chunk) -> ImpactReport:
                              labels=_WORKER["labels"], origins=origins, explain=False)
 
 
-def _chunks(lines: Iterable[str | tuple[str, str]], size: int) -> Iterator[Chunk]:
+LINE = "line "  # the name of a line that says nothing else of where it was read: `line N`
+
+
+def _chunks(lines: Iterable[str | tuple[str, str] | NamedLines], size: int) -> Iterator[Chunk]:
     """The non-blank lines in chunks of `size`, each with where its lines were read: plain text
-    lines are numbered from 1 (a chunk of consecutive ones carries only the first number, the
-    rest are named when an example or a rejection needs them)."""
-    def numbered() -> Iterator[tuple[int, str | None, str]]:
-        for number, line in enumerate(lines, start=1):
-            origin, text = (None, line) if isinstance(line, str) else line
-            if text.strip():
-                yield number, origin, text
+    lines are numbered from 1 as `line N`, a named file's blocks of bytes (engine/inputs.py's
+    request_blocks) by their own numbers as `FILE:N`, a (where, text) pair by its where (a chunk
+    of consecutive numbered lines carries only the first's name and number, the rest are named
+    when an example or a rejection needs them)."""
+    def numbered() -> Iterator[tuple[str, int | None, Any]]:
+        number = 0
+        for line in lines:
+            if isinstance(line, NamedLines):
+                name = f"{line.name}:"
+                for at, text in line.lines:
+                    yield name, at, text
+                continue
+            number += 1
+            if isinstance(line, str):
+                if line.strip():
+                    yield LINE, number, line
+            elif line[1].strip():
+                yield line[0], None, line[1]
 
     return _in_chunks(numbered(), size)
 
 
-def _byte_chunks(stream: IO[bytes], size: int) -> Iterator[Chunk]:
+def _byte_chunks(stream: IO[bytes], size: int, name: str = LINE) -> Iterator[Chunk]:
     """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
     reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
     lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
-    return _in_chunks(((number, None, line) for block in line_blocks(stream) for number, line in block), size)
+    return _in_chunks(((name, number, line) for block in line_blocks(stream) for number, line in block), size)
 
 
-def _in_chunks(lines: Iterable[tuple[int, str | None, Any]], size: int) -> Iterator[Chunk]:
-    """(number, where it was read or None, text) in chunks of `size`: a chunk of lines numbered
-    one after another from `first` carries only that number; any other names each line."""
+def _in_chunks(lines: Iterable[tuple[str, int | None, Any]], size: int) -> Iterator[Chunk]:
+    """(name, number, text) in chunks of `size`, each line read at `{name}{number}` (or at `name`
+    where its number is None): a chunk of lines of one name numbered one after another carries
+    only its name and the first number; any other names each line."""
     texts: list[Any] = []
-    origins: list[str] | None = None  # None: consecutive lines from `first`
-    first = 0
-    for number, origin, text in lines:
+    origins: list[str] | None = None  # None: consecutive lines of `first_name` from `first`
+    first_name, first = LINE, 0
+    for name, number, text in lines:
         if not texts:
-            first, origins = number, None
-        if origins is None and (origin is not None or number != first + len(texts)):
-            origins = [f"line {first + index}" for index in range(len(texts))]
+            first_name, first, origins = name, number or 0, None if number is not None else []
+        elif origins is None and (number != first + len(texts) or name != first_name):
+            origins = [f"{first_name}{first + index}" for index in range(len(texts))]
         if origins is not None:
-            origins.append(origin if origin is not None else f"line {number}")
+            origins.append(name if number is None else f"{name}{number}")
         texts.append(text)
         if len(texts) >= size:
-            yield (first if origins is None else origins), texts
+            yield ((first_name, first) if origins is None else origins), texts
             texts = []
     if texts:
-        yield (first if origins is None else origins), texts
+        yield ((first_name, first) if origins is None else origins), texts
 
 
 def run_impact(policies: PolicySet | Path | str, old: str, new: str,
-               lines: Iterable[str | tuple[str, str]] | IO[bytes], *,
+               lines: Iterable[str | tuple[str, str] | NamedLines] | IO[bytes], *,
                new_policies: PolicySet | Path | str | None = None, new_label: str | None = None,
                workers: int | None = None, runtime: str = "native", progress: TextIO | None = None,
                now: datetime | None = None) -> ImpactReport:
     """Judge every JSON line under `old` and `new` (taken from `new_policies` when given: another
     checkout) with one process per core (or `workers`; one: judged in this process, no pickling).
-    Lines are text, or (where read, text), or a binary stream (a file opened "rb": read as bytes
-    in blocks, each line handed to orjson as read)."""
+    Lines are text, or (where read, text), or blocks of a named file's lines as bytes (NamedLines:
+    `bindpolicy impact FILE` reads its files so), or a binary stream (a file opened "rb": read as
+    bytes in blocks, each line handed to orjson as read)."""
     workers = workers or os.cpu_count() or 1
     now = now or datetime.now(UTC)
     loaded = policies if isinstance(policies, PolicySet) else load_policies(policies)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, NamedTuple
 
 _MAYBE_BLANK = frozenset(b"\x1c\x1d\x1e\x1f\xc2\xe1\xe2\xe3")  # first bytes of whitespace str.strip() knows
 READ_SIZE = 1 << 16  # bytes of input read at once, or what there is (read1 awaits no more); 1 MB was slower
@@ -36,6 +36,19 @@ def line_blocks(stream: IO[bytes]) -> Iterator[list[tuple[int, bytes]]]:
         _numbered(rest, number, last)
         if last:
             yield last
+
+
+class NamedLines(NamedTuple):
+    """A block of a named input's lines (line_blocks'), each read at `name:N`."""
+
+    name: str
+    lines: list[tuple[int, bytes]]
+
+
+def named_blocks(name: str, stream: IO[bytes]) -> Iterator[NamedLines]:
+    """line_blocks of a stream, each block with the name of its input (a file's, or stdin)."""
+    for block in line_blocks(stream):
+        yield NamedLines(name, block)
 
 
 def _numbered(text: bytes, number: int, found: list[tuple[int, bytes]]) -> int:

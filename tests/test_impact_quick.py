@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,3 +255,64 @@ def test_bytes_are_read_as_their_replaced_text(corpus: list[str]) -> None:
     """parse_lines reads a line's bytes as json.loads reads its text (undecodable bytes replaced)."""
     raw = [line.encode() for line in corpus] + [b'{"a": "\xff\xfe"}', b"\xef\xbb\xbf{}", b'{"n": 1}\r\n', b"\xc3"]
     assert repr(parse_lines(raw)) == repr(parse_lines_plainly([r.decode("utf-8", "replace") for r in raw]))
+
+
+def test_the_command_reads_its_files_as_bytes_as_it_read_their_text(policies: PolicySet, corpus: list[str],
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`bindpolicy impact --requests FILE...` hands each JSON Lines file's lines to orjson as bytes
+    (engine/inputs.py's request_blocks), and reports as its reading of text lines did
+    (engine/inputs.py's numbered_lines): counts, rejections, flips, examples and the `FILE:N` each
+    was read at, across files, blank lines, \\r\\n, bytes that are not UTF-8 and a Parquet file
+    read as before; standard input likewise, as `stdin:N`."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine import impact
+    from engine.cli import main
+    from engine.inputs import numbered_lines
+
+    first = "\n".join([json.dumps(FLIPPING), "", *corpus[:700], "  ", json.dumps(FLIPPING)]).encode() \
+        + b"\r\n" + b'{"action": "login", "x": "\xff"}\r\n\n' + json.dumps(FLIPPING).encode() + b"\r\n"
+    second = b"\n\n" + "\n".join([*corpus[-500:], json.dumps(FLIPPING)]).encode() + b"\n\xc3\n[1]"
+    paths = [tmp_path / "first.jsonl", tmp_path / "second.jsonl", tmp_path / "rows.parquet"]
+    paths[0].write_bytes(first)
+    paths[1].write_bytes(second)
+    pq.write_table(pa.table({"request": [json.dumps(FLIPPING), "not json"]}), paths[2])
+    read: list[type] = []
+
+    def parsed_seen(lines: list[Any]) -> Any:
+        read.extend(type(line) for line in lines)
+        return parse(lines)
+
+    parse = impact.parsed
+    monkeypatch.setattr(impact, "parsed", parsed_seen)
+    locations = [str(path) for path in paths]
+    expected = figures(run_impact(policies, "v1", "v2", numbered_lines(locations), workers=1))
+    read.clear()
+    assert main(["impact", "v1", "v2", "--policies", str(POLICIES), "--requests", *locations, "--workers", "1",
+                 "--format", "json", "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    got.pop("seconds"), got.pop("decisions_per_second")
+    assert got == expected
+    assert read.count(bytes) == expected["requests"] - 2 and read.count(str) == 2  # the Parquet rows as text
+    origins = [x["input"] for g in got["groups"] for x in g["examples"]] + \
+        [i for r in got["rejections"] for i in r["inputs"]]
+    assert {o.split(":")[0].rsplit("/", 1)[-1] for o in origins} >= {"first.jsonl", "second.jsonl"}
+    assert sum(got["flips"].values()) > 5 and {r["reason"] for r in got["rejections"]} >= {"not JSON"}
+
+    text = "\n".join(["", *corpus[-300:], json.dumps(FLIPPING), "", json.dumps(FLIPPING)]) + "\r\n[2]\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    expected = figures(run_impact(policies, "v1", "v2", [(f"stdin:{number}", line) for number, line in
+                                                         enumerate(io.StringIO(text, newline="\n"), start=1)],
+                                  workers=1))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline="\n"))
+    read.clear()
+    assert main(["impact", "v1", "v2", "--policies", str(POLICIES), "--requests", "-", "--workers", "1",
+                 "--format", "json", "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    got.pop("seconds"), got.pop("decisions_per_second")
+    assert got == expected and set(read) == {bytes}
+    assert any(i.startswith("stdin:") for r in got["rejections"] for i in r["inputs"])
