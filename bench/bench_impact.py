@@ -33,8 +33,8 @@ if "--tree" in sys.argv:  # the engine (and policies) of another checkout, judge
     ROOT = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
-from engine.generator import generate_requests  # noqa: E402
 from engine import inputs  # noqa: E402
+from engine.generator import generate_requests  # noqa: E402
 from engine.impact import render, run_impact  # noqa: E402
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -607,49 +608,59 @@ def _chunks(lines: Iterable[str | tuple[str, str] | NamedLines], size: int) -> I
     request_blocks) by their own numbers as `FILE:N`, a (where, text) pair by its where (a chunk
     of consecutive numbered lines carries only the first's name and number, the rest are named
     when an example or a rejection needs them)."""
-    def numbered() -> Iterator[tuple[str, int | None, Any]]:
+    def blocks() -> Iterator[tuple[str, Sequence[tuple[int | None, Any]]]]:
         number = 0
         for line in lines:
             if isinstance(line, NamedLines):
-                name = f"{line.name}:"
-                for at, text in line.lines:
-                    yield name, at, text
+                yield f"{line.name}:", line.lines
                 continue
             number += 1
             if isinstance(line, str):
                 if line.strip():
-                    yield LINE, number, line
+                    yield LINE, ((number, line),)
             elif line[1].strip():
-                yield line[0], None, line[1]
+                yield line[0], ((None, line[1]),)
 
-    return _in_chunks(numbered(), size)
+    return _in_chunks(blocks(), size)
 
 
 def _byte_chunks(stream: IO[bytes], size: int, name: str = LINE) -> Iterator[Chunk]:
     """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
     reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
     lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
-    return _in_chunks(((name, number, line) for block in line_blocks(stream) for number, line in block), size)
+    return _in_chunks(((name, block) for block in line_blocks(stream)), size)
 
 
-def _in_chunks(lines: Iterable[tuple[str, int | None, Any]], size: int) -> Iterator[Chunk]:
-    """(name, number, text) in chunks of `size`, each line read at `{name}{number}` (or at `name`
-    where its number is None): a chunk of lines of one name numbered one after another carries
-    only its name and the first number; any other names each line."""
+_TEXT = itemgetter(1)
+
+
+def _in_chunks(blocks: Iterable[tuple[str, Sequence[tuple[int | None, Any]]]], size: int) -> Iterator[Chunk]:
+    """Blocks of (number, text), each line read at `{name}{number}` (or at `name` where its number
+    is None; numbers grow within a block), in chunks of `size`: a chunk of lines of one name
+    numbered one after another carries only its name and the first number; any other names each
+    line. A block's lines are taken a slice at a time (no step per line where they follow on)."""
     texts: list[Any] = []
     origins: list[str] | None = None  # None: consecutive lines of `first_name` from `first`
     first_name, first = LINE, 0
-    for name, number, text in lines:
-        if not texts:
-            first_name, first, origins = name, number or 0, None if number is not None else []
-        elif origins is None and (number != first + len(texts) or name != first_name):
-            origins = [f"{first_name}{first + index}" for index in range(len(texts))]
-        if origins is not None:
-            origins.append(name if number is None else f"{name}{number}")
-        texts.append(text)
-        if len(texts) >= size:
-            yield ((first_name, first) if origins is None else origins), texts
-            texts = []
+    for name, lines in blocks:
+        start, count = 0, len(lines)
+        while start < count:
+            room = size - len(texts)
+            part = lines if start == 0 and count <= room else lines[start:start + room]
+            start += len(part)
+            head, tail = part[0][0], part[-1][0]
+            if not texts:
+                first_name, first, origins = name, head or 0, None if head is not None else []
+            expected = first + len(texts)
+            if origins is None and not (head == expected and tail == expected + len(part) - 1
+                                        and name == first_name):
+                origins = [f"{first_name}{first + index}" for index in range(len(texts))]
+            if origins is not None:
+                origins.extend(name if number is None else f"{name}{number}" for number, _ in part)
+            texts.extend(map(_TEXT, part))
+            if len(texts) >= size:
+                yield ((first_name, first) if origins is None else origins), texts
+                texts = []
     if texts:
         yield ((first_name, first) if origins is None else origins), texts
 

@@ -316,3 +316,42 @@ def test_the_command_reads_its_files_as_bytes_as_it_read_their_text(policies: Po
     got.pop("seconds"), got.pop("decisions_per_second")
     assert got == expected and set(read) == {bytes}
     assert any(i.startswith("stdin:") for r in got["rejections"] for i in r["inputs"])
+
+
+def test_chunks_name_every_line_as_read() -> None:
+    """_chunks over text lines, (where, text) pairs and named blocks of bytes mixed, in chunks of
+    every size: each chunk full but the last, each line named where it was read (a chunk of
+    consecutive lines only by its first: the others as _Numbered counts on from it)."""
+    import random
+
+    from engine.impact import _chunks, _Numbered
+    from engine.lines import NamedLines
+
+    pick = random.Random(7)
+    items: list[Any] = []
+    expected: list[tuple[str, Any]] = []
+    number = 0
+    for _ in range(60):
+        kind = pick.choice(("text", "pair", "block", "block"))
+        if kind == "block":
+            name = pick.choice(("a.jsonl", "b.jsonl"))
+            at = pick.randint(1, 50)
+            lines = []
+            for _ in range(pick.randint(0, 9)):
+                at += pick.choice((1, 1, 1, 2))  # blank lines skipped now and then
+                lines.append((at, f"{name} {at}".encode()))
+            items.append(NamedLines(name, lines))
+            expected += [(f"{name}:{n}", text) for n, text in lines]
+            continue
+        number += 1
+        text = pick.choice(("x", "  ")) + str(number)
+        items.append(text if kind == "text" else (f"where {number}", text))
+        expected.append((f"line {number}" if kind == "text" else f"where {number}", text))
+    for size in (1, 2, 3, 7, 500):
+        chunks = list(_chunks(items, size))
+        assert all(len(texts) == size for _, texts in chunks[:-1]) and 0 < len(chunks[-1][1]) <= size
+        got = [((_Numbered(*where) if isinstance(where, tuple) else where)[index], text)
+               for where, texts in chunks for index, text in enumerate(texts)]
+        assert got == expected
+    following = [NamedLines("c", [(n, b"x") for n in range(3, 9)]), NamedLines("c", [(n, b"x") for n in range(9, 13)])]
+    assert [where for where, _ in _chunks(following, 4)] == [("c:", 3), ("c:", 7), ("c:", 11)]
