@@ -368,7 +368,9 @@ def _batch_items(engine: Any) -> list[tuple[Any, bool, str]]:
     if len(raw) > current_app.config["MAX_BATCH_BYTES"]:
         _parsed(raw, True)  # refused for its size, as ever (nothing else is read first)
     texts = _batch_texts(raw)
-    vouched = [engine.check.vouch(text) for text in texts] if texts is not None else []
+    vouched: list[Any] = []
+    if texts is not None:  # all at once where the reader vouches for every request, else each alone
+        vouched = engine.check.vouch_all(texts) or [engine.check.vouch(text) for text in texts]
     if texts is not None and None not in vouched:
         return [(one, True, text.decode("utf-8")) for one, text in zip(vouched, texts, strict=True)]
     requests = _parsed(raw, True)["requests"]
@@ -394,7 +396,7 @@ def _batch_texts(raw: bytes) -> list[bytes] | None:
     if len(requests) > current_app.config["MAX_BATCH"]:
         return None
     texts = [bytes(one) for one in requests]
-    if raw.count(b":") != 1 + sum(text.count(b":") for text in texts):
+    if raw.count(b":") != 1 + b"".join(texts).count(b":"):
         return None
     return texts
 

@@ -94,8 +94,7 @@ class LogRecord:
 
     def content(self) -> str:
         """What the hash covers: every field but the hashes, request and response as stored."""
-        values = self.__dict__
-        meta = {name: values[name] for name in _META}  # (in sorted order: canonical without sorting)
+        meta = dict(zip(_META, _META_VALUES(self.__dict__), strict=True))  # (sorted: canonical without sorting)
         try:
             text = orjson.dumps(meta).decode()
         except TypeError:  # an integer beyond 64 bits: canonical's other way, the same form
@@ -122,6 +121,7 @@ class LogRecord:
 
 _NOT_META = frozenset({"request", "response", "prev_hash", "hash"})
 _META = tuple(sorted(name for name in COLUMNS if name not in _NOT_META))  # what content() writes, in order
+_META_VALUES = operator.itemgetter(*_META)
 # A record's row as stored: every column, the request and response as their stored text.
 _STORED_COLUMNS = operator.attrgetter(*(f"{c}_text" if c in ("request", "response") else c for c in COLUMNS))
 
@@ -144,11 +144,13 @@ def record_hash(content: str, prev_hash: str, keys: MacKeyring | None = None) ->
     return hashlib.sha256((prev_hash + content).encode("utf-8")).hexdigest()
 
 
-def hash_problem(record: LogRecord, keys: MacKeyring | None, keyed_before: bool) -> str | None:
+def hash_problem(record: LogRecord, keys: MacKeyring | None, keyed_before: bool,
+                 content: str | None = None) -> str | None:
     # (`keyed_before`: the record before was keyed; a keyed log never goes back to plain hashes)
     """What is wrong with the record's own hash or MAC, or None. A MAC without `keys` is not
-    checked here (the links and the checkpoints still are)."""
-    text = record.prev_hash + record.content()
+    checked here (the links and the checkpoints still are). `content`: record.content(), made
+    already."""
+    text = record.prev_hash + (record.content() if content is None else content)
     if record.hash.startswith(MAC_PREFIX):
         if keys is None:
             return None
@@ -181,7 +183,7 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
     # Made as the dataclass would make it, without its __init__ (a frozen dataclass sets each of
     # its 20 fields through object.__setattr__: a tenth of a batched decision's CPU).
     record = object.__new__(LogRecord)
-    record.__dict__.update({
+    _set_attribute(record, "__dict__", {  # (its own dict, not a copy of one)
         "decision_id": decision_id,
         "logged_at": logged_text or log_time(logged_at or datetime.now(UTC)),
         "outcome": outcome, "status": status, "request": request, "response": response, "duration_us": duration_us,
@@ -196,6 +198,9 @@ def new_record(*, decision_id: str, outcome: str, status: int, request: Any, res
         "seq": 0, "prev_hash": "", "hash": "",
         "request_text": request_text or canonical(request), "response_text": canonical(response)})
     return record
+
+
+_set_attribute = object.__setattr__
 
 
 def log_time(moment: datetime | str) -> str:
@@ -353,7 +358,8 @@ class ChainVerifier:
         if record.prev_hash != self.prev_hash:
             return Breach(record.seq, record.decision_id,
                           "its previous-hash does not match the record before it (removed or inserted)")
-        problem = hash_problem(record, self.keys, record.prev_hash.startswith(MAC_PREFIX))
+        content = record.content()  # (once: its hash, then its leaf)
+        problem = hash_problem(record, self.keys, record.prev_hash.startswith(MAC_PREFIX), content)
         if problem is not None:
             return Breach(record.seq, record.decision_id, problem)
         if record.hash.startswith(MAC_PREFIX):
@@ -364,7 +370,7 @@ class ChainVerifier:
         else:
             self.unkeyed += 1
         if self.frontier is not None:
-            self.frontier.append(record.leaf())
+            self.frontier.append(leaf_hash(content.encode("utf-8")))  # (record.leaf())
         self.seq, self.prev_hash = record.seq, record.hash
         return None
 
@@ -630,12 +636,18 @@ class Store:
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
         """The records chained on after the head (seq, hash) read under the write lock."""
         seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+        mac = self.keys.current.mac if self.keys is not None else None
+        sha256, made = hashlib.sha256, object.__new__
         chained = []
-        for record in records:
+        for record in records:  # each as record.chained(seq, prev, self.keys) makes it, written in place
             seq += 1
-            record = record.chained(seq, prev, self.keys)
-            prev = record.hash
-            chained.append(record)
+            copy = made(type(record))
+            values = copy.__dict__
+            values.update(record.__dict__)
+            values["seq"], values["prev_hash"] = seq, prev
+            text = prev + copy.content()
+            prev = values["hash"] = mac(text) if mac is not None else sha256(text.encode("utf-8")).hexdigest()
+            chained.append(copy)
         return chained
 
     def _insert(self, rows: int = 1) -> str:
@@ -930,6 +942,29 @@ class SQLiteStore(Store):
 
     def _schema(self) -> Sequence[str]:
         return _tables("INTEGER")
+
+    def _stream(self, conn: Any, sql: str, args: tuple[Any, ...]) -> Iterator[Sequence[Any]]:
+        """Rows as they come (`sql` orders them), their text decoded by SQLite's own strict UTF-8
+        reading, in C: the service's watch reads every new record back, and a Python text factory
+        called for each cell took about a third of that reading. A cell that is not UTF-8 stops
+        it: from that row on, the rows are read again with the lenient factory, which keeps such
+        a cell for record_from_row to name."""
+        sqlite = conn.conn  # (the _SQLiteConnection's own)
+        sqlite.text_factory = str
+        done = 0
+        try:
+            for row in sqlite.execute(sql, args):
+                yield row
+                done += 1
+            return
+        except sqlite3.OperationalError as exc:
+            if not str(exc).startswith("Could not decode to UTF-8"):
+                raise
+        finally:
+            sqlite.text_factory = _lenient_text
+        for number, row in enumerate(sqlite.execute(sql, args)):
+            if number >= done:
+                yield row
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path})"

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from functools import partial
 from itertools import product, repeat
@@ -112,6 +112,7 @@ class RequestReader:
         exec(compile(self.source, "<request reader>", "exec"), namespace)  # written from the schema
         self._finish: Callable[[Any, list[str]], int] = namespace["finish"]  # keys, or -1: refused
         self._decode = msgspec.json.Decoder(request_type).decode
+        self._decode_list = msgspec.json.Decoder(list[request_type]).decode  # type: ignore[valid-type]
 
     def __call__(self, raw: bytes) -> dict[str, Any] | None:
         escaped = b"\\" in raw
@@ -142,6 +143,44 @@ class RequestReader:
         # counts the keys of the text, and the keys decoded are as many: none twice, none unknown.
         tight = raw.count(b'":')
         return value if tight == keys and raw.count(b":") == tight + timestamp_colons else None
+
+    def read_all(self, texts: Sequence[bytes]) -> list[dict[str, Any]] | None:
+        """The requests of these texts (a batch's), where the reader vouches for every one of them,
+        in one pass over them all: what __call__ gives for each, or None (then ask __call__ for each).
+        msgspec reads them as one list in C; the finishing function runs on each value as it would
+        alone; their timestamps are matched in one look, their colons counted once over all the
+        texts. The sums prove what each text's counts do: in each text every colon is a key's
+        written '":' or a timestamp's or another, and no key is decoded that was not written, so
+        each text has at least its keys' '":' and its timestamps' colons; the totals equal only
+        where every text's do."""
+        if not texts:
+            return []
+        joined = b",".join(texts)
+        if b"\\" in joined:  # escapes: each text is proven apart (__call__)
+            return None
+        try:
+            values: list[dict[str, Any]] = self._decode_list(b"[" + joined + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            return None
+        if len(values) != len(texts):  # (a text that was more than one value)
+            return None
+        timestamps: list[str] = []
+        keys = 0
+        finish = self._finish
+        for value in values:
+            counted = finish(value, timestamps)
+            if counted < 0:
+                return None
+            keys += counted
+        timestamp_colons = 0
+        if timestamps:
+            timestamps.append("")
+            written = "\n".join(timestamps)
+            if _TIMESTAMPS.fullmatch(written) is None or written.count("\n") != len(timestamps) - 1:
+                return None
+            timestamp_colons = written.count(":")
+        tight = joined.count(b'":')
+        return values if tight == keys and joined.count(b":") == tight + timestamp_colons else None
 
     # --- the types, from the schema --------------------------------------------------------
 
@@ -269,7 +308,9 @@ class RequestReader:
                             f"{pad}    {o}[{field!r}] = {x}"]
                     continue
                 out.append(f"{pad}{x} = {o}.get({field!r})")
-                out.append(f"{pad}if {x} is not None:")
+                # (a list: an empty one holds no key and no timestamp, and is passed over at once)
+                listed = plan == TIMESTAMPS or not (plan == TIMESTAMP or plan[0] == "object")
+                out.append(f"{pad}if {x}:" if listed else f"{pad}if {x} is not None:")
                 if plan == TIMESTAMP:
                     out.append(f"{pad}    add({x})")
                 elif plan == TIMESTAMPS:

@@ -166,6 +166,34 @@ def test_escapes_in_strings(name: str) -> None:
     assert_alike(text.encode())
 
 
+def test_a_batch_read_at_once_is_its_requests_read_one_by_one() -> None:
+    """RequestChecker.vouch_all (a batch's requests in one pass, engine/reader.py read_all) vouches
+    for a group of texts exactly where vouch() vouches for each (escapes aside: then each is read
+    alone), with the same values; a text whose colons are one short (a key written before a space)
+    beside one a colon over (a key twice) is not let through by their sum."""
+    checker = default_checker()
+    compact = written(WHOLE, "compact")
+    spaced_key = compact.replace('"shop":{', '"shop" :{', 1)
+    key_twice = compact.replace('"shop":{', '"shop":{"id":"x",', 1)
+    unknown = compact[:-1] + ',"unknown":1}'
+    texts = [written(request, style) for request in generate_requests(150, seed=3, broken=0.2)
+             for style in ("compact", "spaced")]
+    groups = [[compact] * 5, [spaced_key, key_twice], [key_twice, spaced_key, compact], [unknown, compact],
+              [compact, compact.replace('"at":"2025-07-01T00:00:00Z"', '"at":"2025-02-29T00:00:00Z"')],
+              [written(WHOLE, "ascii"), compact], [], *(texts[n:n + 7] for n in range(0, len(texts), 7))]
+    vouched_whole = 0
+    for group in groups:
+        data = [text.encode() for text in group]
+        alone = [checker.vouch(text) for text in data]
+        together = checker.vouch_all(data)
+        if together is not None:
+            assert repr(together) == repr(alone), group
+            vouched_whole += bool(group)
+        else:
+            assert None in alone or any(b"\\" in text for text in data), group
+    assert vouched_whole >= 3
+
+
 def test_escaped_chinese_names_are_read_in_one_pass() -> None:
     text = written(WHOLE, "ascii")
     assert "\\u8336" in text
