@@ -355,3 +355,21 @@ def test_chunks_name_every_line_as_read() -> None:
         assert got == expected
     following = [NamedLines("c", [(n, b"x") for n in range(3, 9)]), NamedLines("c", [(n, b"x") for n in range(9, 13)])]
     assert [where for where, _ in _chunks(following, 4)] == [("c:", 3), ("c:", 7), ("c:", 11)]
+
+
+def test_the_checker_schema_is_checked_by_jsonschema_rs_as_by_jsonschema() -> None:
+    """RequestChecker no longer runs jsonschema's check_schema (about 50 ms a process): jsonschema-rs
+    checks the schema against the same meta-schema when it builds its validator, and accepts and
+    refuses as check_schema does, the shipped schema and one with a bound that breaks it."""
+    import jsonschema
+    import jsonschema_rs
+
+    from engine.request import bounded_schema
+
+    for max_items in (1, 1000):
+        jsonschema.Draft202012Validator.check_schema(bounded_schema(max_items))
+        jsonschema_rs.validator_for(bounded_schema(max_items), validate_formats=True)
+    with pytest.raises(jsonschema.SchemaError):
+        jsonschema.Draft202012Validator.check_schema(bounded_schema(-1))
+    with pytest.raises(jsonschema_rs.ValidationError):
+        jsonschema_rs.validator_for(bounded_schema(-1), validate_formats=True)
