@@ -1038,7 +1038,8 @@ class PostgresStore(Store):
     def _begin_exclusive(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
 
-    SMALL_GROUP = 4  # records: up to this many go with their COMMIT in one message (see _append)
+    _insert_head = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES "
+    SMALL_GROUP = 32  # records: up to this many go with their COMMIT in one message (see _append)
     _copy = f"COPY decisions ({', '.join(COLUMNS)}) FROM STDIN"
 
     def _lead(self) -> None:
@@ -1082,18 +1083,18 @@ class PostgresStore(Store):
         return head
 
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
-        """As Store._append, in two round trips to the server instead of five for a small group
-        (each costs the service about 100 µs of CPU): BEGIN, the lock and the read of the head go
-        as one message of three statements, the rows and COMMIT as another, bound on this side
-        (the server binds parameters only for a single statement). Binding here costs about 1.5 µs
-        a record more than the server's: a larger group (a batch's) sends its rows by COPY, then
-        COMMIT (COPY writes each row in psycopg's C code: in process, 35-53 µs of CPU a record
-        of a batch of 100, made, chained and sent, against 58-84 by executemany and 170-190 by one
-        INSERT of 100 rows). The head is still read by a statement of
-        its own once the lock is held (a statement sees what was committed when it started: read
-        within the lock's, a head committed while it waited for the lock would be missed)."""
-        import psycopg
-
+        """As Store._append, in two round trips to the server for a group of up to SMALL_GROUP
+        records (each round trip costs the service about 100 µs of CPU, and those made under
+        the lock lengthen every other writer's wait): BEGIN, the lock and the read of the head go
+        as one message of three statements (_lock_and_head, sent by _lead before it takes its
+        group), the rows and COMMIT as another, the rows written as literals here (_values: the
+        server binds parameters only for a single statement; psycopg's client-side binding parsed
+        the query's 18 placeholders a row again for every group, 15-25 µs a record). A larger
+        group (a batch's) sends its rows by COPY, then COMMIT (COPY writes each row in psycopg's
+        C code: in process 22 µs of CPU a record of a group of 100, chained and sent, against 27
+        as literals, but two more round trips). The head is still read by a statement of its own
+        once the lock is held (a statement sees what was committed when it started: read within
+        the lock's, a head committed while it waited for the lock would be missed)."""
         held, self._held = self._held, None
         head = held[0] if held is not None else self._lock_and_head(conn)
         try:
@@ -1104,9 +1105,8 @@ class PostgresStore(Store):
                     for row in rows:
                         copy.write_row(row)
                 conn.execute("COMMIT")
-            else:
-                psycopg.ClientCursor(conn).execute(f"{self._insert(len(rows))}; COMMIT",
-                                                   [value for row in rows for value in row])
+            else:  # (no parameters: psycopg sends the text as is, by the simple protocol)
+                conn.execute(self._insert_head + ", ".join(map(_values, rows)) + "; COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
@@ -1134,6 +1134,25 @@ class PostgresStore(Store):
 
     def __repr__(self) -> str:
         return "PostgresStore(" + self.url.split("@")[-1].split("?")[0] + ")"
+
+
+def _literal(value: Any) -> str:
+    """A stored cell as an SQL literal: NULL, an integer, or an escape string (E'...': its
+    backslashes and quotes doubled, read the same whatever standard_conforming_strings says;
+    no UTF-8 sequence holds either byte but as that character)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        if "\0" in value:
+            raise ValueError("PostgreSQL text cannot hold the NUL character")
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"a stored cell cannot be {type(value).__name__}")
+
+
+def _values(row: Sequence[Any]) -> str:
+    return "(" + ", ".join(map(_literal, row)) + ")"
 
 
 SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")

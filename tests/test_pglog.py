@@ -3,6 +3,7 @@ several writers (the service's processes, replicas) on one chain."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -10,7 +11,7 @@ import uuid
 import psycopg
 import pytest
 
-from engine.decisionlog import LogRecord, PostgresStore, Store, new_record, open_store
+from engine.decisionlog import LogError, LogRecord, PostgresStore, Store, new_record, open_store
 from engine.logkeys import MacKey, MacKeyring
 
 from .postgres import fresh_schema
@@ -79,3 +80,37 @@ def test_two_writers_on_one_chain_keep_it_whole(schema_url: str) -> None:
     assert len({r.decision_id for r in stores[1].query()}) == expected
     for store in stores:
         store.close()
+
+
+ODD_TEXT = "it's a \\ back\\\\slash, %s and %% and %(x)s, $$ dollars $$, E'x', \n\t newline, é 中文 🙂, ''"
+
+
+@pytest.mark.parametrize("conforming", ["on", "off"])
+def test_rows_written_as_literals_are_stored_as_they_are(schema_url: str, conforming: str) -> None:
+    # Up to SMALL_GROUP records are written into the INSERT's text: every character comes back
+    # as it went, whether the server reads backslashes in plain strings or not.
+    url = schema_url.replace("options=", f"options=-cstandard_conforming_strings%3D{conforming}%20")
+    store = open_store(url)
+    assert isinstance(store, PostgresStore)
+    body = json.dumps({"text": ODD_TEXT, ODD_TEXT: [1, None]}, ensure_ascii=False, indent=1)  # as sent
+    odd = new_record(decision_id="odd'id\\", outcome="decided", status=200, request=json.loads(body),
+                     response={"r": ODD_TEXT}, duration_us=2**40, request_text=body)
+    written = store.write_many([odd, record("plain")])
+    assert len(written) <= store.SMALL_GROUP
+    stored = store.get("odd'id\\")
+    assert stored is not None and stored.request == json.loads(body) and stored.response == {"r": ODD_TEXT}
+    assert stored.request_text == body and stored.duration_us == 2**40 and stored.hash == written[0].hash
+    assert store.verify() is None
+    store.close()
+
+
+def test_a_cell_postgresql_cannot_hold_fails_its_caller_alone(schema_url: str) -> None:
+    store = open_store(schema_url)
+    store.write(record("before"))
+    bad = new_record(decision_id="nul", outcome="rejected", status=400, request="a\0b", response={},
+                     duration_us=1, request_text="a\0b")
+    with pytest.raises(LogError, match="NUL"):
+        store.write(bad)
+    store.write(record("after"))
+    assert [r.decision_id for r in store.query()] == ["before", "after"] and store.verify() is None
+    store.close()
