@@ -3,8 +3,8 @@
 `bindpolicy serve`'s protocol (api/server.py) accepts connections and reads request lines,
 headers and bodies on the event loop, with a size cap, deadlines and the byte limit however the
 body is framed (Content-Length or chunked); only a complete request is handed to a thread of
-the pool that runs the Flask app (`BufferedFront.serve`), which writes the whole answer and
-hands it back to the loop with one wake-up. A slow client costs a little memory on the loop,
+the pool that runs the Flask app (`BufferedFront.serve`), which makes the whole answer's bytes
+and hands them to the protocol in that thread. A slow client costs a little memory on the loop,
 not a thread: sixty-four clients that send one byte a minute hold no thread that others need.
 The same front is an ASGI app too (its lifespan runs under uvicorn; any ASGI server can serve
 it, through the same pool).
@@ -185,10 +185,10 @@ class BufferedFront:
         self.max_body = max_body
         self.pool = Pool(threads)
 
-    def serve(self, request: Request, loop: asyncio.AbstractEventLoop, answered: Callable[[Answer], None]) -> None:
+    def serve(self, request: Request, answered: Callable[[Answer], None]) -> None:
         """From the loop: run the app on `request` in a pool thread, which makes the answer's bytes and
-        calls `answered` with them on the loop (one wake-up)."""
-        self.pool.submit(lambda: loop.call_soon_threadsafe(answered, self._answer(request)))
+        hands them to `answered`, in that thread (the protocol writes them from there, or wakes the loop)."""
+        self.pool.submit(lambda: answered(self._answer(request)))
 
     def _answer(self, request: Request) -> Answer:
         try:

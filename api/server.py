@@ -4,10 +4,21 @@ uvicorn runs the workers (`api/supervisor.py`: its supervisor, its server loop, 
 graceful stop), but each connection is this protocol, not uvicorn's: the request is parsed by
 httptools (llhttp, in C) on the event loop, its body gathered there with the byte limit however
 it is framed, and only a complete request goes to a thread of the front's pool (api/front.py),
-which runs the Flask app, writes the whole answer's bytes and hands them back with one wake-up
-of the loop. uvicorn's own protocol built an ASGI scope, ran a task and a coroutine per request
-(the front's), and carried the answer through two `send` messages: about a fifth of a logged
-decision's CPU on the loop's thread (README, "The service"). No slow client holds a thread.
+which runs the Flask app and makes the whole answer's bytes. uvicorn's own protocol built an
+ASGI scope, ran a task and a coroutine per request (the front's), and carried the answer through
+two `send` messages. No slow client holds a thread.
+
+The pool thread writes the answer itself, on its own duplicate of the connection's socket
+(`os.write` lets other threads run during the system call; uvloop's `transport.write` held the
+interpreter's lock through it, 17% of a worker's GIL time in py-spy's profile), when it may:
+the connection is kept alive, nothing is waiting behind the answer, and the transport's buffer
+is empty. Otherwise (pipelined requests, a close, a partial write) it hands the answer to the
+loop, as before. While a request is in the pool, the loop writes nothing on its connection, so
+the two never interleave; a lock per connection orders who answers next.
+
+The deadlines need no timer per request either: one timer per connection, moved on only when it
+fires, checks whichever deadline the connection is under (its head, its body, its keep-alive);
+a request that begins or a head that ends pulls it earlier when its own deadline is sooner.
 
 What it keeps, so that every answer the service gives is JSON:
 
@@ -17,9 +28,7 @@ What it keeps, so that every answer the service gives is JSON:
   read no further;
 - a request line and headers not in within BINDPOLICY_HEADER_TIMEOUT seconds (a connection
   that sends nothing counts too) are a JSON 408;
-- a body not in within BINDPOLICY_BODY_TIMEOUT seconds of its headers is a JSON 408 too. One
-  timer per request keeps both deadlines: armed as the request begins, moved on only if the
-  body is still coming when it fires, ended when the request is in.
+- a body not in within BINDPOLICY_BODY_TIMEOUT seconds of its headers is a JSON 408 too.
 
 Each of these closes the connection (the stream cannot be trusted past them), once the requests
 before it on the connection are answered. Keep-alive (closed after 5 idle seconds), pipelined
@@ -31,7 +40,10 @@ its answers are written) are kept as uvicorn's protocol had them.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -43,6 +55,7 @@ MAX_HEADER_BYTES = int(os.environ.get("BINDPOLICY_MAX_HEADER_BYTES", str(32 * 10
 HEADER_TIMEOUT = float(os.environ.get("BINDPOLICY_HEADER_TIMEOUT", "10"))
 BODY_TIMEOUT = float(os.environ.get("BINDPOLICY_BODY_TIMEOUT", "10"))
 PIPELINE_DEPTH = 16  # complete requests queued on one connection before it is read no further
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -82,16 +95,22 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.server: tuple[str, int] = ("127.0.0.1", 80)
         self.client: tuple[str, int] = ("", 0)
-        # the connection
+        # the connection; what the pool's thread reads or writes is under the lock
+        self.lock = threading.Lock()
+        self.fd = -1  # the pool's own duplicate of the socket (-1: answers go through the loop)
+        self.lost = False
         self.waiting: deque[Request | bytes] = deque()  # complete requests (or a last refusal) not yet started
         self.busy = False  # a request of this connection is in the pool
         self.closing = False  # close once what is waiting is answered (a stop, a refusal, Connection: close)
+        self.expect_continue = False  # a request being read waits for "100 Continue" behind an answer
+        self.idle_since = time.monotonic()  # the last answer's time
         self.refused = False  # the parser is fed no more
-        self.paused: set[str] = set()  # why reading is paused: "pipeline", "writing"
-        self.idle_timer: asyncio.TimerHandle | None = None  # keep-alive, between requests
-        self.head_timer: asyncio.TimerHandle | None = None  # the head's deadline, then the body's
+        self.paused: set[str] = set()  # why reading is paused: "pipeline", "writing", "refused"
+        self.timer: asyncio.TimerHandle | None = None  # the connection's one timer (see _check_time)
+        self.timer_at = math.inf
         # the request being parsed
         self.in_head = True
+        self.head_started = 0.0
         self.head_bytes = 0
         self.body_due: float | None = None
         self.url = b""
@@ -99,7 +118,6 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.request: Request | None = None  # once its head is in
-        self.expect_continue = False
 
     # --- the connection --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,26 +128,35 @@ class JsonHttpProtocol(asyncio.Protocol):
             self.server = (str(server[0]), int(server[1]))
         if isinstance(client, tuple):
             self.client = (str(client[0]), int(client[1]))
-        self._arm_head_timer()  # a connection that sends nothing is timed out too
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self.fd = os.dup(sock.fileno())
+        self.head_started = time.monotonic()  # a connection that sends nothing is timed out too
+        self._arm(self.head_started + HEADER_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        self._disarm(idle=True)
-        self._disarm_head_timer()
-        self.waiting.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.closing = self.refused = True
+        with self.lock:
+            self.lost = True
+            self.waiting.clear()
+            if not self.busy:
+                self._close_fd()
 
     def eof_received(self) -> bool:
         # The client will send no more; what it sent is still answered, then the connection closes.
-        self.closing = True
-        if not self.busy and not self.waiting:
-            self.transport.close()
+        self.shutdown()
         return True
 
     def shutdown(self) -> None:
         """uvicorn's graceful stop: close now if idle, else once the answers under way are written."""
         self.closing = True
-        if not self.busy and not self.waiting:
+        with self.lock:
+            idle = not self.busy and not self.waiting
+        if idle:
             self.transport.close()
 
     def pause_writing(self) -> None:
@@ -141,7 +168,6 @@ class JsonHttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        self._disarm(idle=True)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -158,9 +184,9 @@ class JsonHttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head, self.body_due, self.request = True, None, None
         self.url, self.headers, self.body, self.body_size = b"", [], [], 0
-        self.expect_continue = False
-        if self.head_timer is None:
-            self._arm_head_timer()
+        self.head_started = time.monotonic()
+        if self.head_started + HEADER_TIMEOUT < self.timer_at:
+            self._arm(self.head_started + HEADER_TIMEOUT)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -171,10 +197,10 @@ class JsonHttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.refused:  # (the rest of a read that held a refused request)
             return
-        # The timer runs on: the body is due BODY_TIMEOUT seconds from now (on_message_complete
-        # ends it; if it fires first, _head_timed_out moves it to the body's deadline).
         self.in_head, self.head_bytes = False, 0
-        self.body_due = self.loop.time() + BODY_TIMEOUT
+        self.body_due = time.monotonic() + BODY_TIMEOUT
+        if self.body_due < self.timer_at:
+            self._arm(self.body_due)
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > MAX_HEADER_BYTES:
             self._too_large()
@@ -193,10 +219,11 @@ class JsonHttpProtocol(asyncio.Protocol):
             default_headers=self.server_state.default_headers)
         for name, value in self.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                self.expect_continue = True
-        if self.expect_continue and not self.busy and not self.waiting:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.expect_continue = False
+                with self.lock:
+                    if self.busy or self.waiting:  # written once the answers before it are
+                        self.expect_continue = True
+                        return
+                self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         request = self.request
@@ -210,7 +237,6 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        self._disarm_head_timer()
         self.body_due = None
         request, self.request = self.request, None
         if request is None or request.over or self.refused:
@@ -221,54 +247,84 @@ class JsonHttpProtocol(asyncio.Protocol):
 
     # --- requests in, answers out --------------------------------------------------------------
     def _dispatch(self, request: Request) -> None:
-        if self.busy or self.waiting:  # pipelined: answered in order
-            self.waiting.append(request)
-            if len(self.waiting) >= PIPELINE_DEPTH:
-                self._pause("pipeline")
-            return
-        self._start(request)
+        with self.lock:
+            if self.busy or self.waiting:  # pipelined: answered in order
+                self.waiting.append(request)
+                if len(self.waiting) >= PIPELINE_DEPTH:
+                    self._pause("pipeline")
+                return
+            self.busy = True
+        self.front.serve(request, self._answer_from_pool)
 
-    def _start(self, request: Request) -> None:
-        self.busy = True
-        self.front.serve(request, self.loop, self._answered)
+    def _answer_from_pool(self, answer: Answer) -> None:
+        """In the pool's thread: write the answer on the socket when nothing else may (see the
+        module's docstring); else hand it to the loop."""
+        data, keep_alive = answer
+        with self.lock:
+            if self.lost:
+                self.busy = False
+                self._close_fd()
+                return
+            if (keep_alive and self.fd >= 0 and not self.waiting and not self.closing and not self.expect_continue
+                    and not self.transport.get_write_buffer_size()):
+                try:
+                    sent = os.write(self.fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # (the connection broke: the loop hears of it and closes)
+                    self.busy = False
+                    return
+                if sent == len(data):
+                    self.busy = False
+                    self.idle_since = time.monotonic()
+                    self.server_state.total_requests += 1
+                    return
+                data = data[sent:]
+        self.loop.call_soon_threadsafe(self._answered, data, keep_alive)
 
-    def _answered(self, answer: Answer) -> None:
-        """On the loop, from the pool: write the answer, then the next request's turn."""
-        self.busy = False
+    def _answered(self, data: bytes, keep_alive: bool) -> None:
+        """On the loop: write (the rest of) an answer, then the next request's turn."""
         self.server_state.total_requests += 1
         if self.transport.is_closing():
+            with self.lock:
+                self.busy = False
+                if self.lost:
+                    self._close_fd()
             return
-        data, keep_alive = answer
         self.transport.write(data)
-        if not keep_alive or (self.closing and not self.waiting):
+        if not keep_alive:
+            self.closing = True
+        with self.lock:
+            following = self.waiting.popleft() if self.waiting and not (self.closing and not keep_alive) else None
+            if following is None:
+                self.busy, self.idle_since = False, time.monotonic()
+                if self.closing:
+                    self.transport.close()
+                    return
+            if self.expect_continue:  # the request being read waited behind this answer
+                self.transport.write(CONTINUE)
+                self.expect_continue = False
+        if following is None:
+            return
+        self._resume("pipeline")
+        if isinstance(following, bytes):  # a refusal after the requests before it
+            self.transport.write(following)
             self.transport.close()
             return
-        if self.expect_continue:  # the request being read waited behind this answer
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.expect_continue = False
-        if self.waiting:
-            self._resume("pipeline")
-            following = self.waiting.popleft()
-            if isinstance(following, bytes):  # a refusal after the requests before it
-                self.transport.write(following)
-                self.transport.close()
-                return
-            self._start(following)
-        elif self.head_timer is None:  # nothing coming in either: idle until the keep-alive ends
-            self.idle_timer = self.loop.call_later(self.keep_alive_timeout, self._idle_too_long)
+        self.front.serve(following, self._answer_from_pool)
 
     def refuse(self, status: int, code: str, message: str) -> None:
         """Answer the error in JSON and close, once the requests before it are answered."""
-        self._disarm_head_timer()
         self.refused = self.closing = True
         self.request = None
         if self.transport.is_closing():
             return
         self._pause("refused")
         answer = json_error_response(status, code, message)
-        if self.busy or self.waiting:
-            self.waiting.append(answer)
-            return
+        with self.lock:
+            if self.busy or self.waiting:
+                self.waiting.append(answer)
+                return
         self.transport.write(answer)
         self.transport.close()
 
@@ -276,7 +332,13 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.refuse(431, "header_too_large",
                     f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes")
 
-    # --- timers and flow -----------------------------------------------------------------------
+    def _close_fd(self) -> None:
+        """(Under the lock.) The pool's duplicate closed: the socket closes with the transport's."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- the timer and flow ---------------------------------------------------------------------
     def _pause(self, reason: str) -> None:
         if not self.paused and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -288,42 +350,40 @@ class JsonHttpProtocol(asyncio.Protocol):
             if not self.paused and not self.transport.is_closing():
                 self.transport.resume_reading()
 
-    def _idle_too_long(self) -> None:
-        self.idle_timer = None
-        if not self.busy and not self.waiting:
+    def _arm(self, at: float) -> None:
+        """The timer set to fire at `at` (time.monotonic()), at the latest one keep-alive from now."""
+        if self.timer is not None:
+            self.timer.cancel()
+        now = time.monotonic()
+        self.timer_at = min(at, now + self.keep_alive_timeout)
+        self.timer = self.loop.call_later(max(0.0, self.timer_at - now), self._check_time)
+
+    def _check_time(self) -> None:
+        """The deadline the connection is under, checked: a head or body too slow is refused (408),
+        an idle connection past its keep-alive closed; else the timer is set for the next one."""
+        self.timer, self.timer_at = None, math.inf
+        if self.transport.is_closing():
+            return
+        now = time.monotonic()
+        with self.lock:
+            answering, idle_since = self.busy or bool(self.waiting), self.idle_since
+        if self.body_due is not None:  # a body coming (a request past the limit is answered already)
+            if now < self.body_due:
+                self._arm(self.body_due)
+            elif self.request is not None and self.request.over:
+                self.refused = True
+                self.shutdown()
+            else:
+                self.refuse(408, "request_timeout", f"the body did not arrive within {BODY_TIMEOUT:g} seconds")
+        elif answering:  # (its own time does not count against a request being read behind it)
+            self._arm(now + self.keep_alive_timeout)
+        elif self.in_head:
+            if now < self.head_started + HEADER_TIMEOUT:
+                self._arm(self.head_started + HEADER_TIMEOUT)
+            else:
+                self.refuse(408, "request_timeout",
+                            f"the request line and headers did not arrive within {HEADER_TIMEOUT:g} seconds")
+        elif now < idle_since + self.keep_alive_timeout:
+            self._arm(idle_since + self.keep_alive_timeout)
+        else:  # kept alive, and idle for too long
             self.transport.close()
-
-    def _disarm(self, *, idle: bool) -> None:
-        if idle and self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-
-    def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self.head_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self.head_timer = None
-        if self.in_head:
-            if self.busy or self.waiting:  # (a request is being answered: its own time does not count)
-                self._arm_head_timer()
-                return
-            self.refuse(408, "request_timeout",
-                        f"the request line and headers did not arrive within {HEADER_TIMEOUT:g} seconds")
-            return
-        if self.body_due is None:  # (the request is in)
-            return
-        left = self.body_due - self.loop.time()
-        if left > 0:  # the head came in time: the body has until its own deadline
-            self.head_timer = self.loop.call_later(left, self._head_timed_out)
-        elif self.request is not None and self.request.over:  # answered 413 already: only close
-            self.refused = self.closing = True
-            if not self.busy and not self.waiting:
-                self.transport.close()
-        else:
-            self.refuse(408, "request_timeout", f"the body did not arrive within {BODY_TIMEOUT:g} seconds")

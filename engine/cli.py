@@ -797,9 +797,9 @@ OUT_BLOCK = 64 * 1024
 def _serve(args: argparse.Namespace) -> int:
     """Check the policies, then become the supervisor of uvicorn workers (exec: signals reach it directly).
 
-    uvicorn's httptools protocol (api/server.py: a cap and a deadline on each request's head,
-    its own errors in JSON) and the ASGI front of api/front.py read each request on the event
-    loop: no Python thread waits on a slow client.
+    api/server.py's protocol (httptools on the event loop: a cap and a deadline on each request's
+    head and body, its own errors in JSON) reads each request whole, then hands it straight to
+    the pool of api/front.py that runs the Flask app: no Python thread waits on a slow client.
     """
     data = Path(args.data)
     try:
