@@ -875,6 +875,7 @@ class SQLiteStore(Store):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.synchronous = synchronous
+        self._held = False  # the leader holds the write lock, taken before its group (see _lead)
         self._read_uri = ""
         if self.read_only:
             if not self.path.is_file():
@@ -932,7 +933,36 @@ class SQLiteStore(Store):
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         super().init()
 
+    def _lead(self) -> None:
+        """The write lock first, then the group (as PostgresStore._lead): the leader takes the
+        file lock and SQLite's (waiting while the other worker commits), and only then takes the
+        callers queued, so that those who came while it waited commit with it, in one
+        transaction, instead of waiting for the next (one more lock handed between the
+        processes, one more wake-up). If the lock cannot be taken here, _append takes it as
+        before and says what went wrong."""
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            self._begin_exclusive(self._conn)
+            self._held = True
+        except Exception:
+            if self._conn is not None:
+                self._close_quietly(self._conn)
+            self._conn = None
+        try:
+            super()._lead()
+        finally:
+            if self._held:  # (not used: nothing was appended; give the lock back)
+                self._held = False
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.rollback()
+                self._end_exclusive()
+
     def _begin_exclusive(self, conn: Any) -> None:
+        if self._held and conn is self._conn:  # begun by _lead for this leader's first append
+            self._held = False
+            return
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         try:
             conn.execute("BEGIN IMMEDIATE")
