@@ -354,6 +354,10 @@ def test_a_crashed_worker_is_replaced_and_a_graceful_stop_answers_what_is_in_fli
         # The replacement serves the dead worker's socket: the same two sockets, one each.
         after = wait_for(lambda: listening_sockets(server), lambda held: len(held) == 2)
         assert sorted(map(sorted, after.values())) == sorted(map(sorted, sockets.values())), (sockets, after)
+        # The replacement holds its socket from its start, and loads for seconds on a loaded machine:
+        # the clients (5 s timeouts) begin once it has built its app (each worker warns once that
+        # the log is unkeyed), not while connections wait on a socket that nobody accepts from yet.
+        wait_for(lambda: server.output.read_text().count('"event":"log_unkeyed"'), lambda built: built >= 3, 60)
         clients = Clients(server.url, 4)
         wait_for(lambda: len(clients.answered), lambda count: count >= 40)
         # A graceful stop with requests in flight: each of them is answered and logged (or refused
