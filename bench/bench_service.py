@@ -1,8 +1,9 @@
 """The service under load, against a reference measured in the same run on the same machine.
 
 Reference: a minimal Flask "hello" app (bench/hello.py) on gunicorn, 3 gthread workers x 4
-threads. Against it, `bindpolicy serve` as `make run` starts it (uvicorn on uvloop + httptools, the
-buffering front, Flask; every decision committed to the log before it is answered), with the
+threads. Against it, `bindpolicy serve` as `make run` starts it (uvicorn's workers on uvloop,
+api/server.py's httptools protocol handing each request to the front's pool, Flask; every
+decision committed to the log before it is answered), with the
 log on SQLite (WAL) and on PostgreSQL (a fresh server with fsync ON, as production runs it).
 
 Measured, with `hey` (Debian package; `make bench-service` installs it) on loopback, bounded
