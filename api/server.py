@@ -130,7 +130,10 @@ class JsonHttpProtocol(asyncio.Protocol):
             self.client = (str(client[0]), int(client[1]))
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
-            self.fd = os.dup(sock.fileno())
+            try:
+                self.fd = os.dup(sock.fileno())
+            except OSError:  # (out of descriptors: this connection's answers go through the loop)
+                self.fd = -1
         self.head_started = time.monotonic()  # a connection that sends nothing is timed out too
         self._arm(self.head_started + HEADER_TIMEOUT)
 
