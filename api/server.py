@@ -112,6 +112,7 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.in_head = True
         self.head_started = 0.0
         self.head_bytes = 0
+        self.head_began = False  # the head being read began within the read being parsed
         self.body_due: float | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -171,21 +172,32 @@ class JsonHttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
+        self.head_began = False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # no protocol upgrade is offered: the request is answered as plain HTTP
+        except httptools.HttpParserUpgrade as upgrade:
+            # No protocol upgrade is offered: the request was answered as plain HTTP, and what
+            # follows it is read as HTTP by a new parser (httptools' would read no more of it).
+            self.parser = httptools.HttpRequestParser(self)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+            rest = data[upgrade.args[0]:] if upgrade.args else b""
+            if rest and not self.refused:
+                self.data_received(rest)
+            return
         except httptools.HttpParserError as exc:
             self.refuse(400, "bad_request", f"the HTTP request cannot be parsed: {exc}")
             return
         if self.in_head and not self.refused:  # counted once parsed: the parser says where a head starts
-            self.head_bytes += len(data)
+            if self.head_began:  # (within this read, after the requests before it: only what is parsed of it)
+                self.head_bytes = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            else:
+                self.head_bytes += len(data)
             if self.head_bytes > MAX_HEADER_BYTES:
                 self._too_large()
 
     # --- the parser's callbacks ----------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.in_head, self.body_due, self.request = True, None, None
+        self.in_head, self.head_began, self.body_due, self.request = True, True, None, None
         self.url, self.headers, self.body, self.body_size = b"", [], [], 0
         self.head_started = time.monotonic()
         if self.head_started + HEADER_TIMEOUT < self.timer_at:
@@ -209,6 +221,12 @@ class JsonHttpProtocol(asyncio.Protocol):
             self._too_large()
             return
         parser = self.parser
+        if parser.should_upgrade() and any(name.lower() == b"transfer-encoding" or (
+                name.lower() == b"content-length" and value.strip() != b"0") for name, value in self.headers):
+            # (httptools skips the body of a request that asks to upgrade: it cannot be read)
+            self.refuse(400, "bad_request", "the HTTP request cannot be parsed: a body with Upgrade "
+                        "(no protocol upgrade is offered: send the request without Upgrade)")
+            return
         version = parser.get_http_version()
         try:
             url = httptools.parse_url(self.url)
@@ -311,6 +329,8 @@ class JsonHttpProtocol(asyncio.Protocol):
             return
         self._resume("pipeline")
         if isinstance(following, bytes):  # a refusal after the requests before it
+            with self.lock:
+                self.busy = False  # (so that connection_lost closes the pool's duplicate: else no FIN)
             self.transport.write(following)
             self.transport.close()
             return

@@ -245,3 +245,43 @@ def test_expect_100_continue_head_and_http_1_0(shared: Server) -> None:
     old = read_until_closed(shared, b"GET /healthz HTTP/1.0\r\n\r\n")  # answered, then closed
     assert old.startswith(b"HTTP/1.1 200 OK\r\n") and old.endswith(b'{"status":"ok"}'), old
     assert b"connection: close\r\n" in old.lower()
+
+
+def test_a_head_that_begins_late_in_a_read_is_not_counted_whole(shared: Server) -> None:
+    """A read holding many pipelined requests and the start of one more: only that last head's own
+    bytes count against the cap (8 KiB here), not the whole read's (which made it a 431)."""
+    host, port = shared.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 400 + b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        sock.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200] * 401, (len(statuses), answer[-300:])
+
+
+def test_a_refusal_behind_an_answer_closes_the_connection(shared: Server) -> None:
+    """A request the parser refuses, pipelined behind one in the pool: both answered, then the
+    connection closes (the pool's duplicate of the socket held it open, and leaked, before)."""
+    body = json.dumps(bind_request()).encode()
+    answer = read_until_closed(shared, b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: %d\r\n\r\n%sGARBAGE\r\n\r\n" % (len(body), body))
+    assert [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)] == [200, 400], answer[-300:]
+    assert answer.endswith(b"}") and b'"code":"bad_request"' in answer.rpartition(b"\r\n\r\n")[2]
+
+
+def test_a_request_asking_to_upgrade_is_answered_as_http_and_the_connection_read_on(shared: Server) -> None:
+    """curl --http2 on http:// asks for h2c: no upgrade is offered, the request is answered as
+    HTTP/1.1 and what follows it on the connection is read too (httptools stopped reading, before);
+    a body sent with Upgrade (which httptools skips) is a 400 saying so, not an empty body decided."""
+    upgrade = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+               b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    answer = read_until_closed(shared, upgrade + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)] == [200, 200], answer[-300:]
+    body = json.dumps(bind_request()).encode()
+    status, _, refusal = raw_http(shared, b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                          b"application/json\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert status == 400 and "Upgrade" in json.loads(refusal)["error"]["message"], refusal
