@@ -151,7 +151,9 @@ class JsonHttpProtocol(asyncio.Protocol):
                 self._close_fd()
 
     def eof_received(self) -> bool:
-        # The client will send no more; what it sent is still answered, then the connection closes.
+        # The client will send no more; what it sent is still answered, then the connection closes
+        # (a request whose body is not all in is not waited for: the rest will never come).
+        self.request = None
         self.shutdown()
         return True
 
@@ -160,7 +162,7 @@ class JsonHttpProtocol(asyncio.Protocol):
         self.closing = True
         with self.lock:
             idle = not self.busy and not self.waiting
-        if idle:
+        if idle and self.request is None:  # (a request whose head is in is read, and answered, first)
             self.transport.close()
 
     def pause_writing(self) -> None:
@@ -394,7 +396,7 @@ class JsonHttpProtocol(asyncio.Protocol):
             if now < self.body_due:
                 self._arm(self.body_due)
             elif self.request is not None and self.request.over:
-                self.refused = True
+                self.refused, self.request = True, None
                 self.shutdown()
             else:
                 self.refuse(408, "request_timeout", f"the body did not arrive within {BODY_TIMEOUT:g} seconds")

@@ -285,3 +285,29 @@ def test_a_request_asking_to_upgrade_is_answered_as_http_and_the_connection_read
                                           b"application/json\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
                                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert status == 400 and "Upgrade" in json.loads(refusal)["error"]["message"], refusal
+
+
+def test_a_request_whose_body_is_coming_at_a_graceful_stop_is_answered_and_logged(tmp_path: Path) -> None:
+    """SIGTERM while a request's head is in and its body is not: it is read, answered and logged
+    before the connection closes (it was closed unanswered: neither answered nor refused)."""
+    server = start_server(tmp_path, workers=1)
+    body = json.dumps(bind_request()).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:-5]))
+            time.sleep(0.3)
+            os.killpg(server.process.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            sock.sendall(body[-5:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:300]
+        decision_id = json.loads(answer.partition(b"\r\n\r\n")[2])["decision_id"]
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
+    assert store.verify() is None and [r.decision_id for r in store.query()] == [decision_id]
