@@ -507,7 +507,33 @@ class Store:
             raise LogError(f"the decision log could not commit: {pending.error}") from pending.error
         return pending.results or []
 
+    def _hold(self, conn: Any) -> None:
+        """Take the log's write lock for the leader's first append to find held (see _lead)."""
+
+    def _release_unused(self) -> None:
+        """Give back the lock _hold took where no append used it."""
+
     def _lead(self) -> None:
+        """The write lock first, then the group: the leader takes the lock (_hold: waiting while
+        another process commits) and only then takes the callers queued, so that those who came
+        while it waited commit with it, in one transaction, instead of waiting for the next (one
+        more lock handed between the processes, one more wake-up, and with PostgreSQL one more
+        flush). If the lock cannot be taken here, _append takes it as before and says what went
+        wrong."""
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            self._hold(self._conn)
+        except Exception:
+            if self._conn is not None:
+                self._close_quietly(self._conn)
+            self._conn = None
+        try:
+            self._lead_group()
+        finally:
+            self._release_unused()
+
+    def _lead_group(self) -> None:
         """Commit the group at the head of the queue (this caller's first), then hand over: the
         next caller in the queue leads, woken alone; each caller of the group is woken alone. (A
         condition's notify_all woke every waiting thread at every commit, to find most of them
@@ -933,31 +959,18 @@ class SQLiteStore(Store):
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         super().init()
 
-    def _lead(self) -> None:
-        """The write lock first, then the group (as PostgresStore._lead): the leader takes the
-        file lock and SQLite's (waiting while the other worker commits), and only then takes the
-        callers queued, so that those who came while it waited commit with it, in one
-        transaction, instead of waiting for the next (one more lock handed between the
-        processes, one more wake-up). If the lock cannot be taken here, _append takes it as
-        before and says what went wrong."""
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            self._begin_exclusive(self._conn)
-            self._held = True
-        except Exception:
+    def _hold(self, conn: Any) -> None:
+        """The file lock and SQLite's (BEGIN IMMEDIATE), for _begin_exclusive to find taken."""
+        self._begin_exclusive(conn)
+        self._held = True
+
+    def _release_unused(self) -> None:
+        if self._held:
+            self._held = False
             if self._conn is not None:
-                self._close_quietly(self._conn)
-            self._conn = None
-        try:
-            super()._lead()
-        finally:
-            if self._held:  # (not used: nothing was appended; give the lock back)
-                self._held = False
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        self._conn.rollback()
-                self._end_exclusive()
+                with contextlib.suppress(Exception):
+                    self._conn.rollback()
+            self._end_exclusive()
 
     def _begin_exclusive(self, conn: Any) -> None:
         if self._held and conn is self._conn:  # begun by _lead for this leader's first append
@@ -1072,30 +1085,19 @@ class PostgresStore(Store):
     SMALL_GROUP = 32  # records: up to this many go with their COMMIT in one message (see _append)
     _copy = f"COPY decisions ({', '.join(COLUMNS)}) FROM STDIN"
 
-    def _lead(self) -> None:
-        """The lock first, then the group: the leader takes the chain's lock and reads its head
-        (one round trip, which waits while another process commits and flushes), and only then
-        takes the callers queued, so that everyone who came while it waited goes in this
-        commit. (Taken before the lock, the group was fixed when the wait began: under load the
-        processes' commits alternate, each a flush of 2-4 ms, and the records that came during
-        the wait went to the next commit, one flush later.) If the lock cannot be taken here,
-        _append takes it as before and says what went wrong."""
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            self._held = (self._lock_and_head(self._conn),)
-        except Exception:
+    def _hold(self, conn: Any) -> None:
+        """The chain's lock and its head, in one round trip (which waits while another process
+        commits and flushes), for _append to find. (Taken before the lock, the group was fixed
+        when the wait began: under load the processes' commits alternate, each a flush of 2-4 ms,
+        and the records that came during the wait went to the next commit, one flush later.)"""
+        self._held = (self._lock_and_head(conn),)
+
+    def _release_unused(self) -> None:
+        if self._held is not None:
+            self._held = None
             if self._conn is not None:
-                self._close_quietly(self._conn)
-            self._conn = None
-        try:
-            super()._lead()
-        finally:
-            if self._held is not None:  # (not used: nothing was appended; give the lock back)
-                self._held = None
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        self._conn.execute("ROLLBACK")
+                with contextlib.suppress(Exception):
+                    self._conn.execute("ROLLBACK")
 
     def _lock_and_head(self, conn: Any) -> Sequence[Any] | None:
         """BEGIN, the chain's lock and its head, in one message; the transaction stays open."""
@@ -1116,7 +1118,7 @@ class PostgresStore(Store):
         """As Store._append, in two round trips to the server for a group of up to SMALL_GROUP
         records (each round trip costs the service about 100 µs of CPU, and those made under
         the lock lengthen every other writer's wait): BEGIN, the lock and the read of the head go
-        as one message of three statements (_lock_and_head, sent by _lead before it takes its
+        as one message of three statements (_lock_and_head, sent by _hold before the leader takes its
         group), the rows and COMMIT as another, the rows written as literals here (_values: the
         server binds parameters only for a single statement; psycopg's client-side binding parsed
         the query's 18 placeholders a row again for every group, 15-25 µs a record). A larger
