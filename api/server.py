@@ -329,7 +329,8 @@ class JsonHttpProtocol(asyncio.Protocol):
                 self.expect_continue = False
         if following is None:
             return
-        self._resume("pipeline")
+        if len(self.waiting) < PIPELINE_DEPTH:  # (resumed at once, each answer let one more read in: unbounded)
+            self._resume("pipeline")
         if isinstance(following, bytes):  # a refusal after the requests before it
             with self.lock:
                 self.busy = False  # (so that connection_lost closes the pool's duplicate: else no FIN)

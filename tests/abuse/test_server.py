@@ -311,3 +311,34 @@ def test_a_request_whose_body_is_coming_at_a_graceful_stop_is_answered_and_logge
         server.stop()
     store = open_store(f"sqlite:///{server.data / 'decisions.db'}")
     assert store.verify() is None and [r.decision_id for r in store.query()] == [decision_id]
+
+
+def _workers_rss_kib(server: Server) -> int:
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    total = 0
+    for pid in children:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_pipelined_flood_never_read_holds_bounded_memory(shared: Server) -> None:
+    """Requests pipelined without end by a client that reads no answer: the connection is read no
+    further once PIPELINE_DEPTH wait (each answer let one more read in, and the workers grew by
+    ten times what was sent: 127 MB for 13 MB)."""
+    host, port = shared.url.removeprefix("http://").split(":")
+    before = _workers_rss_kib(shared)
+    flood, sent = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 300_000, 0
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and sent < len(flood):
+            try:
+                sent += sock.send(flood[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.05)
+        grown = _workers_rss_kib(shared) - before
+    assert grown < 30_000, f"the workers grew by {grown} KiB for {sent} bytes sent"
+    assert call(shared.url + "/healthz")[0] == 200
