@@ -242,11 +242,22 @@ class JsonHttpProtocol(asyncio.Protocol):
             default_headers=self.server_state.default_headers)
         for name, value in self.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+                if parser.get_method() != b"HEAD" and self._declared_over():
+                    # refused from its head (the app answers 413 and logs it): no "100 Continue"
+                    # asks for a body that would be read only to be dropped
+                    self.request.over = True
+                    self._dispatch(self.request)
+                    return
                 with self.lock:
                     if self.busy or self.waiting:  # written once the answers before it are
                         self.expect_continue = True
                         return
                 self.transport.write(CONTINUE)
+
+    def _declared_over(self) -> bool:
+        """Whether the request's Content-Length is over the body limit."""
+        return any(len(name) == 14 and name.lower() == b"content-length" and value.strip().isdigit()
+                   and int(value) > self.front.max_body for name, value in self.headers)
 
     def on_body(self, body: bytes) -> None:
         request = self.request

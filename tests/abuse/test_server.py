@@ -247,6 +247,18 @@ def test_expect_100_continue_head_and_http_1_0(shared: Server) -> None:
     assert b"connection: close\r\n" in old.lower()
 
 
+def test_expect_100_continue_with_a_body_over_the_limit_is_refused_from_its_head(shared: Server) -> None:
+    host, port = shared.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/decisions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
+        answer = b""
+        while b"}" not in answer and (chunk := sock.recv(65536)):  # no body sent: answered all the same
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "payload_too_large"
+
+
 def test_a_head_that_begins_late_in_a_read_is_not_counted_whole(shared: Server) -> None:
     """A read holding many pipelined requests and the start of one more: only that last head's own
     bytes count against the cap (8 KiB here), not the whole read's (which made it a 431)."""
