@@ -55,13 +55,13 @@ class Request:
     """A request as the protocol read it (api/server.py), for a pool thread to make its environ."""
 
     __slots__ = ("body", "client", "default_headers", "headers", "keep_alive", "method", "over", "path",
-                 "query", "server", "version")
+                 "query", "scheme", "server", "version")
 
     def __init__(self, *, method: str, path: bytes, query: bytes, version: str, headers: list[tuple[bytes, bytes]],
                  server: tuple[str, int], client: tuple[str, int], keep_alive: bool,
-                 default_headers: list[tuple[bytes, bytes]]) -> None:
+                 default_headers: list[tuple[bytes, bytes]], scheme: str = "http") -> None:
         self.method, self.path, self.query, self.version = method, path, query, version
-        self.headers, self.server, self.client = headers, server, client
+        self.headers, self.server, self.client, self.scheme = headers, server, client, scheme
         self.keep_alive = keep_alive
         self.default_headers = default_headers  # the server's (uvicorn's date)
         self.body = b""
@@ -118,7 +118,7 @@ def request_environ(request: Request, max_body: int) -> dict[str, Any]:
         "SERVER_NAME": request.server[0], "SERVER_PORT": str(request.server[1]),
         "SERVER_PROTOCOL": f"HTTP/{request.version}",
         "REMOTE_ADDR": request.client[0], "REMOTE_PORT": str(request.client[1]),
-        "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0), "wsgi.url_scheme": request.scheme,
         "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
         # Whatever the framing, the app sees the length it was given: one over the limit, if so.

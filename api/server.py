@@ -48,6 +48,7 @@ from collections import deque
 from typing import Any
 
 import httptools
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from api.front import Answer, BufferedFront, Request, error_body
 
@@ -69,6 +70,37 @@ def json_error_response(status: int, code: str, message: str) -> bytes:
                      b"connection: close\r\n\r\n", body])
 
 
+def _trusted_proxies(app: Any) -> Any:
+    """The proxies uvicorn trusts for X-Forwarded-For and -Proto (its ProxyHeadersMiddleware's,
+    around the configured app where proxy_headers is on: FORWARDED_ALLOW_IPS), or None."""
+    while app is not None and not isinstance(app, BufferedFront):
+        if isinstance(app, ProxyHeadersMiddleware):
+            return app.trusted_hosts
+        app = getattr(app, "app", None)
+    return None
+
+
+def _forwarded(headers: list[tuple[bytes, bytes]], client: tuple[str, int],
+               trusted: Any) -> tuple[tuple[str, int], str]:
+    """(client, scheme) of a request from a trusted proxy, by ProxyHeadersMiddleware's rules: the
+    scheme its X-Forwarded-Proto names (http or https), the client the first host from the right
+    of X-Forwarded-For that is not a trusted proxy."""
+    scheme, forwarded_for = "http", []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"x-forwarded-proto":
+            proto = value.decode("latin1").strip()
+            if proto in ("http", "https"):
+                scheme = proto
+        elif lowered == b"x-forwarded-for":
+            forwarded_for.append(value)
+    if forwarded_for:
+        host, port = trusted.get_trusted_client_address(b", ".join(forwarded_for).decode("latin1"))
+        if host:
+            client = (host, port)
+    return client, scheme
+
+
 def _front_of(app: Any) -> BufferedFront:
     """The front behind uvicorn's wrappers of the configured app (each keeps the next as `.app`)."""
     while not isinstance(app, BufferedFront):
@@ -87,6 +119,7 @@ class JsonHttpProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.front = _front_of(config.loaded_app)
+        self.trusted = _trusted_proxies(config.loaded_app)  # None: X-Forwarded-* are not read
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state  # uvicorn's: connections (for a graceful stop), default headers
         self.keep_alive_timeout = float(config.timeout_keep_alive)
@@ -235,11 +268,14 @@ class JsonHttpProtocol(asyncio.Protocol):
         except httptools.HttpParserInvalidURLError:
             self.refuse(400, "bad_request", "the HTTP request cannot be parsed: invalid URL")
             return
+        client, scheme = self.client, "http"
+        if self.trusted is not None and client[0] in self.trusted:
+            client, scheme = _forwarded(self.headers, client, self.trusted)
         self.request = Request(
             method=parser.get_method().decode("ascii"), path=url.path, query=url.query or b"",
-            version=version, headers=self.headers, server=self.server, client=self.client,
+            version=version, headers=self.headers, server=self.server, client=client,
             keep_alive=version != "1.0" and parser.should_keep_alive(),
-            default_headers=self.server_state.default_headers)
+            default_headers=self.server_state.default_headers, scheme=scheme)
         for name, value in self.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
                 if parser.get_method() != b"HEAD" and self._declared_over():

@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         loop=args.loop, ws="none", lifespan="on", server_header=False, timeout_keep_alive=5,
         timeout_graceful_shutdown=15, log_level="warning",
         access_log=False,  # the app writes one JSON line per request itself
-        proxy_headers=False,  # (api/server.py serves the front directly: REMOTE_ADDR is the peer)
+        # X-Forwarded-For and -Proto trusted from FORWARDED_ALLOW_IPS (uvicorn's default: 127.0.0.1, ::1),
+        # as uvicorn's ProxyHeadersMiddleware trusts them: api/server.py applies its rules per request
+        proxy_headers=True,
         backlog=args.backlog)
     try:
         sockets = reuseport_sockets(args.host, args.port, args.workers, args.backlog)

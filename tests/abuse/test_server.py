@@ -259,6 +259,22 @@ def test_expect_100_continue_with_a_body_over_the_limit_is_refused_from_its_head
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "payload_too_large"
 
 
+def test_a_client_behind_a_local_proxy_is_the_one_x_forwarded_for_names(shared: Server) -> None:
+    # Scratch copies (auto) are taken only from this machine's users: a remote client that a proxy
+    # on this machine forwards is not one (FORWARDED_ALLOW_IPS, uvicorn's default 127.0.0.1 and ::1).
+    def scratch(headers: bytes) -> tuple[int, bytes]:
+        body = b'{"files": {}}'
+        status, _, answer = raw_http(shared, b"POST /v1/scratch/check HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                             b"Content-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                                             % (headers, len(body), body))
+        return status, answer
+
+    forwarded = scratch(b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n")
+    assert forwarded[0] == 403 and json.loads(forwarded[1])["error"]["code"] == "scratch_disabled", forwarded
+    assert scratch(b"X-Forwarded-For: 127.0.0.1\r\n")[0] != 403  # a local client through the proxy
+    assert scratch(b"")[0] != 403
+
+
 def test_a_head_that_begins_late_in_a_read_is_not_counted_whole(shared: Server) -> None:
     """A read holding many pipelined requests and the start of one more: only that last head's own
     bytes count against the cap (8 KiB here), not the whole read's (which made it a 431)."""
