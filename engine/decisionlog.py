@@ -119,6 +119,7 @@ class LogRecord:
         return {name: getattr(self, name) for name in COLUMNS}
 
 
+_INSERT = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES "  # then each row's values
 _NOT_META = frozenset({"request", "response", "prev_hash", "hash"})
 _META = tuple(sorted(name for name in COLUMNS if name not in _NOT_META))  # what content() writes, in order
 _META_VALUES = operator.itemgetter(*_META)
@@ -673,24 +674,17 @@ class Store:
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
         """The records chained on after the head (seq, hash) read under the write lock."""
         seq, prev = (head[0], head[1]) if head else (0, GENESIS)
-        mac = self.keys.current.mac if self.keys is not None else None
-        sha256, made = hashlib.sha256, object.__new__
         chained = []
-        for record in records:  # each as record.chained(seq, prev, self.keys) makes it, written in place
+        for record in records:
             seq += 1
-            copy = made(type(record))
-            values = copy.__dict__
-            values.update(record.__dict__)
-            values["seq"], values["prev_hash"] = seq, prev
-            text = prev + copy.content()
-            prev = values["hash"] = mac(text) if mac is not None else sha256(text.encode("utf-8")).hexdigest()
-            chained.append(copy)
+            record = record.chained(seq, prev, self.keys)
+            prev = record.hash
+            chained.append(record)
         return chained
 
-    def _insert(self, rows: int = 1) -> str:
-        """The INSERT of the records' columns, with the placeholders of `rows` rows."""
-        marks = "(" + ", ".join([self.placeholder] * len(COLUMNS)) + ")"
-        return f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES {', '.join([marks] * rows)}"
+    def _insert(self) -> str:
+        """The INSERT of a record's columns, with their placeholders."""
+        return _INSERT + "(" + ", ".join([self.placeholder] * len(COLUMNS)) + ")"
 
     @staticmethod
     def _row(record: LogRecord) -> tuple[Any, ...]:
@@ -1081,7 +1075,7 @@ class PostgresStore(Store):
     def _begin_exclusive(self, conn: Any) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
 
-    _insert_head = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES ".encode()
+    _insert_head = _INSERT.encode()
     SMALL_GROUP = 32  # records: up to this many go with their COMMIT in one message (see _append)
     _copy = f"COPY decisions ({', '.join(COLUMNS)}) FROM STDIN"
 
