@@ -388,12 +388,10 @@ class LogWatch:
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """(records covered, written at) of the newest checkpoint the watcher wrote or started from."""
-        if self.watching or not self._shared:
-            latest = self.last_checkpoint
-            return None if latest is None else (latest.tree_size, latest.written_at)
-        shared = self._shared.get("checkpoint")
-        if isinstance(shared, dict) and isinstance(shared.get("tree_size"), int):
-            return shared["tree_size"], str(shared.get("written_at"))
+        if not self.watching and self._shared:
+            shared = self._shared.get("checkpoint")
+            if isinstance(shared, dict) and isinstance(shared.get("tree_size"), int):
+                return shared["tree_size"], str(shared.get("written_at"))
         latest = self.last_checkpoint
         return None if latest is None else (latest.tree_size, latest.written_at)
 
@@ -444,7 +442,7 @@ class LogWatch:
         again, a few times cheaper. A digest that changed sends the range to the full check,
         which names the record."""
         complete = self.verified_seq // self.RANGE
-        if complete == 0 or not self._sweeper():
+        if complete == 0 or not self.watching:  # (the watcher sweeps: steps run only there)
             return None
         allowed = self.budget * max(self.interval, 1.0)
         started = time.thread_time()
@@ -459,10 +457,6 @@ class LogWatch:
             return None
         finally:
             self.sweep_cpu += time.thread_time() - started
-
-    def _sweeper(self) -> bool:
-        """Whether this worker sweeps: the watcher does (steps run only there)."""
-        return self.watching
 
     def _check_range(self, number: int) -> Breach | None:
         first, last = number * self.RANGE, (number + 1) * self.RANGE
