@@ -70,16 +70,6 @@ def json_error_response(status: int, code: str, message: str) -> bytes:
                      b"connection: close\r\n\r\n", body])
 
 
-def _trusted_proxies(app: Any) -> Any:
-    """The proxies uvicorn trusts for X-Forwarded-For and -Proto (its ProxyHeadersMiddleware's,
-    around the configured app where proxy_headers is on: FORWARDED_ALLOW_IPS), or None."""
-    while app is not None and not isinstance(app, BufferedFront):
-        if isinstance(app, ProxyHeadersMiddleware):
-            return app.trusted_hosts
-        app = getattr(app, "app", None)
-    return None
-
-
 def _forwarded(headers: list[tuple[bytes, bytes]], client: tuple[str, int],
                trusted: Any) -> tuple[tuple[str, int], str]:
     """(client, scheme) of a request from a trusted proxy, by ProxyHeadersMiddleware's rules: the
@@ -101,14 +91,19 @@ def _forwarded(headers: list[tuple[bytes, bytes]], client: tuple[str, int],
     return client, scheme
 
 
-def _front_of(app: Any) -> BufferedFront:
-    """The front behind uvicorn's wrappers of the configured app (each keeps the next as `.app`)."""
+def _front_of(app: Any) -> tuple[BufferedFront, Any]:
+    """The front behind uvicorn's wrappers of the configured app (each keeps the next as `.app`),
+    and the proxies uvicorn trusts for X-Forwarded-For and -Proto (its ProxyHeadersMiddleware's,
+    one of those wrappers where proxy_headers is on: FORWARDED_ALLOW_IPS), or None."""
+    trusted = None
     while not isinstance(app, BufferedFront):
+        if isinstance(app, ProxyHeadersMiddleware):
+            trusted = app.trusted_hosts
         inner = getattr(app, "app", None)
         if inner is None:
             raise TypeError(f"api.server's protocol serves api.front.BufferedFront, not {type(app).__name__}")
         app = inner
-    return app
+    return app, trusted
 
 
 class JsonHttpProtocol(asyncio.Protocol):
@@ -118,8 +113,7 @@ class JsonHttpProtocol(asyncio.Protocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not config.loaded:
             config.load()
-        self.front = _front_of(config.loaded_app)
-        self.trusted = _trusted_proxies(config.loaded_app)  # None: X-Forwarded-* are not read
+        self.front, self.trusted = _front_of(config.loaded_app)  # trusted None: X-Forwarded-* are not read
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state  # uvicorn's: connections (for a graceful stop), default headers
         self.keep_alive_timeout = float(config.timeout_keep_alive)
