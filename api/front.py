@@ -111,23 +111,30 @@ def request_environ(request: Request, max_body: int) -> dict[str, Any]:
     path = request.path
     if b"%" in path:
         path = urllib.parse.unquote_to_bytes(path)
-    body = request.body
+    return _wsgi_environ(
+        request.method, "", path.decode("latin1"), request.query.decode("latin1"), request.server, request.client,
+        request.version, request.scheme, request.body, max_body + 1 if request.over else len(request.body),
+        request.headers)
+
+
+def _wsgi_environ(method: str, script_name: str, path_info: str, query: str, server: tuple[Any, Any],
+                  client: tuple[Any, Any], version: str, scheme: str, body: bytes, length: int,
+                  headers: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """A WSGI environ with the whole body; `length`: the one the app is told."""
     environ: dict[str, Any] = {
-        "REQUEST_METHOD": request.method, "SCRIPT_NAME": "", "PATH_INFO": path.decode("latin1"),
-        "QUERY_STRING": request.query.decode("latin1"),
-        "SERVER_NAME": request.server[0], "SERVER_PORT": str(request.server[1]),
-        "SERVER_PROTOCOL": f"HTTP/{request.version}",
-        "REMOTE_ADDR": request.client[0], "REMOTE_PORT": str(request.client[1]),
-        "wsgi.version": (1, 0), "wsgi.url_scheme": request.scheme,
+        "REQUEST_METHOD": method, "SCRIPT_NAME": script_name, "PATH_INFO": path_info, "QUERY_STRING": query,
+        "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]), "SERVER_PROTOCOL": f"HTTP/{version}",
+        "REMOTE_ADDR": str(client[0]), "REMOTE_PORT": str(client[1]),
+        "wsgi.version": (1, 0), "wsgi.url_scheme": scheme,
         "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
         # Whatever the framing, the app sees the length it was given: one over the limit, if so.
-        "CONTENT_LENGTH": str(max_body + 1 if request.over else len(body)),
+        "CONTENT_LENGTH": str(length),
         # The whole body as read, for the app to take without wrapping wsgi.input in a stream
         # (werkzeug's get_data: about 40 µs a request); wsgi.input stays for everyone else.
         "bindpolicy.body": body,
     }
-    _add_headers(environ, request.headers)
+    _add_headers(environ, headers)
     return environ
 
 
@@ -235,26 +242,12 @@ class BufferedFront:
                 return b"".join(parts), False
 
     def _environ(self, scope: Scope, body: bytes, over: bool) -> dict[str, Any]:
-        server = scope.get("server") or ("127.0.0.1", 80)
-        client = scope.get("client") or ("", 0)
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": scope["method"], "SCRIPT_NAME": scope.get("root_path", "").encode().decode("latin1"),
-            "PATH_INFO": scope["path"].encode().decode("latin1"),
-            "QUERY_STRING": scope.get("query_string", b"").decode("latin1"),
-            "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
-            "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
-            "REMOTE_ADDR": str(client[0]), "REMOTE_PORT": str(client[1]),
-            "wsgi.version": (1, 0), "wsgi.url_scheme": scope.get("scheme", "http"),
-            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
-            # Whatever the framing, the app sees the length it was given: one over the limit, if so.
-            "CONTENT_LENGTH": str(self.max_body + 1 if over else len(body)),
-            # The whole body as read, for the app to take without wrapping wsgi.input in a stream
-            # (werkzeug's get_data: about 40 µs a request); wsgi.input stays for everyone else.
-            "bindpolicy.body": body,
-        }
-        _add_headers(environ, scope.get("headers", []))
-        return environ
+        return _wsgi_environ(
+            scope["method"], scope.get("root_path", "").encode().decode("latin1"),
+            scope["path"].encode().decode("latin1"), scope.get("query_string", b"").decode("latin1"),
+            scope.get("server") or ("127.0.0.1", 80), scope.get("client") or ("", 0),
+            scope.get("http_version", "1.1"), scope.get("scheme", "http"), body,
+            self.max_body + 1 if over else len(body), scope.get("headers", []))
 
     def _run(self, environ: dict[str, Any]) -> Result:
         """Call the WSGI app in a pool thread; the answer comes back whole (bodies are small)."""
