@@ -88,6 +88,17 @@ _ARRAY_WORDS = frozenset({"type", "description", "title", "items", "maxItems"})
 NUMBER, TIMESTAMP, TIMESTAMPS = "number", "timestamp", "timestamps"
 
 
+def _timestamp_colons(timestamps: list[str]) -> int:
+    """The colons of the timestamps gathered, each matched at once against FAST_TIMESTAMP; -1 if
+    one does not match."""
+    if not timestamps:
+        return 0
+    joined = "\n".join(timestamps) + "\n"  # a \n in one of them would be one more
+    if _TIMESTAMPS.fullmatch(joined) is None or joined.count("\n") != len(timestamps):
+        return -1
+    return joined.count(":")
+
+
 class ReaderError(Exception):
     """The schema holds something the one-pass reading does not know: it is not used."""
 
@@ -126,13 +137,9 @@ class RequestReader:
         keys = self._finish(value, timestamps)
         if keys < 0:
             return None
-        timestamp_colons = 0
-        if timestamps:
-            timestamps.append("")
-            joined = "\n".join(timestamps)  # a \n in one of them would be one more
-            if _TIMESTAMPS.fullmatch(joined) is None or joined.count("\n") != len(timestamps) - 1:
-                return None
-            timestamp_colons = joined.count(":")
+        timestamp_colons = _timestamp_colons(timestamps)
+        if timestamp_colons < 0:
+            return None
         if escaped:  # a key twice, or unknown, is dropped with its colon: fewer in orjson's writing
             colons = raw.count(b":") + raw.count(b"\\u003a") + raw.count(b"\\u003A")
             return value if orjson.dumps(value).count(b":") == colons else None
@@ -172,13 +179,9 @@ class RequestReader:
             if counted < 0:
                 return None
             keys += counted
-        timestamp_colons = 0
-        if timestamps:
-            timestamps.append("")
-            written = "\n".join(timestamps)
-            if _TIMESTAMPS.fullmatch(written) is None or written.count("\n") != len(timestamps) - 1:
-                return None
-            timestamp_colons = written.count(":")
+        timestamp_colons = _timestamp_colons(timestamps)
+        if timestamp_colons < 0:
+            return None
         tight = joined.count(b'":')
         return values if tight == keys and joined.count(b":") == tight + timestamp_colons else None
 
