@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,9 @@ class LogWatch:
         self._started_at = time.time()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.paced = False  # steps pause between their pieces (the background thread's steps)
+        self._closing = False  # shutting down: no more pauses
+        self._piece_started = 0.0  # thread CPU time when the current piece began
 
     # --- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -269,12 +272,19 @@ class LogWatch:
                 self._thread.start()
 
     def _run(self) -> None:
+        self.paced = True
+        spent = 0.0
         while True:
-            time.sleep(self.interval)
+            # A paced step lasts a while (its sweep spread over about an interval at the budget):
+            # the next begins an interval after this one began, so the sweep keeps its pace.
+            time.sleep(max(self.interval - spent, 0.0))
+            began = time.monotonic()
+            self._piece_started = time.thread_time()
             try:
                 self.step()
             except Exception:  # never let the watcher die
                 log.exception("decision log watcher error")
+            spent = time.monotonic() - began
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -415,21 +425,52 @@ class LogWatch:
         before = self.verified_seq
         verifier = ChainVerifier(self.store.keys, seq=self.verified_seq, prev_hash=self.verified_hash,
                                  frontier=self.frontier)
-        for item in self.store.scan_stored(after_seq=self.verified_seq, limit=self.CHUNK):
-            if self._found(verifier.feed(item)):
-                return
+        if self._found(self._feed(verifier, self.verified_seq, self.CHUNK)):
+            return
         self.verified_seq, self.verified_hash = verifier.seq, verifier.prev_hash
         # The last `tail` records again, but those verified in an earlier step only: the ones just
         # read as new were checked a moment ago (under load, a step's new records are the whole
         # tail, and checking them twice was a third of the watch's CPU); their first link was
         # checked from the last record verified before them.
         first = max(self.verified_seq - self.tail, 0)
-        if before > first and self._found(self.store.verify(
-                list(self.store.scan_stored(after_seq=first, limit=before - first)))):
+        if before > first and self._found(self._feed(ChainVerifier(self.store.keys, from_first_seen=True),
+                                                     first, before - first)):
             return
         if self._found(self._sweep()):
             return
         self._maybe_checkpoint()
+
+    # --- pacing: a step in pieces, the serving threads free between them --------------------------
+    PIECE = 50  # records read and checked between two pauses of a paced step (a few ms of CPU)
+    NEW_DUTY = 0.5  # of one core, at most, for the new records and the tail (they must keep up)
+
+    def _feed(self, verifier: ChainVerifier, after_seq: int, count: int) -> Breach | None:
+        """The `count` records after `after_seq` (fewer at the log's end) fed to the verifier, read
+        PIECE at a time with a pause after each piece when paced."""
+        done = 0
+        while done < count:
+            piece = list(self.store.scan_stored(after_seq=after_seq, limit=min(self.PIECE, count - done)))
+            for item in piece:
+                if (breach := verifier.feed(item)) is not None:
+                    return breach
+            if len(piece) < min(self.PIECE, count - done):
+                return None
+            done, after_seq = done + len(piece), verifier.seq
+            self._pause(self.NEW_DUTY)
+        return None
+
+    def _pause(self, duty: float) -> None:
+        """In the background thread (`paced`), after a piece of a step: sleep so that the step's
+        pieces take at most `duty` of a core. A step used to run whole: up to half a second of CPU
+        in one stretch (the sweep's budget at the default interval), during which the worker's
+        serving threads waited for the interpreter's lock at each turn (5 ms each: the switch
+        interval); its requests were the slowest percent at half load. In pieces of a few ms with
+        the lock free between them, a request meets at most one piece. Not at shutdown (`close`)."""
+        if not self.paced or self._closing:
+            return
+        now = time.thread_time()
+        time.sleep(min((now - self._piece_started) * (1.0 - duty) / duty, 1.0))
+        self._piece_started = time.thread_time()
 
     # --- the sweep: older records, again and again, within a CPU budget -------------------------
     def _sweep(self) -> Breach | None:
@@ -461,30 +502,38 @@ class LogWatch:
     def _check_range(self, number: int) -> Breach | None:
         first, last = number * self.RANGE, (number + 1) * self.RANGE
         known = self._digests.get(number)
-        if known is not None and _digest(row[0] for row in self.store.rows_between(first + 1, last, full=False)) \
-                == known:
+        if known is not None and _digest(row[0] for row in self._rows(first + 1, last, full=False)) == known:
             return None
-        rows = self.store.rows_between(max(first, 1), last, full=True)
+        rows = self._rows(max(first, 1), last, full=True)
         if first:  # the record before the range anchors its first link
-            if not rows or rows[0][1] != first or not isinstance(rows[0][-1], str):
+            row = next(rows, None)
+            if row is None or row[1] != first or not isinstance(row[-1], str):
                 return Breach(first, None, "verified earlier, it is now gone or unreadable")
-            anchor, rows = rows[0][-1], rows[1:]
+            anchor = row[-1]
         else:
             anchor = GENESIS
         verifier = ChainVerifier(self.store.keys, seq=first, prev_hash=anchor, from_first_seen=False)
         verifier.frontier = None  # links and MACs only: the tree was checked when they were new
+        texts = []
         for row in rows:
+            texts.append(row[0])
             breach = verifier.feed(record_from_row(row[1:], parse=False))
             if breach is not None:
                 return breach
         if verifier.seq != last:
             return Breach(verifier.seq + 1, None, "verified earlier, it is now missing")
-        digest = _digest(row[0] for row in rows)
+        digest = _digest(texts)
         if known is not None and digest != known:
             return Breach(first + 1, None, f"records {first + 1}..{last} changed since they were verified "
                                            "(their MACs still hold: a cell's type or an unhashed field)")
         self._digests[number] = digest
         return None
+
+    def _rows(self, first: int, last: int, *, full: bool) -> Iterator[tuple[Any, ...]]:
+        """store.rows_between(first, last), read PIECE rows at a time, paced at the sweep's budget."""
+        for start in range(first, last + 1, self.PIECE):
+            yield from self.store.rows_between(start, min(start + self.PIECE - 1, last), full=full)
+            self._pause(min(self.budget, 1.0))
 
     def _found(self, breach: Breach | None) -> bool:
         if breach is None:
@@ -499,6 +548,7 @@ class LogWatch:
     def close(self) -> None:
         """At shutdown: check what came since, and sign the head (records removed from the end
         while the service is stopped are then found by `log verify` and at the next start)."""
+        self._closing = True  # a step under way goes on without pauses
         with self._lock, contextlib.suppress(LogError, OSError):
             if not self._elect():
                 return  # the watcher signs it

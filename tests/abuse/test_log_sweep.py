@@ -173,8 +173,44 @@ def test_the_tail_checks_again_what_earlier_steps_verified_not_what_it_just_read
     ev.watch.store.scan_stored = counted  # type: ignore[method-assign]
     decide(ev.app.test_client(), 2)  # records 31, 32
     ev.watch.step()
-    # The new records (after 30), then the last 3 less those just read: record 30 only.
-    assert reads == [(30, ev.watch.CHUNK), (29, 1)] and ev.watch.breach is None
+    # The new records (after 30, a piece of PIECE at a time: one), then the last 3 less those just
+    # read: record 30 only.
+    assert reads == [(30, ev.watch.PIECE), (29, 1)] and ev.watch.breach is None
     forged_mac(ev, 31, MacKey(b"\x02" * 32))  # verified as new in the step before: the tail finds it
     ev.watch.step()
     assert ev.watch.breach is not None and ev.watch.breach.seq == 31, ev.watch.breach
+
+
+def test_a_paced_step_pauses_between_pieces_and_still_finds_a_rewritten_record(
+        evidence: Evidence, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background thread's steps read and check PIECE records at a time and sleep between
+    pieces (the serving threads then have the interpreter's lock); what they find is what a step
+    in one go finds, and a step at shutdown does not pause."""
+    ev = swept(evidence)
+    ev.watch.step()
+    pauses: list[float] = []
+    monkeypatch.setattr("engine.logcheck.time.sleep", pauses.append)
+    ev.watch.PIECE, ev.watch.paced, ev.watch.budget = 2, True, 0.25
+    forged_mac(ev, 9, MacKey(b"\x02" * 32))
+    decide(ev.app.test_client(), 2)  # 2 new records: one piece; the tail: record 30, one piece
+    ev.watch.step()
+    assert ev.watch.breach is not None and ev.watch.breach.seq == 9, ev.watch.breach
+    assert len(pauses) >= 2 + 3  # and the sweep's: ranges of 5 in pieces of 2 (3 a range)
+    ev.watch.breach, ev.watch._closing = None, True
+    pauses.clear()
+    ev.watch.step()
+    assert pauses == [] and ev.watch.breach is not None and ev.watch.breach.seq == 9
+
+
+@pytest.mark.parametrize(("duty", "pause"), [(0.5, 0.01), (0.1, 0.09), (1.0, 0.0)])
+def test_a_pause_keeps_the_pieces_within_their_share_of_a_core(evidence: Evidence, monkeypatch: pytest.MonkeyPatch,
+                                                               duty: float, pause: float) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr("engine.logcheck.time.sleep", pauses.append)
+    monkeypatch.setattr("engine.logcheck.time.thread_time", lambda: 5.01)
+    evidence.watch.paced, evidence.watch._piece_started = True, 5.0  # a piece of 10 ms of CPU
+    evidence.watch._pause(duty)
+    assert pauses == [pytest.approx(pause)] and evidence.watch._piece_started == 5.01
+    evidence.watch.paced = False  # steps called directly (tests, `log` commands): no pauses
+    evidence.watch._pause(duty)
+    assert len(pauses) == 1
