@@ -264,3 +264,29 @@ def test_merkle_tree_against_the_rfc_definition() -> None:
             assert not verify_inclusion(leaf_hash(b"other"), index, size, path, root)
             if size > 1:
                 assert not verify_inclusion(leaves[index], (index + 1) % size, size, path, root)
+
+
+def test_the_wal_is_checkpointed_by_a_thread_not_in_a_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's own checkpoint ran inside a commit (every 1000 pages: a flush of the database while
+    every decision waited); a thread of the writing process does it now, and ends with the store."""
+    import threading
+    import time
+
+    from engine.decisionlog import SQLiteStore, new_record
+
+    monkeypatch.setattr(SQLiteStore, "CHECKPOINT_EVERY", 0.05)
+    before = {t for t in threading.enumerate() if t.name == "log-checkpoint"}
+    store = open_store(f"sqlite:///{tmp_path / 'decisions.db'}")
+    empty = (tmp_path / "decisions.db").stat().st_size
+    store.write_many([new_record(decision_id=f"d{n}", outcome="decided", status=200, request=bind_request(),
+                                 response={"decision": "allow"}, duration_us=1) for n in range(200)])
+    [thread] = {t for t in threading.enumerate() if t.name == "log-checkpoint"} - before
+    for _ in range(100):  # the records reach the database file itself (SQLite's own: past 20,000 pages)
+        if (tmp_path / "decisions.db").stat().st_size > empty + 100 * 1024:
+            break
+        time.sleep(0.05)
+    assert (tmp_path / "decisions.db").stat().st_size > empty + 100 * 1024
+    assert [r.decision_id for r in store.scan(after_seq=198)] == ["d198", "d199"]
+    store.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
