@@ -111,6 +111,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     last_good_file = Path(app.config["DATA_DIR"]) / LAST_GOOD
 
     def loaded(engine: Engine) -> None:
+        engine.check.reader  # noqa: B018 (built now, not on the first request: RequestChecker.reader)
         in_force = engine.policies.in_force(datetime.now(UTC))
         metrics.policies_loaded(engine, in_force.name if in_force else None)
         metrics.from_archive.set(0)

@@ -22,7 +22,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-import orjson
+import msgspec
 
 from engine.codegen import Verdict
 from engine.decider import Engine
@@ -31,7 +31,6 @@ from engine.gcpause import collector_paused
 from engine.lines import NamedLines, line_blocks
 from engine.loader import load_policies
 from engine.model import Decision, Output, Rule
-from engine.request import DIGITS_AS_ZERO
 from engine.sources import MemorySource
 from engine.versions import PolicySet, parse_timestamp
 
@@ -518,27 +517,27 @@ def parse_lines(lines: Iterable[str | bytes]) -> list[Any]:
 
 
 def parsed(lines: Iterable[str | bytes]) -> Iterator[Any]:
-    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON), one at a
-    time (a chunk's request judged while it is fresh in the cache, then freed: the next one is
-    built in the same memory), at orjson's cost where both read alike: they differ only where
-    orjson refuses (NaN, a lone surrogate, bytes that are not UTF-8...: then json.loads reads
-    the text, undecodable bytes replaced as a text file read with errors="replace" would) and
-    on integers beyond 64 bits, which orjson reads as floats (a line with 19 digits in a row is
-    read by json.loads). A line is text or its UTF-8 bytes (read as a file's bytes: no decoding
-    and encoding again)."""
-    loads, long_integer, digits_as_zero = orjson.loads, _LONG_INTEGER, DIGITS_AS_ZERO
+    """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON, or where
+    Python cannot read it: an integer of more than 4,300 digits, nesting past the recursion
+    limit), one at a time (a chunk's request judged while it is fresh in the cache, then freed:
+    the next one is built in the same memory), at msgspec's cost where both read alike. msgspec
+    reads every integer exactly, as json.loads does (orjson, used before, reads one beyond 64
+    bits as a float: each line was searched for 19 digits in a row first, a translation of the
+    line, about a third of orjson's own cost); it refuses what json.loads may read otherwise
+    (NaN and Infinity, 1e400, a lone surrogate, bytes that are not UTF-8...: then json.loads reads
+    the text, undecodable bytes replaced as a text file read with errors="replace" would). A line
+    is text or its UTF-8 bytes (read as a file's bytes: no decoding and encoding again)."""
+    decode, refused = _DECODE, _REFUSED
     for line in lines:
         try:
-            raw = line if isinstance(line, bytes) else line.encode()
-            if long_integer not in raw.translate(digits_as_zero):
-                yield loads(raw)
-                continue
-        except (UnicodeEncodeError, orjson.JSONDecodeError):
+            yield decode(line)
+            continue
+        except refused:
             pass
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, or what Python cannot hold
             value = NOT_JSON
         yield value
 
@@ -549,12 +548,14 @@ def parse_lines_plainly(lines: Iterable[str]) -> list[Any]:
     for line in lines:
         try:
             requests.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             requests.append(NOT_JSON)
     return requests
 
 
-_LONG_INTEGER = b"0" * 19  # beyond 2^63 an integer has 19 digits and more
+_DECODE = msgspec.json.Decoder().decode
+# what msgspec raises where json.loads may read the line otherwise (or refuse it too)
+_REFUSED = (msgspec.DecodeError, UnicodeError, RecursionError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -625,7 +626,7 @@ def _chunks(lines: Iterable[str | tuple[str, str] | NamedLines], size: int) -> I
 
 
 def _byte_chunks(stream: IO[bytes], size: int, name: str = LINE) -> Iterator[Chunk]:
-    """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: orjson
+    """The non-blank lines of a binary stream in chunks of `size`, as bytes (no decoding: msgspec
     reads them as they are), numbered and skipped as _chunks numbers and skips a text file's
     lines (read in 64 KB blocks and cut in C, as `decide --jsonl` reads its input)."""
     return _in_chunks(((name, block) for block in line_blocks(stream)), size)
@@ -674,7 +675,7 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str,
     checkout) with one process per core (or `workers`; one: judged in this process, no pickling).
     Lines are text, or (where read, text), or blocks of a named file's lines as bytes (NamedLines:
     `bindpolicy impact FILE` reads its files so), or a binary stream (a file opened "rb": read as
-    bytes in blocks, each line handed to orjson as read)."""
+    bytes in blocks, each line handed to msgspec as read)."""
     workers = workers or os.cpu_count() or 1
     now = now or datetime.now(UTC)
     loaded = policies if isinstance(policies, PolicySet) else load_policies(policies)

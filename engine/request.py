@@ -6,7 +6,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, cast
 
 import jsonschema_rs
@@ -254,13 +254,19 @@ class RequestChecker:
         self.walker = SchemaWalker(self.schema)
         self._fields: dict[tuple[str, ...], bool] = {}
         self._field_map(self.schema, (), self._fields)
-        self.reader = _one_pass_reader(self.schema)
         self.fast = jsonschema_rs.validator_for(self.schema, validate_formats=True)
         self.usable = jsonschema_rs.validator_for(_usable_timestamps(self.schema), validate_formats=True)
         # jsonschema-rs has checked the schema against its meta-schema (it refuses one that breaks
         # it); jsonschema's check_schema did it again, and cost each process about 50 ms: a tenth
         # of `bindpolicy impact`'s CPU over 40,000 requests (tests/test_request.py checks both agree)
         self.reference = Draft202012Validator(self.schema, format_checker=FormatChecker())
+
+    @cached_property
+    def reader(self) -> RequestReader | None:
+        """The one-pass reader of the schema (engine/reader.py), None where it has none: built on
+        first use (about 9 ms of CPU that `bindpolicy impact`, which reads as json.loads does,
+        never needs; the service builds it when it loads its policies)."""
+        return _one_pass_reader(self.schema)
 
     def __call__(self, raw: Any) -> dict[str, Any]:
         """The request itself if it keeps the contract (nulls in optional fields dropped); else a

@@ -1,4 +1,4 @@
-"""Impact's short cuts (orjson's reading of each line, QuickJudge: one check, the generated paths
+"""Impact's short cuts (msgspec's reading of each line, QuickJudge: one check, the generated paths
 directly, twin paths decided once) give the report of the plain way, figure for figure: each
 side's whole decision through Engine.decide on each line json.loads read."""
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.codegen import LACKING
 from engine.decider import Engine
@@ -35,7 +37,7 @@ EXAMPLES = ROOT / "examples" / "requests.jsonl"
 ACCOUNT: dict[str, Any] = dict(bind_request()["account"])  # type: ignore[call-overload]
 # denied under v1 (personal.min-followers), allowed under v2 (which lifts it for US shops)
 FLIPPING = bind_request(account={**ACCOUNT, "followers": 500})
-# Lines the plain way rejects in every way it can, or reads in a way orjson does not.
+# Lines the plain way rejects in every way it can, or reads in a way msgspec (or orjson) does not.
 HOSTILE = [
     "not json", "[1, 2]", '"a string"', "1e400", '{"action": "bind", "n": NaN}',
     '{"action": "login", "x": 18446744073709551616}', '{"action": "login", "x": -9223372036854775809}',
@@ -49,6 +51,14 @@ HOSTILE = [
                 "account": {"id": "a", "type": "personal"}}),
     json.dumps(bind_request(account={**ACCOUNT, "age": 2**70})),
     json.dumps({"action": "enable_affiliate", "account": {"id": "a"}, "market": "GB"}),
+    # what Python cannot read (json.loads raises ValueError, RecursionError): not JSON, no crash
+    '{"action": "login", "x": ' + "9" * 5000 + "}", "[" * 5000 + "]" * 5000,
+    json.dumps(bind_request(account={**ACCOUNT, "followers": 10**30})),
+    '{"action": "login", "account": {"id": "a"}, "login": {"method": "otp", "target": "app"}, "at": 1e999}',
+    '{"action":"login","account":{"id":"a","id":"b"},"login":{"method":"otp","target":"app"},"market":null}',
+    '{"action": "login", "account": {"id": "a\u0000"}, "login": {"method": "otp", "target": "app"}}',
+    '{"action": "login", "account": {"id": "a"}, "login": {"method": "otp", "target": "app"}, "x": 1}',
+    '\ufeff{"action": "login"}', '{"action": "login"}\f', '{"a": "tab\tin"}',
 ]
 
 
@@ -253,8 +263,30 @@ def test_a_binary_stream_gives_the_report_of_its_text_lines(policies: PolicySet,
 
 def test_bytes_are_read_as_their_replaced_text(corpus: list[str]) -> None:
     """parse_lines reads a line's bytes as json.loads reads its text (undecodable bytes replaced)."""
-    raw = [line.encode() for line in corpus] + [b'{"a": "\xff\xfe"}', b"\xef\xbb\xbf{}", b'{"n": 1}\r\n', b"\xc3"]
+    raw = [line.encode() for line in corpus] + [b'{"a": "\xff\xfe"}', b"\xef\xbb\xbf{}", b'{"n": 1}\r\n', b"\xc3",
+                                                 b'{"a": "tab\tin"}', b'{"a": 1}\x0c', b'"\xed\xa0\x80"']
     assert repr(parse_lines(raw)) == repr(parse_lines_plainly([r.decode("utf-8", "replace") for r in raw]))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+                    max_leaves=12),
+       st.sampled_from([(", ", ": "), (",", ":")]), st.booleans())
+def test_lines_are_read_as_json_loads_reads_them(value: Any, separators: tuple[str, str], ascii_only: bool) -> None:
+    """msgspec's reading is json.loads's over any JSON text: integers of any size (orjson's read
+    those beyond 64 bits as floats), floats to the last bit, NaN and Infinity, escapes, key order."""
+    text = json.dumps(value, separators=separators, ensure_ascii=ascii_only)
+    lines = [text, text.encode("utf-8", "surrogatepass")]
+    assert repr(parse_lines(lines)) == repr(parse_lines_plainly([text, text]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,40})?([eE][-+]?[0-9]{1,3})?\Z"))
+def test_numbers_are_read_as_json_loads_reads_them(number: str) -> None:
+    """Any JSON number's text, as json.loads reads it: the same int, or the same double."""
+    lines = [number, f'{{"n": {number}}}'.encode()]
+    assert repr(parse_lines(lines)) == repr(parse_lines_plainly([number, f'{{"n": {number}}}']))
 
 
 def test_the_command_reads_its_files_as_bytes_as_it_read_their_text(policies: PolicySet, corpus: list[str],
