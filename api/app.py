@@ -6,15 +6,22 @@ import atexit
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
-from flask import Flask, Request, Response
+from flask import Flask, Request, Response, request, request_finished, request_started, request_tearing_down
+from flask.app import _sentinel  # type: ignore[attr-defined]
+from flask.ctx import RequestContext
+from flask.globals import _cv_app, _cv_request, request_ctx
 from flask.json.provider import DefaultJSONProvider
 from flask.sessions import NullSession, SessionInterface
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import MapAdapter, Rule
 
 from api.auditing import auditing
 from api.authoring import authoring
@@ -209,11 +216,15 @@ def _write_atomically(path: Path, text: str) -> None:
 
 class ServiceFlask(Flask):
     """Flask, with what it works out again for every request kept: whether each hook and view is a
-    coroutine (inspect's checks, three a request, about 10 µs)."""
+    coroutine (inspect's checks, three a request, about 10 µs), and the route of each path that
+    has no variable part (see _Lane). The hooks, the error handlers, the request and app contexts,
+    the `request`, `g` and `current_app` of every view are Flask's own."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
+        self._lanes: dict[tuple[str, str], Rule] | None = None  # made at the first request
+        self._hook_lists: dict[tuple[str, str | None], list[Callable[..., Any]]] = {}
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
         try:
@@ -223,6 +234,170 @@ class ServiceFlask(Flask):
             return made
         except TypeError:  # (not hashable)
             return super().ensure_sync(func)
+
+    def request_context(self, environ: dict[str, Any]) -> RequestContext:
+        """A request to a path of one route without variable parts (`POST /v1/decisions`, `GET
+        /healthz`...) gets its rule from a dict instead of werkzeug's matcher, and its URL adapter
+        only if something asks for it (url_for: nothing on those routes does); any other is Flask's."""
+        lanes = self._lanes
+        if lanes is None:
+            lanes = self._lanes = _static_lanes(self)
+        rule = lanes.get((environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")))
+        if rule is None:
+            return super().request_context(environ)
+        return _Lane(self, environ, rule)
+
+    def full_dispatch_request(self) -> Response:
+        """Flask's, with its request_started and request_finished signals sent only when someone
+        listens (blinker sends to no one at about 1 µs each)."""
+        self._got_first_request = True
+        try:
+            if request_started.receivers:
+                request_started.send(self, _async_wrapper=self.ensure_sync)
+            rv = self.preprocess_request()
+            if rv is None:
+                rv = self.dispatch_request()
+        except Exception as e:
+            rv = self.handle_user_exception(e)
+        return self.finalize_request(rv)
+
+    def _hooks(self, kind: str) -> list[Callable[..., Any]]:
+        """The hooks of the request's endpoint in the order Flask calls them (its blueprints'
+        and the app's), worked out once per endpoint: `before` (URL value preprocessors, then
+        before_request), `after` (after_request), `teardown` (teardown_request). Flask forbids
+        adding a hook once the first request came, so the lists stay true."""
+        endpoint = request.endpoint
+        found = self._hook_lists.get((kind, endpoint))
+        if found is not None:
+            return found
+        blueprints = request.blueprints
+        made: list[Callable[..., Any]] = []
+        if kind == "before":
+            names = (None, *reversed(blueprints))
+            preprocessors = self.url_value_preprocessors
+            made += [partial(_preprocess_url, func) for name in names for func in preprocessors.get(name, ())]
+            made += [self.ensure_sync(func) for name in names for func in self.before_request_funcs.get(name, ())]
+        else:
+            funcs = self.after_request_funcs if kind == "after" else self.teardown_request_funcs
+            made += [self.ensure_sync(func) for name in (*blueprints, None) for func in reversed(funcs.get(name, []))]
+        self._hook_lists[(kind, endpoint)] = made
+        return made
+
+    def preprocess_request(self) -> Any:
+        """Flask's, with the endpoint's hooks listed once (_hooks)."""
+        for func in self._hooks("before"):
+            rv = func()
+            if rv is not None:
+                return rv
+        return None
+
+    def process_response(self, response: Response) -> Response:
+        """Flask's, with the endpoint's hooks listed once (_hooks)."""
+        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+        for func in ctx._after_request_functions:
+            response = self.ensure_sync(func)(response)
+        for func in self._hooks("after"):
+            response = func(response)
+        if not self.session_interface.is_null_session(ctx._session):
+            self.session_interface.save_session(self, ctx._session, response)
+        return response
+
+    def do_teardown_request(self, exc: BaseException | None = _sentinel) -> None:  # type: ignore[assignment]
+        """Flask's, with the endpoint's hooks listed once (_hooks) and request_tearing_down sent
+        only when someone listens."""
+        if exc is _sentinel:
+            exc = sys.exc_info()[1]
+        for func in self._hooks("teardown"):
+            func(exc)
+        if request_tearing_down.receivers:
+            request_tearing_down.send(self, _async_wrapper=self.ensure_sync, exc=exc)
+
+    def finalize_request(self, rv: Any, from_error_handler: bool = False) -> Response:
+        if request_finished.receivers:
+            return super().finalize_request(rv, from_error_handler)
+        response = rv if type(rv) is Response else self.make_response(rv)
+        try:
+            return self.process_response(response)
+        except Exception:
+            if not from_error_handler:
+                raise
+            self.logger.exception("Request finalizing failed with an error while handling an error")
+        return response
+
+
+def _preprocess_url(func: Callable[..., Any]) -> None:
+    func(request.endpoint, request.view_args)  # (a URL value preprocessor returns nothing that counts)
+
+
+def _static_lanes(app: Flask) -> dict[tuple[str, str], Rule]:
+    """(method, path) -> the rule werkzeug's matcher gives that request, for every rule without
+    variable parts, defaults or redirect, each checked against the matcher itself; none where
+    hosts or subdomains take part in matching (SERVER_NAME, TRUSTED_HOSTS, host or subdomain
+    matching): the host would have to be read first."""
+    url_map = app.url_map
+    if (app.config["SERVER_NAME"] is not None or app.config.get("TRUSTED_HOSTS") is not None
+            or url_map.host_matching or app.subdomain_matching):
+        return {}
+    adapter = url_map.bind("localhost")
+    lanes: dict[tuple[str, str], Rule] = {}
+    for rule in url_map.iter_rules():
+        if (rule.arguments or rule.defaults or rule.redirect_to is not None or rule.build_only or rule.websocket
+                or rule.host or rule.subdomain or not rule.rule.isascii()):
+            continue
+        for method in rule.methods or ():
+            if method == "OPTIONS":  # (Flask answers OPTIONS itself, in dispatch_request)
+                continue
+            try:
+                matched, arguments = adapter.match(rule.rule, method=method, return_rule=True)
+            except HTTPException:
+                continue
+            if matched is rule and not arguments:
+                lanes[(method, rule.rule)] = rule
+    return lanes
+
+
+class _Lane(RequestContext):
+    """Flask's request context for a request whose rule is known already (ServiceFlask's lanes):
+    pushed and popped as Flask's, with the rule set instead of matched, and the URL adapter (the
+    host read, werkzeug's MapAdapter bound) made only when asked for."""
+
+    def __init__(self, app: Flask, environ: dict[str, Any], rule: Rule) -> None:  # (no super: no adapter)
+        self.app = app
+        request = app.request_class(environ)
+        request.json_module = app.json
+        request.url_rule, request.view_args = rule, {}
+        self.request = request
+        self.flashes = None
+        self._session = None
+        self._after_request_functions = []
+        self._cv_tokens = []
+        self._adapter: MapAdapter | None = None
+        self._adapted = False
+
+    @property
+    def url_adapter(self) -> MapAdapter | None:
+        if not self._adapted:
+            self._adapter, self._adapted = self.app.create_url_adapter(self.request), True
+        return self._adapter
+
+    @url_adapter.setter
+    def url_adapter(self, adapter: MapAdapter | None) -> None:
+        self._adapter, self._adapted = adapter, True
+
+    def push(self) -> None:
+        """RequestContext.push without the matching (the rule is set)."""
+        app_ctx = _cv_app.get(None)
+        if app_ctx is None or app_ctx.app is not self.app:
+            app_ctx = self.app.app_context()
+            app_ctx.push()
+        else:
+            app_ctx = None
+        self._cv_tokens.append((_cv_request.set(self), app_ctx))
+        if self._session is None:
+            session_interface = self.app.session_interface
+            self._session = session_interface.open_session(self.app, self.request)
+            if self._session is None:
+                self._session = session_interface.make_null_session(self.app)
 
 
 class NoSessions(SessionInterface):
