@@ -23,6 +23,7 @@ from flask.sessions import NullSession, SessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import MapAdapter, Rule
 
+from api.answer import Answer
 from api.auditing import auditing
 from api.authoring import authoring
 from api.console import console
@@ -219,6 +220,8 @@ class ServiceFlask(Flask):
     coroutine (inspect's checks, three a request, about 10 µs), and the route of each path that
     has no variable part (see _Lane). The hooks, the error handlers, the request and app contexts,
     the `request`, `g` and `current_app` of every view are Flask's own."""
+
+    response_class = Answer  # (api/answer.py: whole bytes handed to the server as they are)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -429,7 +432,7 @@ class OrjsonProvider(DefaultJSONProvider):
             body = orjson.dumps(obj)
         except TypeError:
             body = super().dumps(obj).encode()
-        return Response(body, mimetype=self.mimetype)
+        return Answer(body, mimetype=self.mimetype)
 
 
 class Service:
