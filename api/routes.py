@@ -19,7 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from api.answer import Answer
 from api.errors import error_response
 from api.openapi import build_openapi
-from engine.decider import new_decision_id
+from engine.decider import new_decision_id, new_decision_ids
 from engine.decisionlog import FILTERS, BrokenRecordError, LogError, log_time, new_record
 from engine.differ import diff_versions
 from engine.differ import render as render_diff
@@ -229,16 +229,20 @@ def _json(body: Any, status: int = 200, language: str | None = None) -> Response
 
 
 def _decide_one(raw: Any, now: datetime, explain: bool, language: str, engine: Any = None,
-                checked: bool = False) -> tuple[int, dict[str, Any], str, str | None]:
+                checked: bool = False, decision_id: str | None = None,
+                chosen: dict[Any, Any] | None = None) -> tuple[int, dict[str, Any], str, str | None]:
     """(status, body, outcome, the digest of a rejection past the schema check); `engine`, a
-    batch's, taken once for all its requests; `checked`: read and checked already (_decision_body)."""
+    batch's, taken once for all its requests; `checked`: read and checked already (_decision_body);
+    `decision_id`, if made already (a batch's, at once); `chosen`: the batch's versions chosen so
+    far (Engine.decide_checked)."""
     if engine is None:
         engine = _service().holder.engine  # taken once: this request sees one whole policy set
-    decision_id = new_decision_id()
+    if decision_id is None:
+        decision_id = new_decision_id()
     try:
         if checked:
             decision = engine.decide_checked(raw, True, now=now, decision_id=decision_id, explain=explain,
-                                             language=language)
+                                             language=language, chosen=chosen)
         else:
             decision = engine.decide(raw, now=now, decision_id=decision_id, explain=explain, language=language)
     except RequestError as exc:
@@ -342,9 +346,13 @@ def decide_batch() -> Response:
     now, explain, language = datetime.now(UTC), _explain(), _language()
     started, clock = g.started, time.perf_counter
     logged_at = log_time(now)  # the batch's records are committed together: one time for all
+    # What the requests share is worked out once: their ids, made at once, and the time and
+    # version chosen for each `at` and `policy_version` (most of a batch's requests share theirs).
+    chosen: dict[Any, Any] = {}
     answers, records = [], []
-    for one, checked, text in items:
-        status, body, outcome, digest = _decide_one(one, now, explain, language, engine, checked)
+    for (one, checked, text), decision_id in zip(items, new_decision_ids(len(items)), strict=True):
+        status, body, outcome, digest = _decide_one(one, now, explain, language, engine, checked, decision_id,
+                                                    chosen)
         answers.append(body)
         records.append(new_record(decision_id=body["decision_id"], outcome=outcome, status=status, request=one,
                                   response=body, duration_us=int((clock() - started) * 1_000_000),
@@ -381,7 +389,8 @@ def _batch_items(engine: Any) -> list[tuple[Any, bool, str]]:
     texts = _batch_texts(raw)
     vouched: list[Any] = []
     if texts is not None:  # all at once where the reader vouches for every request, else each alone
-        vouched = engine.check.vouch_all(texts) or [engine.check.vouch(text) for text in texts]
+        # (bounded: the body's own count of its values, within vouch()'s bounds, holds its requests')
+        vouched = engine.check.vouch_all(texts, bounded=True) or [engine.check.vouch(text) for text in texts]
     if texts is not None and None not in vouched:
         return [(one, True, text.decode("utf-8")) for one, text in zip(vouched, texts, strict=True)]
     requests = _parsed(raw, True)["requests"]

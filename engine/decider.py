@@ -31,6 +31,13 @@ def _new_id_source() -> None:
     _ID_COUNT[:] = [itertools.count()]
 
 
+def new_decision_ids(count: int) -> list[str]:
+    """`count` ids as new_decision_id makes them, at once (a batch's)."""
+    prefix, numbers = _ID_PREFIX[0], _ID_COUNT[0]
+    return [f"{prefix}{next(numbers):016x}" for _ in range(count)]
+
+
+_NO_AT = object()  # (the key of a request without `at`, which `now` stands in for)
 _ID_PREFIX: list[str] = []
 _ID_COUNT: list[Iterator[int]] = []
 _new_id_source()
@@ -79,11 +86,20 @@ class Engine:
                                    language=language)
 
     def decide_checked(self, request: dict[str, Any], usable: bool, *, now: datetime, decision_id: str | None = None,
-                       explain: bool = False, language: str = DEFAULT_LANGUAGE) -> Decision:
-        """Decide a request as RequestChecker.checked or .read gave it (with its `usable`)."""
+                       explain: bool = False, language: str = DEFAULT_LANGUAGE,
+                       chosen: dict[tuple[Any, Any], tuple[datetime, PolicyVersion]] | None = None) -> Decision:
+        """Decide a request as RequestChecker.checked or .read gave it (with its `usable`).
+        `chosen`: the time and version already chosen for each (`at`, `policy_version`) of the
+        requests decided with the same `now` (a batch's), filled as they come."""
         try:
-            at = parse_timestamp(request["at"]) if "at" in request else now
-            version = self.policies.select(at, request.get("policy_version"))
+            if chosen is None:
+                at, version = self._chosen(request, now)
+            else:
+                key = (request.get("at", _NO_AT), request.get("policy_version"))
+                found = chosen.get(key)
+                if found is None:
+                    found = chosen[key] = self._chosen(request, now)
+                at, version = found
             if usable and not explain and self.generated:  # its generated path (engine/codegen.py)
                 path = version.path(request["action"], request.get("role"))
                 if path is not None:
@@ -106,6 +122,11 @@ class Engine:
         except RequestError as exc:  # e.g. missing_field: the version that judged it is known
             exc.policy_digest = version.digest
             raise
+
+    def _chosen(self, request: dict[str, Any], now: datetime) -> tuple[datetime, PolicyVersion]:
+        """The request's time (`now` without `at`) and the version that judges it."""
+        at = parse_timestamp(request["at"]) if "at" in request else now
+        return at, self.policies.select(at, request.get("policy_version"))
 
     def activation(self, request: dict[str, Any], version: PolicyVersion, at: datetime) -> Activation:
         """The variables for one request: its fields, `at` and the version's `params`."""

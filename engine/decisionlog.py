@@ -95,7 +95,7 @@ class LogRecord:
 
     def content(self) -> str:
         """What the hash covers: every field but the hashes, request and response as stored."""
-        meta = dict(zip(_META, _META_VALUES(self.__dict__), strict=True))  # (sorted: canonical without sorting)
+        meta = _meta(self.__dict__)  # (sorted: canonical without sorting)
         try:
             text = orjson.dumps(meta).decode()
         except TypeError:  # an integer beyond 64 bits: canonical's other way, the same form
@@ -123,7 +123,21 @@ class LogRecord:
 _INSERT = f"INSERT INTO decisions ({', '.join(COLUMNS)}) VALUES "  # then each row's values
 _NOT_META = frozenset({"request", "response", "prev_hash", "hash"})
 _META = tuple(sorted(name for name in COLUMNS if name not in _NOT_META))  # what content() writes, in order
-_META_VALUES = operator.itemgetter(*_META)
+
+
+def _meta(fields: dict[str, Any]) -> dict[str, Any]:
+    """A record's metadata, its keys in _META's order (one dict display: about half the cost of
+    building it from _META by zip, and content() is taken once a record is chained and once by
+    the log's watch)."""
+    return {"account_id": fields["account_id"], "action": fields["action"], "decision": fields["decision"],
+            "decision_id": fields["decision_id"], "duration_us": fields["duration_us"],
+            "logged_at": fields["logged_at"], "outcome": fields["outcome"],
+            "policy_digest": fields["policy_digest"], "policy_version": fields["policy_version"],
+            "rule_id": fields["rule_id"], "runtime": fields["runtime"], "seq": fields["seq"],
+            "shop_id": fields["shop_id"], "status": fields["status"]}
+
+
+assert tuple(_meta(dict.fromkeys(COLUMNS))) == _META  # (a column added to COLUMNS must be added here too)
 # A record's row as stored: every column, the request and response as their stored text.
 _STORED_COLUMNS = operator.attrgetter(*(f"{c}_text" if c in ("request", "response") else c for c in COLUMNS))
 
