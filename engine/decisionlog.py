@@ -306,17 +306,20 @@ def record_from_row(row: Sequence[Any], *, parse: bool = True) -> LogRecord | Br
         if broken is not None:
             return broken
         _VALID_KINDS[kinds] = _text_cells(kinds)
-    parsed: dict[str, Any] = {"request": None, "response": None}
-    seq, decision_id = values["seq"], values["decision_id"]
-    for name in ("request", "response") if parse else ():
+    request_text, response_text = values["request"], values["response"]
+    values["request"] = values["response"] = None
+    for name, text in (("request", request_text), ("response", response_text)) if parse else ():
         try:
-            parsed[name] = parse_cell(values[name])
+            values[name] = parse_cell(text)
         except ValueError as exc:
-            return BrokenRecord(seq, decision_id, f"its {name} is not JSON ({str(exc)[:120]})")
-    record = object.__new__(LogRecord)  # (all its fields, as __init__ would set them, at a fraction of the cost)
-    record.__dict__.update({**values, **parsed,  # (an empty text is taken as __post_init__ takes it)
-                            "request_text": values["request"] or canonical(parsed["request"]),
-                            "response_text": values["response"] or canonical(parsed["response"])})
+            return BrokenRecord(values["seq"], values["decision_id"], f"its {name} is not JSON ({str(exc)[:120]})")
+    # (an empty text is taken as __post_init__ takes it)
+    values["request_text"] = request_text or canonical(values["request"])
+    values["response_text"] = response_text or canonical(values["response"])
+    # All its fields, as __init__ would set them, at a fraction of the cost: the row's dict becomes
+    # the record's own (the log's watch reads every new record back, and the sweep older ones).
+    record = object.__new__(LogRecord)
+    _set_attribute(record, "__dict__", values)
     return record
 
 
