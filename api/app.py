@@ -39,6 +39,7 @@ from engine.impact import Corpus, read_corpus
 from engine.loader import load_policies
 from engine.logcheck import LogWatch
 from engine.logkeys import MacKeyring, read_mac_keys, read_signing_key
+from engine.logwriter import WriterClient
 from engine.sources import LAST_GOOD, SET_VERSION, ArchiveSource, PolicySource, UnknownDigestError
 
 TAIL_CHECKED = 1000  # records of the log's chain verified when the service starts, and at every check
@@ -180,6 +181,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             "decision log without a MAC key: records are chained with plain SHA-256", extra={
                 "event": "log_unkeyed", "hint": "set BINDPOLICY_LOG_MAC_KEY_FILE (bindpolicy log keygen)"})
     service = Service(holder, store, metrics, tokens, watch, Path(app.config["CORPUS"]))
+    writer_socket = os.environ.get("BINDPOLICY_LOG_WRITER_SOCKET")
+    if writer_socket:  # the log's writer process commits for every worker (api/supervisor.py)
+        service.log = WriterClient(writer_socket, store)
     app.extensions["bindpolicy"] = service
     app.register_blueprint(routes)
     app.register_blueprint(authoring)

@@ -12,13 +12,23 @@ replaced on the same socket (connections queued on it wait for the replacement i
 being refused), and a stop (SIGTERM, SIGINT) stops every worker gracefully, as uvicorn's own
 supervisor does (this one is uvicorn's, with a socket per worker slot).
 
+With `--log-writer process`, the supervisor also runs the decision log's writer
+(engine/logwriter.py: one process that commits every worker's records in one group) on a Unix
+socket it holds itself: it starts the writer before the workers, replaces it if it dies (calls
+it had not answered fail with 503; calls made meanwhile wait in the socket's queue for the
+replacement) and stops it after the workers, once they have answered what they were serving.
+
 Run by `bindpolicy serve` (python -m api.supervisor ...); the options are uvicorn's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import socket
+import subprocess
 import sys
 
 from uvicorn.config import STARTUP_FAILURE, Config
@@ -53,24 +63,66 @@ def reuseport_sockets(host: str, port: int, count: int, backlog: int) -> list[so
     return sockets
 
 
+class LogWriterProcess:
+    """The decision log's writer (python -m engine.logwriter), on the supervisor's socket."""
+
+    def __init__(self, listener: socket.socket, database_url: str) -> None:
+        self.listener = listener
+        self.database_url = database_url
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        fd = self.listener.fileno()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.logwriter", "--fd", str(fd), "--database-url", self.database_url],
+            pass_fds=(fd,))
+
+    def keep_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            print(f"the decision log's writer (pid {self.process.pid}) exited with {self.process.returncode}; "
+                  "starting another", file=sys.stderr, flush=True)
+            self.restarts += 1
+            self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)  # (it ignores SIGTERM: see engine/logwriter.py)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class ReusePortSupervisor(Multiprocess):
     """uvicorn's supervisor (health checks, replacement of a dead worker, graceful stop, HUP),
-    with worker slot i always served from socket i."""
+    with worker slot i always served from socket i, and the log's writer if there is one."""
 
-    def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket], writer: LogWriterProcess | None = None) -> None:
         super().__init__(config, sockets)
         self.slots = sockets
+        self.writer = writer
 
     def _process(self, slot: int) -> Process:
         return Process(self.config, [self.slots[slot]])
 
     def init_processes(self) -> None:
+        if self.writer is not None:  # (before the workers: their first records go to it)
+            self.writer.start()
         for slot in range(self.processes_num):
             process = self._process(slot)
             process.start()
             self.processes.append(process)
 
+    def join_all(self) -> None:
+        super().join_all()
+        if self.writer is not None:  # (after the workers: what they were serving is committed first)
+            self.writer.stop()
+
     def keep_subprocess_alive(self) -> None:
+        if self.writer is not None and not self.should_exit.is_set():
+            self.writer.keep_alive()
         # uvicorn's loop, but the replacement gets the dead worker's socket.
         for slot, process in enumerate(self.processes):
             if self.should_exit.is_set():
@@ -115,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--backlog", type=int, default=2048)
+    parser.add_argument("--log-writer", choices=("process", "inline"), default="inline",
+                        help="process: one writer process commits every worker's records (engine/logwriter.py); "
+                             "inline: each worker commits its own")
+    parser.add_argument("--database-url", default="", help="the log (for the writer process)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         sys.exit("--workers must be 1 or more")
@@ -134,7 +190,22 @@ def main(argv: list[str] | None = None) -> None:
         sockets = reuseport_sockets(args.host, args.port, args.workers, args.backlog)
     except OSError as exc:
         sys.exit(f"cannot listen on {args.host}:{args.port}: {exc}")
-    ReusePortSupervisor(config, sockets).run()
+    writer = None
+    if args.log_writer == "process":
+        from pathlib import Path
+
+        from engine.logwriter import listening_socket, socket_path
+
+        path = socket_path(Path(os.environ.get("BINDPOLICY_DATA", "data")))
+        writer = LogWriterProcess(listening_socket(path), args.database_url)
+        os.environ["BINDPOLICY_LOG_WRITER_SOCKET"] = path  # (the workers, spawned, write through it)
+    try:
+        ReusePortSupervisor(config, sockets, writer).run()
+    finally:
+        if writer is not None:
+            writer.stop()
+            with contextlib.suppress(OSError):
+                os.unlink(os.environ["BINDPOLICY_LOG_WRITER_SOCKET"])
 
 
 if __name__ == "__main__":

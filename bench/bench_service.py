@@ -178,17 +178,23 @@ class Variant:
     workers: int
     threads: int
     checkout: Path = ROOT
+    env: tuple[tuple[str, str], ...] = ()  # settings of its own (BINDPOLICY_LOG_WRITER=inline...)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        """LABEL:WORKERS:THREADS[:CHECKOUT]"""
+        """LABEL:WORKERS:THREADS[:CHECKOUT][:VAR=VALUE,...]"""
         parts = text.split(":")
+        env: list[tuple[str, str]] = []
+        if len(parts) > 3 and "=" in parts[-1]:
+            for setting in parts.pop().split(","):
+                name, _, value = setting.partition("=")
+                env.append((name.strip(), value.strip()))
         if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
-            raise argparse.ArgumentTypeError(f"expected LABEL:WORKERS:THREADS[:CHECKOUT], not {text!r}")
+            raise argparse.ArgumentTypeError(f"expected LABEL:WORKERS:THREADS[:CHECKOUT][:VAR=VALUE,...], not {text!r}")
         checkout = Path(parts[3]).resolve() if len(parts) == 4 else ROOT
         if not (checkout / "api" / "asgi.py").is_file():
             raise argparse.ArgumentTypeError(f"{checkout} is not a bindpolicy checkout (no api/asgi.py)")
-        return cls(parts[0], int(parts[1]), int(parts[2]), checkout)
+        return cls(parts[0], int(parts[1]), int(parts[2]), checkout, tuple(env))
 
 
 def bindpolicy(port: int, data: Path, database_url: str, workers: int, threads: int, loop: str) -> list[str]:
@@ -251,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # default bound is 50 requests and 64 KiB, issue 8's CPU bound for one request).
                     env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
                          "BINDPOLICY_MAX_BATCH_BYTES": str(max(64 * 1024, 2 * batch.stat().st_size)),
-                         **path_env})), url))
+                         **path_env, **dict(variant.env)})), url))
         for server in [ref] + [s for s, _ in servers]:  # warm up (and compile)
             path, body = ("/hello", hello) if server is ref else ("/v1/decisions", one)
             hey(server.url + path, body, 1000, CONCURRENCY)
@@ -303,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serving = "; ".join(
         f"{v.label + ': ' if v.label else ''}`bindpolicy serve --workers {v.workers} --threads {v.threads} "
         f"--loop {args.loop}`{'' if v.checkout == ROOT else f' (the code of {v.checkout})'}"
+        f"{''.join(f' {name}={value}' for name, value in v.env)}"
         for v in args.variant or [Variant("", args.workers, args.threads)])
     report["settings"] = (f"bindpolicy: {serving}; "
                           f"load: hey, {CONCURRENCY} connections ({BATCH_CONCURRENCY} for batches of "
@@ -362,9 +369,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="bindpolicy's event loop (uvloop, as `make run`; asyncio to compare)")
-    parser.add_argument("--variant", action="append", type=Variant.parse, metavar="LABEL:WORKERS:THREADS[:CHECKOUT]",
+    parser.add_argument("--variant", action="append", type=Variant.parse,
+                        metavar="LABEL:WORKERS:THREADS[:CHECKOUT][:VAR=VALUE,...]",
                         help="run bindpolicy this way too, each in turn with the others in every round (A/B pairs: "
-                             "worker models, or old code from another checkout); replaces --workers/--threads")
+                             "worker models, old code from another checkout, or settings such as "
+                             "BINDPOLICY_LOG_WRITER=inline); replaces --workers/--threads")
     parser.add_argument("--only", help="only the decision log whose name holds this (SQLite, PostgreSQL)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--write-readme", action="store_true", help="put the table into README.md")

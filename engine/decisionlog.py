@@ -1128,6 +1128,10 @@ class PostgresStore(Store):
         # The chain's head as read by the leader once it holds the lock, before it takes its
         # group (see _lead): (head,), consumed by the next _append; None when no lock is held.
         self._held: tuple[Sequence[Any] | None] | None = None
+        # The log writer (engine/logwriter.py), the only writer of this machine, keeps the head it
+        # committed last and chains on it without reading it first (see _append_on).
+        self.sole_writer = False
+        self._known: tuple[int, str] | None = None
         if self.read_only:
             self.check_readable()
         else:
@@ -1191,28 +1195,64 @@ class PostgresStore(Store):
         once the lock is held (a statement sees what was committed when it started: read within
         the lock's, a head committed while it waited for the lock would be missed)."""
         held, self._held = self._held, None
+        known, self._known = self._known, None  # (set again once this commit is through)
+        if held is None and known is not None and len(records) <= self.SMALL_GROUP:
+            chained = self._append_on(conn, records, known)
+            if chained is not None:
+                return chained
         head = held[0] if held is not None else self._lock_and_head(conn)
         try:
             chained = self._chain(records, head)
-            rows = [self._row(r) for r in chained]
-            if len(rows) > self.SMALL_GROUP:
+            if len(chained) > self.SMALL_GROUP:
                 with conn.cursor().copy(self._copy) as copy:  # (each row written by psycopg's C code)
-                    for row in rows:
-                        copy.write_row(row)
+                    for record in chained:
+                        copy.write_row(self._row(record))
                 conn.execute("COMMIT")
             else:  # (no parameters: psycopg sends the text as is, by the simple protocol)
-                from psycopg import pq
-
-                quote, encoding = pq.Escaping(conn.pgconn).escape_literal, conn.info.encoding
-                conn.execute(self._insert_head + b", ".join([_values(row, quote, encoding) for row in rows])
-                             + b"; COMMIT")
+                conn.execute(self._literal_rows(conn, chained) + b"; COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             raise
+        return self._committed(chained)
+
+    def _committed(self, chained: list[LogRecord]) -> list[LogRecord]:
         self.batches += 1
         self.records += len(chained)
+        if self.sole_writer:
+            self._known = (chained[-1].seq, chained[-1].hash)
         return chained
+
+    def _literal_rows(self, conn: Any, chained: list[LogRecord]) -> bytes:
+        from psycopg import pq
+
+        quote, encoding = pq.Escaping(conn.pgconn).escape_literal, conn.info.encoding
+        return self._insert_head + b", ".join([_values(self._row(r), quote, encoding) for r in chained])
+
+    def _append_on(self, conn: Any, records: list[LogRecord], head: tuple[int, str]) -> list[LogRecord] | None:
+        """The log writer's commit (sole_writer): the records chained on the head it committed
+        last, sent with BEGIN, the chain's lock and COMMIT in one message, one round trip. None
+        if that head has moved (another process wrote: its next `seq` is taken), for _append to
+        chain them again on the head read under the lock."""
+        from psycopg import errors
+
+        chained = self._chain(records, head)
+        if not conn.autocommit:
+            conn.autocommit = True
+        try:
+            conn.execute(b"BEGIN; SELECT pg_advisory_xact_lock(%d); " % self.LOCK
+                         + self._literal_rows(conn, chained) + b"; COMMIT")
+        except errors.UniqueViolation as exc:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            if exc.diag.constraint_name != "decisions_pkey":
+                raise
+            return None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            raise
+        return self._committed(chained)
 
     def _has_table(self, conn: Any, name: str) -> bool:
         row = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
