@@ -11,7 +11,12 @@ Reported: records committed per second, the writers' CPU per record (every proce
 resource usage), PostgreSQL's CPU per record (every process of the server, from /proc: it
 shares the cores), records per commit, and each call's latency (p50, p99).
 
-Run: .venv/bin/python bench/bench_pglog.py --variant old:/tmp/old --variant new: [--size 100]
+A variant LABEL:CHECKOUT:writer runs the log writer of that checkout (engine/logwriter.py, one
+process, as `bindpolicy serve --log-writer process` does), and the processes write through it
+(`WriterClient`); the writer's CPU is counted with the writers'.
+
+Run: .venv/bin/python bench/bench_pglog.py --variant old:/tmp/old --variant new: [--variant one::writer]
+     [--size 100]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +43,10 @@ from tests.conftest import bind_request
 
 url, threads, seconds, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 store = open_store(url)
+log = store
+if sys.argv[5]:  # through the log writer
+    from engine.logwriter import WriterClient
+    log = WriterClient(sys.argv[5], store)
 request = bind_request()
 response = {"decision": "allow", "rule": None, "violations": [], "warnings": [], "outputs": {"fee": 12},
             "policy": {"version": "2025-07-01", "digest": "d" * 64, "runtime": "native"}, "at": "x" * 27}
@@ -46,7 +56,7 @@ def record():
                       response=response, duration_us=40)
 
 for _ in range(20):
-    store.write_many([record() for _ in range(size)])
+    log.write_many([record() for _ in range(size)])
 store.batches = store.records = 0
 latencies = []
 start_gate = threading.Barrier(threads + 1)
@@ -57,7 +67,7 @@ def work():
     while time.monotonic() < deadline:
         records = [record() for _ in range(size)]
         began = time.perf_counter()
-        store.write_many(records)
+        log.write_many(records)
         mine.append(time.perf_counter() - began)
     latencies.extend(mine)
 
@@ -70,7 +80,7 @@ start_gate.wait()
 for w in workers:
     w.join()
 after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"calls": len(latencies), "records": store.records, "commits": store.batches,
+print(json.dumps({"calls": len(latencies), "records": len(latencies) * size, "commits": store.batches,
                   "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
                   "latencies": latencies}))
 store.close()
@@ -92,21 +102,47 @@ def server_cpu(data: Path) -> float:
     return total
 
 
-def run_variant(url: str, checkout: Path, args: argparse.Namespace, data: Path) -> dict[str, float]:
+def process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_variant(url: str, checkout: Path, writer: bool, args: argparse.Namespace, data: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     pg_before = server_cpu(data)
+    path, process = "", None
+    if writer:  # the log writer, on a socket of its own
+        from engine.logwriter import listening_socket
+
+        path = str(data.parent / "writer.sock")
+        listener = listening_socket(path)
+        stats = data.parent / "writer.json"
+        process = subprocess.Popen([sys.executable, "-m", "engine.logwriter", "--fd", str(listener.fileno()),
+                                    "--database-url", url], cwd=checkout, pass_fds=(listener.fileno(),),
+                                   env={**env, "BINDPOLICY_LOG_WRITER_STATS": str(stats)})
     children = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(args.threads), str(args.seconds),
-                                  str(args.size)], cwd=checkout, env=env, stdout=subprocess.PIPE)
+                                  str(args.size), path], cwd=checkout, env=env, stdout=subprocess.PIPE)
                 for _ in range(args.processes)]
     outputs = [json.loads(child.communicate()[0]) for child in children]
+    writer_cpu = 0.0
+    commits = sum(o["commits"] for o in outputs)
+    if process is not None:
+        writer_cpu = process_cpu(process.pid)  # (its start and the warm-up included)
+        process.send_signal(signal.SIGUSR1)
+        process.wait(30)
+        listener.close()
+        done = json.loads(stats.read_text())
+        print(f"  the writer: {done}", file=sys.stderr)
+        commits = round(done["commits"] * sum(o["records"] for o in outputs) / done["records"])
     if any(child.returncode for child in children):
         raise RuntimeError("a writer failed")
     pg_cpu = server_cpu(data) - pg_before
     records = sum(o["records"] for o in outputs)
     latencies = sorted(x for o in outputs for x in o["latencies"])
-    return {"records_per_s": records / args.seconds, "writer_cpu_us": sum(o["cpu"] for o in outputs) / records * 1e6,
+    return {"records_per_s": records / args.seconds,
+            "writer_cpu_us": (sum(o["cpu"] for o in outputs) + writer_cpu) / records * 1e6,
             "postgres_cpu_us": pg_cpu / records * 1e6,  # (its warm-up's share included)
-            "per_commit": records / max(1, sum(o["commits"] for o in outputs)),
+            "per_commit": records / commits if commits else float("nan"),
             "p50_ms": latencies[len(latencies) // 2] * 1e3,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3}
 
@@ -121,15 +157,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    variants = [(v.split(":", 1)[0], Path(v.split(":", 1)[1] or ROOT).resolve()) for v in args.variant or ["this:"]]
+    variants = []
+    for text in args.variant or ["this:"]:
+        label, _, rest = text.partition(":")
+        checkout, _, mode = rest.partition(":")
+        if mode not in ("", "writer"):
+            sys.exit(f"--variant {text}: expected LABEL:CHECKOUT[:writer]")
+        variants.append((label, Path(checkout or ROOT).resolve(), mode == "writer"))
     load_before = os.getloadavg()[0]
-    figures: dict[str, list[dict[str, float]]] = {label: [] for label, _ in variants}
+    figures: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
     with postgres_cluster(fsync=True) as cluster:
-        urls = {label: fresh_schema(cluster.url, f"pglog_{number}") for number, (label, _) in enumerate(variants)}
+        urls = {label: fresh_schema(cluster.url, f"pglog_{number}") for number, (label, _, _) in enumerate(variants)}
         for number in range(args.rounds):
             print(f"round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
-            for label, checkout in variants:
-                figures[label].append(run_variant(urls[label], checkout, args, cluster.data))
+            for label, checkout, writer in variants:
+                figures[label].append(run_variant(urls[label], checkout, writer, args, cluster.data))
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; {args.processes} processes x "
           f"{args.threads} threads, {args.size} record(s) a call, {args.seconds:g} s, median of {args.rounds} rounds; "
           "PostgreSQL fsync on")
