@@ -152,11 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--loop", choices=("uvloop", "asyncio"), default=env("BINDPOLICY_LOOP", "uvloop"),
                        help="the workers' event loop [BINDPOLICY_LOOP] (default: uvloop, the faster by "
                             "bench/bench_service.py)")
-    serve.add_argument("--log-writer", choices=LOG_WRITERS, default=env("BINDPOLICY_LOG_WRITER", "auto"),
-                       help="who commits the decision log: process (one writer process for every worker's "
-                            "records, in one group commit), inline (each worker its own), auto (process for "
-                            "PostgreSQL, inline for SQLite: the faster of each by bench/bench_service.py) "
-                            "[BINDPOLICY_LOG_WRITER] (default: auto)")
+    serve.add_argument("--log-writer", choices=LOG_WRITERS, default=env("BINDPOLICY_LOG_WRITER", "inline"),
+                       help="who commits the decision log: inline (each worker its own records, in group "
+                            "commits), process (one writer process for every worker's records; slower in "
+                            "bench/bench_service.py's A/B on both logs, see the README) "
+                            "[BINDPOLICY_LOG_WRITER] (default: inline)")
     serve.set_defaults(handler=_serve)
 
     diff = commands.add_parser(
@@ -797,16 +797,7 @@ def _lines_out(path: str | None, newline: str | None = None) -> Iterator[IO[str]
 
 
 OUT_BLOCK = 64 * 1024
-LOG_WRITERS = ("auto", "process", "inline")
-
-
-def _log_writer(mode: str, database_url: str) -> str:
-    """The log's writer for this database: `auto` is a process for PostgreSQL, inline for SQLite."""
-    if mode not in LOG_WRITERS:
-        raise ValueError(f"BINDPOLICY_LOG_WRITER must be one of {', '.join(LOG_WRITERS)}, not {mode!r}")
-    if mode == "auto":
-        return "process" if database_url.startswith(("postgresql://", "postgres://")) else "inline"
-    return mode
+LOG_WRITERS = ("inline", "process")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -826,10 +817,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving the last good policy set kept in the log ({data / LAST_GOOD})", file=sys.stderr)
     if not _say_how_the_log_is_kept(data):
         return 1
-    try:
-        writer = _log_writer(args.log_writer, args.database_url)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
+    if args.log_writer not in LOG_WRITERS:  # (from the environment: argparse checks only the flag)
+        print(f"BINDPOLICY_LOG_WRITER must be one of {', '.join(LOG_WRITERS)}, not {args.log_writer!r}",
+              file=sys.stderr)
         return 2
     data.mkdir(parents=True, exist_ok=True)
     os.environ.update({
@@ -844,7 +834,7 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn's workers, each on its own SO_REUSEPORT socket, so that the kernel spreads the
     # connections evenly (api/supervisor.py; with one shared socket one worker took most of them)
     os.execv(sys.executable, [sys.executable, "-m", "api.supervisor", "--host", args.host, "--port", str(args.port),
-                              "--workers", str(args.workers), "--loop", args.loop, "--log-writer", writer,
+                              "--workers", str(args.workers), "--loop", args.loop, "--log-writer", args.log_writer,
                               "--database-url", args.database_url or str(data / "decisions.db")])
     return 0  # not reached
 

@@ -97,11 +97,11 @@ class _Connection:
 
 
 class LogWriter:
-    """The writer: one thread reads every connection's frames and sends the answers, another
-    commits. The committer takes whatever has come (every caller, from any worker) as one group,
-    commits it, hands the group back for its answers and takes the next at once: the frames that
-    came during a commit's flush are read, checked and queued meanwhile, and the answers of one
-    commit are sent during the next, so that between two flushes only the group's chaining runs."""
+    """The writer: reads frames from every connection, commits what came in one group, answers.
+
+    One thread. While a group commits, new frames wait in the sockets; the next turn takes
+    them all, so a group is whatever came during the last commit (as the workers' own group
+    commit did, but across workers)."""
 
     def __init__(self, store: Store, listener: socket.socket, parent: int | None = None) -> None:
         self.store = store
@@ -111,73 +111,23 @@ class LogWriter:
         self.stopping = threading.Event()
         self.commits = self.records = self.calls = 0  # (for the benches: records a commit)
         self.committing = 0.0  # seconds spent in commits
-        self._queued: list[tuple[_Connection, _Pending]] = []  # read, not yet taken by the committer
-        self._answered: list[tuple[_Connection, _Pending]] = []  # committed (or not), to answer
-        self._ready = threading.Condition()
-        self._wake_reader, self._wake_writer = socket.socketpair()
 
     def serve(self) -> None:
         self.listener.setblocking(False)
-        self._wake_reader.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, None)
-        self.selector.register(self._wake_reader, selectors.EVENT_READ, self._wake_reader)
-        committer = threading.Thread(target=self._commit_loop, name="log-committer", daemon=True)
-        committer.start()
-        try:
-            while not self.stopping.is_set():
-                for key, _ in self.selector.select(timeout=0.2):
-                    if key.data is None:
-                        self._accept()
-                    elif key.data is self._wake_reader:
-                        with contextlib.suppress(BlockingIOError):
-                            self._wake_reader.recv(4096)
-                    else:
-                        self._queue(self._read(key.data))
-                self._answer_committed()
-                if self.parent is not None and os.getppid() != self.parent:
-                    break
-        finally:
-            self.stopping.set()
-            with self._ready:
-                self._ready.notify()
-            committer.join()
-            self._answer_committed()
-            self.selector.close()
-            self._wake_reader.close()
-            self._wake_writer.close()
-
-    def _queue(self, found: list[tuple[_Connection, _Pending]]) -> None:
-        refused = [(conn, pending) for conn, pending in found if pending.done]
-        taken = [(conn, pending) for conn, pending in found if not pending.done]
-        if taken:
-            with self._ready:
-                self._queued.extend(taken)
-                self._ready.notify()
-        for conn, pending in refused:
-            self._answer(conn, {"error": str(pending.error)})
-
-    def _commit_loop(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queued and not self.stopping.is_set():
-                    self._ready.wait()
-                waiting, self._queued = self._queued, []
-            if not waiting:
-                return  # (stopping, and nothing left to commit)
-            self._commit(waiting)
-            with self._ready:
-                self._answered.extend(waiting)
-            with contextlib.suppress(OSError):
-                self._wake_writer.send(b"!")
-
-    def _answer_committed(self) -> None:
-        with self._ready:
-            done, self._answered = self._answered, []
-        for conn, pending in done:
-            if pending.error is not None:
-                self._answer(conn, {"error": str(pending.error)})
-            else:
-                self._answer(conn, {"ok": [[r.seq, r.prev_hash, r.hash] for r in pending.results or ()]})
+        waiting: list[tuple[_Connection, _Pending]] = []
+        while not self.stopping.is_set():
+            for key, _ in self.selector.select(timeout=0 if waiting else 0.2):
+                if key.data is None:
+                    self._accept()
+                else:
+                    waiting.extend(self._read(key.data))
+            if waiting:
+                self._commit(waiting)
+                waiting = []
+            elif self.parent is not None and os.getppid() != self.parent:
+                break
+        self.selector.close()
 
     def _accept(self) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
@@ -216,8 +166,8 @@ class LogWriter:
         return found
 
     def _commit(self, waiting: list[tuple[_Connection, _Pending]]) -> None:
-        """Every caller's records, in groups of up to the store's max_batch."""
-        group = [pending for _, pending in waiting]
+        """Every caller's records, in groups of up to the store's max_batch, then the answers."""
+        group = [pending for _, pending in waiting if not pending.done]
         began = time.perf_counter()
         self.calls += len(group)
         while group:
@@ -226,6 +176,11 @@ class LogWriter:
             self.commits += 1
             self.records += sum(len(p.records) for p in taken)
         self.committing += time.perf_counter() - began
+        for conn, pending in waiting:
+            if pending.error is not None:
+                self._answer(conn, {"error": str(pending.error)})
+            else:
+                self._answer(conn, {"ok": [[r.seq, r.prev_hash, r.hash] for r in pending.results or ()]})
 
     def _answer(self, conn: _Connection, body: dict[str, Any]) -> None:
         if conn.closed:
