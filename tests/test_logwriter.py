@@ -237,3 +237,38 @@ def test_the_service_with_its_writer_killed_mid_run_answers_503_and_loses_nothin
         assert all(d in logged for d in mine)  # every answered decision is in the log
         assert [logged[d] for d in mine] == sorted(logged[d] for d in mine)  # in the order answered
     assert sum(map(len, answered.values())) > 20
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "inline"), ("process", "process"), ("bogus", None)])
+def test_serve_hands_the_log_writer_setting_to_the_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              setting: str | None, expected: str | None) -> None:
+    from engine.cli import main
+
+    from .conftest import POLICIES
+    from .test_serve_loop import SET_BY_SERVE
+
+    for name in (*SET_BY_SERVE, "BINDPOLICY_LOG_WRITER"):  # serve sets them for its workers: as they were after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    if setting is not None:
+        monkeypatch.setenv("BINDPOLICY_LOG_WRITER", setting)
+    started: list[list[str]] = []
+
+    class Started(Exception):
+        pass
+
+    def execv(_path: str, argv: list[str]) -> None:
+        started.append(argv)
+        raise Started
+
+    monkeypatch.setattr(os, "execv", execv)
+    if expected is None:
+        assert main(["serve", "--policies", str(POLICIES), "--data", str(tmp_path / "data")]) == 2
+        assert "BINDPOLICY_LOG_WRITER must be one of inline, process, not 'bogus'" in capsys.readouterr().err
+        return
+    with pytest.raises(Started):
+        main(["serve", "--policies", str(POLICIES), "--data", str(tmp_path / "data")])
+    argv = started[0]
+    assert argv[argv.index("--log-writer") + 1] == expected
+    assert argv[argv.index("--database-url") + 1] == str(tmp_path / "data" / "decisions.db")
