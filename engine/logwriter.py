@@ -19,6 +19,12 @@ all, and is never sent twice), the supervisor starts another on the same listeni
 the next calls are served by it. A frame that is not a list of records as sent here is answered
 with an error naming what is wrong; the writer goes on.
 
+Measured, it does not pay on the 2-core machine of the README (`bindpolicy serve --log-writer
+process` against the default `inline`, A/B in bench/bench_service.py): a commit that must not
+outlive a failed one before it starts only once that one has ended, after its flush, so the
+writer too flushes one group at a time with as many records as the workers' own group commits
+had, while every call pays a frame, the writer's reading and answer, and two more wake-ups.
+
 Frames, both ways: 4 bytes of length (big-endian), then JSON. To the writer: a list of records,
 each a list of the `WIRE` fields. Back: `{"ok": [[seq, prev_hash, hash], ...]}` or `{"error": "..."}`.
 """
