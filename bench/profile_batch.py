@@ -3,8 +3,9 @@
 The app (SQLite log in a temporary folder, or PostgreSQL with --database-url; the access log
 off, as the bench runs the service) is called through its WSGI entry with a batch of --size
 bind requests (the bundled one, as bench/bench_service.py sends), first plainly (CPU per
-decision), then under cProfile, whose cumulative times are split into the parts of the batch
-route: reading the body, deciding, making the records, committing them (chained, inserted,
+decision), then under cProfile (CPU time: its cost per Python call swells the Python-heavy parts,
+so take its shares as a map and py-spy's for sizes), whose cumulative times are split into the
+parts of the batch route: reading the body, deciding, making the records, committing them (chained, inserted,
 SQLite's COMMIT), metrics and the JSON answer. The log's watch is off here
 (BINDPOLICY_LOG_CHECK_INTERVAL=0): in the service one worker checks every new record too (see
 bench/bench_logwatch.py). `--checkout DIR` runs another checkout's code, and `--turns N`
@@ -41,7 +42,7 @@ PARTS = [
     ("making the records (canonical JSON of each answer)", "engine/decisionlog.py", "new_records"),
     ("committing: chaining (content, hash or MAC)", "engine/decisionlog.py", "_chain"),
     ("committing: the rows' INSERT", "engine/decisionlog.py", "_insert_rows"),
-    ("committing: the rows' INSERT", "<built-in method", "executemany"),
+    ("committing: the rows' INSERT", "~", "<method 'executemany' of 'sqlite3.Connection' objects>"),
     ("committing: COMMIT", "engine/decisionlog.py", "commit"),
     ("metrics (prometheus, multiprocess files)", "api/routes.py", "_count"),
     ("the JSON answer (orjson, headers)", "api/routes.py", "_json"),

@@ -208,8 +208,11 @@ class TestBatch:
         check = client.application.extensions["bindpolicy"].holder.engine.check
         vouched = [check.vouch(json.dumps(r).encode()) is not None for r in requests]
         assert vouched == [True, True, False, True, True, False, False, False, True, True]
-        # All read in one pass; then some the strict way (a request of those has its own error entry).
-        for chosen in ([n for n, ok in enumerate(vouched) if ok], list(range(len(requests)))):
+        # All read in one pass; then some the strict way (a request of those has its own error entry);
+        # then each twice (the time and version chosen for an `at` and `policy_version` are kept for
+        # the batch's next request with the same, a version or time refused is refused again).
+        for chosen in ([n for n, ok in enumerate(vouched) if ok], list(range(len(requests))),
+                       [*range(len(requests)), *range(len(requests))]):
             batch = client.post("/v1/decisions/batch", json={"requests": [requests[n] for n in chosen]})
             assert batch.status_code == 200
             assert [same(a) for a in batch.json["decisions"]] == [same(alone[n]) for n in chosen]
