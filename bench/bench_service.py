@@ -258,6 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
                          "BINDPOLICY_MAX_BATCH_BYTES": str(max(64 * 1024, 2 * batch.stat().st_size)),
                          **path_env, **dict(variant.env)})), url))
+        print("servers: " + ", ".join(f"{s.name} {s.url}" for s in [ref] + [s for s, _ in servers]), file=sys.stderr,
+              flush=True)
         for server in [ref] + [s for s, _ in servers]:  # warm up (and compile)
             path, body = ("/hello", hello) if server is ref else ("/v1/decisions", one)
             hey(server.url + path, body, 1000, CONCURRENCY)
@@ -272,8 +274,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                  BATCH_CONCURRENCY, "batch")["answered"] * args.batch_size
             for server, _ in servers:  # half of this round's maximum, for both
                 rate = server.samples["max_rps"][-1] / 2
-                measure(ref, "/hello", hello, args.requests // 2, CONCURRENCY, f"half_{server.name}", rate)
-                answered[server.name] += measure(server, "/v1/decisions", one, args.requests // 2, CONCURRENCY,
+                # At least --half-seconds of load: p99 is then over thousands of answers and spans
+                # the service's periodic work (the log watch's step every 5 s, the WAL's
+                # checkpoints), as it would in a longer run; 1000 answers (3 s) made it the 10th
+                # slowest, there or not depending on whether a step fell inside the window.
+                count = max(args.requests // 2, int(rate * args.half_seconds))
+                measure(ref, "/hello", hello, count, CONCURRENCY, f"half_{server.name}", rate)
+                answered[server.name] += measure(server, "/v1/decisions", one, count, CONCURRENCY,
                                                  "half", rate)["answered"]
         rows = []
         for server, url in servers:
@@ -313,7 +320,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for v in args.variant or [Variant("", args.workers, args.threads)])
     report["settings"] = (f"bindpolicy: {serving}; "
                           f"load: hey, {CONCURRENCY} connections ({BATCH_CONCURRENCY} for batches of "
-                          f"{args.batch_size}), {args.requests} requests a measurement, median of "
+                          f"{args.batch_size}), {args.requests} requests a measurement (at half load at least "
+                          f"{args.half_seconds:g} s of them), median of "
                           f"{args.rounds} rounds")
     return report
 
@@ -362,6 +370,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8000, help="single requests per measurement")
     parser.add_argument("--batches", type=int, default=200, help="batch requests per measurement")
+    parser.add_argument("--half-seconds", type=float, default=10.0,
+                        help="at half load, send at least this many seconds of requests (default 10)")
     parser.add_argument("--batch-size", type=int, default=50,
                         help="requests in a batch (default 50, the service's own bound; it is started with this one)")
     parser.add_argument("--rounds", type=int, default=3)
