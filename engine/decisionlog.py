@@ -1075,7 +1075,9 @@ def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float) -
                 continue
             try:
                 if conn is None:
-                    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+                    # (mode=rw: a log removed meanwhile is not made again, empty)
+                    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30, isolation_level=None,
+                                           check_same_thread=False)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 done = committed
             except sqlite3.Error:  # (the next commit's own checkpoint past the backstop, or the next try)
