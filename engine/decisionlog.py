@@ -967,10 +967,16 @@ class SQLiteStore(Store):
     CHECKPOINT_EVERY = 0.5  # seconds between the thread's checkpoints (when something committed)
     AUTOCHECKPOINT_PAGES = 20_000  # SQLite's checkpoint in a commit, only past this many WAL pages
 
-    _closed = False  # (the checkpoint thread ends)
+    _checkpointer: threading.Thread | None = None
+    _stopped: threading.Event | None = None  # the checkpoint thread ends
 
     def close(self) -> None:
-        self._closed = True
+        """Also ends the checkpoint thread, once a checkpoint under way is done and its connection
+        closed (the files are then as the last commit left them, for a copy)."""
+        if self._stopped is not None and self._checkpointer is not None:
+            self._stopped.set()
+            if self._checkpointer is not threading.current_thread():
+                self._checkpointer.join(timeout=30)
         super().close()
 
     def _start_checkpointer(self) -> None:
@@ -978,8 +984,11 @@ class SQLiteStore(Store):
         if getattr(self, "_checkpointer_pid", None) == os.getpid() or self.CHECKPOINT_EVERY <= 0:
             return
         self._checkpointer_pid = os.getpid()
-        threading.Thread(target=_checkpoint_wal, args=(weakref.ref(self), self.path, self.CHECKPOINT_EVERY),
-                         name="log-checkpoint", daemon=True).start()
+        self._stopped = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=_checkpoint_wal, args=(weakref.ref(self), self.path, self.CHECKPOINT_EVERY, self._stopped),
+            name="log-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def init(self) -> None:
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
@@ -1060,15 +1069,14 @@ class SQLiteStore(Store):
         return f"SQLiteStore({self.path})"
 
 
-def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float) -> None:
+def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float, stopped: threading.Event) -> None:
     """Checkpoint the WAL every `every` seconds while commits come, until the store is closed or gone."""
     conn: sqlite3.Connection | None = None
     done = -1
     try:
-        while True:
-            time.sleep(every)
+        while not stopped.wait(every):
             live = store()
-            if live is None or live._closed:
+            if live is None:
                 return
             committed, live = live.batches, None
             if committed == done:
@@ -1080,7 +1088,7 @@ def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float) -
                                            check_same_thread=False)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 done = committed
-            except sqlite3.Error:  # (the next commit's own checkpoint past the backstop, or the next try)
+            except sqlite3.Error:  # (the next try, or SQLite's own checkpoint past the backstop)
                 if conn is not None:
                     conn.close()
                 conn = None

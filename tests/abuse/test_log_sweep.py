@@ -5,6 +5,8 @@ removed from the end after the last check, or after a graceful stop, are found b
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,15 @@ def test_the_tail_checks_again_what_earlier_steps_verified_not_what_it_just_read
     assert ev.watch.breach is not None and ev.watch.breach.seq == 31, ev.watch.breach
 
 
+def paused(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pauses the watch takes (in this thread; the others, such as the log's checkpoint thread, sleep)."""
+    pauses: list[float] = []
+    sleep, here = time.sleep, threading.current_thread()
+    monkeypatch.setattr("engine.logcheck.time.sleep",
+                        lambda s: pauses.append(s) if threading.current_thread() is here else sleep(s))
+    return pauses
+
+
 def test_a_paced_step_pauses_between_pieces_and_still_finds_a_rewritten_record(
         evidence: Evidence, monkeypatch: pytest.MonkeyPatch) -> None:
     """The background thread's steps read and check PIECE records at a time and sleep between
@@ -188,8 +199,7 @@ def test_a_paced_step_pauses_between_pieces_and_still_finds_a_rewritten_record(
     in one go finds, and a step at shutdown does not pause."""
     ev = swept(evidence)
     ev.watch.step()
-    pauses: list[float] = []
-    monkeypatch.setattr("engine.logcheck.time.sleep", pauses.append)
+    pauses = paused(monkeypatch)
     ev.watch.PIECE, ev.watch.paced, ev.watch.budget = 2, True, 0.25
     forged_mac(ev, 9, MacKey(b"\x02" * 32))
     decide(ev.app.test_client(), 2)  # 2 new records: one piece; the tail: record 30, one piece
@@ -205,8 +215,7 @@ def test_a_paced_step_pauses_between_pieces_and_still_finds_a_rewritten_record(
 @pytest.mark.parametrize(("duty", "pause"), [(0.5, 0.01), (0.1, 0.09), (1.0, 0.0)])
 def test_a_pause_keeps_the_pieces_within_their_share_of_a_core(evidence: Evidence, monkeypatch: pytest.MonkeyPatch,
                                                                duty: float, pause: float) -> None:
-    pauses: list[float] = []
-    monkeypatch.setattr("engine.logcheck.time.sleep", pauses.append)
+    pauses = paused(monkeypatch)
     monkeypatch.setattr("engine.logcheck.time.thread_time", lambda: 5.01)
     evidence.watch.paced, evidence.watch._piece_started = True, 5.0  # a piece of 10 ms of CPU
     evidence.watch._pause(duty)
