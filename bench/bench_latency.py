@@ -50,7 +50,7 @@ def hey_csv(url: str, body: Path, count: int, rate: float) -> list[tuple[float, 
     started = time.time()
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900).stdout
     rows = [line.split(",") for line in out.splitlines()[1:] if line.count(",") >= 7]
-    if len(rows) != count or any(row[6] != "200" for row in rows):
+    if len(rows) != count // CONCURRENCY * CONCURRENCY or any(row[6] != "200" for row in rows):  # (n/c each)
         raise RuntimeError(f"{url}: {len(rows)} answers of {count}, statuses {sorted({r[6] for r in rows})}")
     return [(float(row[0]) * 1000, started + float(row[7])) for row in rows]
 
