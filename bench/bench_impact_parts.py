@@ -4,7 +4,7 @@ and the best of --rounds kept, in CPU time:
 
 - the plain way (every request each side's whole decision through Engine.decide) against the
   quick way (engine/impact.py's QuickJudge), reading included: their ratio;
-- the quick way's parts: reading each line (orjson, and freeing what it built), the request check
+- the quick way's parts: reading each line (msgspec, and freeing what it built), the request check
   (jsonschema-rs), the generated paths' verdicts as the quick way calls them (twins once), the
   requests judged the plain way (a path that hands over), and the rest (the loop, look-ups,
   counting), which is the whole less the others.
@@ -104,7 +104,7 @@ def main() -> None:
     parts = {
         "the plain way (Engine.decide per side), reading included": plain,
         "the quick way, reading included": whole,
-        "  reading (orjson, the objects built and freed)": read,
+        "  reading (msgspec, the objects built and freed)": read,
         "  the request check (jsonschema-rs)": lambda: [usable(r) for chunk in requests for r in chunk
                                                         if type(r) is dict],
         "  the generated paths' verdicts": lambda: [f(r, at) for f, r, at in calls],

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -127,20 +128,23 @@ def judge(engine: Engine, old: str, new: str, requests: Iterable[Any], now: date
 
 def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, *,
                   labels: tuple[str, str] | None = None, origins: Sequence[str] | None = None,
-                  quick: bool = True, explain: bool = True) -> ImpactReport:
+                  quick: bool = True, explain: bool = True, read: bool = False) -> ImpactReport:
     """The impact between two (engine, version) sides; a version None judges each request by the
     version it selects itself (its `at`, or its pin), as that engine would serve it. `origins`
     says where each request was read (a file's line, a part's row), for the examples. `quick`:
     the common request is judged by QuickJudge (the same figures; False: every request the plain
     way, each side's whole decision, as the tests compare). `explain`: each group's examples
     explained (False: only where they were read and the request, for explain_examples to do
-    once for a whole run, as run_impact does)."""
+    once for a whole run, as run_impact does). `read`: the requests come as read_lines gives
+    them, each with whether its text had no escape."""
     report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
     tally = _Tally()
     judge_quickly = QuickJudge.of(old, new, now) if quick else None
     if judge_quickly is not None:
-        judge_quickly.judge(requests, report, tally, origins, old, new)
+        judge_quickly.judge(requests if read else zip(requests, repeat(False)), report, tally, origins, old, new)
     else:
+        if read:
+            requests = map(itemgetter(0), requests)
         for index, request in enumerate(requests):
             report.total += 1
             judged = _judged_plainly(old, new, request, now, report)
@@ -239,6 +243,7 @@ class QuickJudge:
         self.new_version = new_engine.policies.get(new_name)
         self.check = old_engine.check
         self.usable = self.check.usable.is_valid
+        self.unescaped = self.check.usable_unescaped.is_valid  # (no NUL patterns: read_lines says there is none)
         self.names = (old_name, new_name)
         self.now = now
         self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool] | tuple[()]] = {}
@@ -273,19 +278,20 @@ class QuickJudge:
             return None  # a pin the schema refuses: every request is rejected, the plain way says how
         return cls(old, new, now)
 
-    def judge(self, requests: Iterable[Any], report: ImpactReport, tally: _Tally, origins: Sequence[str] | None,
-              old: Side, new: Side) -> None:
-        """Judge each request into the report (counts) and the tally (flips); one loop, with what
-        it looks up held in locals: a request costs its check and its verdicts, little more."""
-        usable, paths, times, now = self.usable, self.paths, self.times, self.now
+    def judge(self, requests: Iterable[tuple[Any, bool]], report: ImpactReport, tally: _Tally,
+              origins: Sequence[str] | None, old: Side, new: Side) -> None:
+        """Judge each request (with whether it was read from a text without escapes) into the
+        report (counts) and the tally (flips); one loop, with what it looks up held in locals: a
+        request costs its check and its verdicts, little more."""
+        usable, unescaped, paths, times, now = self.usable, self.unescaped, self.paths, self.times, self.now
         old_pin, new_pin = self.names
         flip = tally.flip
         total = same = 0
-        for index, request in enumerate(requests):
+        for index, (request, plain_text) in enumerate(requests):
             total += 1
             pair: Any = None
             twins = settle = False
-            if type(request) is dict and usable(request):
+            if type(request) is dict and (unescaped(request) if plain_text else usable(request)):
                 key = (request["action"], request.get("role"))
                 found = paths.get(key)
                 if found is None:
@@ -520,17 +526,25 @@ def parsed(lines: Iterable[str | bytes]) -> Iterator[Any]:
     """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON, or where
     Python cannot read it: an integer of more than 4,300 digits, nesting past the recursion
     limit), one at a time (a chunk's request judged while it is fresh in the cache, then freed:
-    the next one is built in the same memory), at msgspec's cost where both read alike. msgspec
-    reads every integer exactly, as json.loads does (orjson, used before, reads one beyond 64
-    bits as a float: each line was searched for 19 digits in a row first, a translation of the
-    line, about a third of orjson's own cost); it refuses what json.loads may read otherwise
-    (NaN and Infinity, 1e400, a lone surrogate, bytes that are not UTF-8...: then json.loads reads
-    the text, undecodable bytes replaced as a text file read with errors="replace" would). A line
-    is text or its UTF-8 bytes (read as a file's bytes: no decoding and encoding again)."""
+    the next one is built in the same memory): read_lines' values."""
+    for value, _ in read_lines(lines):
+        yield value
+
+
+def read_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[Any, bool]]:
+    """Each line's JSON value, as parsed() gives it, and whether its text has no backslash (no
+    escape: then no string in it holds NUL, which JSON writes only escaped). Read at msgspec's
+    cost where it reads as json.loads does: it reads every integer exactly (orjson, used before,
+    reads one beyond 64 bits as a float: each line was searched for 19 digits in a row first, a
+    translation of the line, about a third of orjson's own cost); it refuses what json.loads may
+    read otherwise (NaN and Infinity, 1e400, a lone surrogate, bytes that are not UTF-8...: then
+    json.loads reads the text, undecodable bytes replaced as a text file read with
+    errors="replace" would). A line is text or its UTF-8 bytes (read as a file's bytes: no
+    decoding and encoding again)."""
     decode, refused = _DECODE, _REFUSED
     for line in lines:
         try:
-            yield decode(line)
+            yield decode(line), (b"\\" if type(line) is bytes else "\\") not in line  # type: ignore[operator]
             continue
         except refused:
             pass
@@ -539,7 +553,7 @@ def parsed(lines: Iterable[str | bytes]) -> Iterator[Any]:
             value = json.loads(text)
         except (ValueError, RecursionError):  # JSONDecodeError, or what Python cannot hold
             value = NOT_JSON
-        yield value
+        yield value, False
 
 
 def parse_lines_plainly(lines: Iterable[str]) -> list[Any]:
@@ -596,8 +610,8 @@ def _judge_chunk(chunk: Chunk) -> ImpactReport:
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
-        return judge_engines(_WORKER["old"], _WORKER["new"], parsed(texts), _WORKER["now"],
-                             labels=_WORKER["labels"], origins=origins, explain=False)
+        return judge_engines(_WORKER["old"], _WORKER["new"], read_lines(texts), _WORKER["now"],
+                             labels=_WORKER["labels"], origins=origins, explain=False, read=True)
 
 
 LINE = "line "  # the name of a line that says nothing else of where it was read: `line N`

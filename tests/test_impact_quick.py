@@ -319,8 +319,8 @@ def test_the_command_reads_its_files_as_bytes_as_it_read_their_text(policies: Po
         read.extend(type(line) for line in lines)
         return parse(lines)
 
-    parse = impact.parsed
-    monkeypatch.setattr(impact, "parsed", parsed_seen)
+    parse = impact.read_lines
+    monkeypatch.setattr(impact, "read_lines", parsed_seen)
     locations = [str(path) for path in paths]
     expected = figures(run_impact(policies, "v1", "v2", numbered_lines(locations), workers=1))
     read.clear()
@@ -405,3 +405,53 @@ def test_the_checker_schema_is_checked_by_jsonschema_rs_as_by_jsonschema() -> No
         jsonschema.Draft202012Validator.check_schema(bounded_schema(-1))
     with pytest.raises(jsonschema_rs.ValidationError):
         jsonschema_rs.validator_for(bounded_schema(-1), validate_formats=True)
+
+
+def test_a_file_run_gives_the_plain_report(policies: PolicySet, corpus: list[str]) -> None:
+    """run_impact (the lines read by read_lines, each text without a backslash checked without the
+    NUL patterns) reports as the plain way does over the same lines, escapes and NUL included."""
+    nul = json.dumps(bind_request(account={**ACCOUNT, "name": "a\u0000b"}))
+    escaped = json.dumps(bind_request(account={**ACCOUNT, "name": "caf\u00e9 \"x\""}))
+    lines = [*corpus[-700:], nul, escaped, json.dumps(FLIPPING).replace('"US"', '"U\\u0053"')]
+    got = figures(run_impact(policies, "v1", "v2", lines, workers=1, now=NOW))
+    engine = Engine(policies)
+    plain = figures(judge_engines((engine, "v1"), (engine, "v2"), parse_lines_plainly(lines), NOW, quick=False))
+    assert got == plain
+    alone = figures(run_impact(policies, "v1", "v2", [nul, escaped], workers=1, now=NOW))
+    assert alone["rejected"] == 1 and alone["rejections"][0]["inputs"] == ["line 1"]  # the NUL, refused
+
+
+def test_the_leaner_schemas_judge_as_the_contract() -> None:
+    """RequestChecker's `usable` (oneOf of null as anyOf, capital letters as an enum) judges every
+    value as jsonschema-rs does over the schema as written; `usable_unescaped` too, where the
+    value's JSON text has no backslash (no NUL in it)."""
+    import random
+
+    import jsonschema_rs
+
+    from engine.request import RequestChecker, _usable_timestamps
+
+    checker = RequestChecker()
+    written = jsonschema_rs.validator_for(_usable_timestamps(checker.schema), validate_formats=True).is_valid
+    pick = random.Random(3)
+    odd = [None, "", "a", "ab", "AB", "ABC", "A", "ZZ", "Zz", "É", 5, 1.5, True, [], {}, "a\u0000", "\u0000",
+           "2025-06-01T00:00:00Z", {"shop_id": "s", "status": "pending"}]
+    values = []
+    for request in generate_requests(300, seed=9, broken=0.1):
+        values.append(request)
+        for _ in range(3):  # a field here and there put to an odd value
+            mutated = json.loads(json.dumps(request))
+            holder = mutated
+            for _ in range(pick.randint(0, 2)):
+                inner = [v for v in holder.values() if isinstance(v, dict)]
+                holder = pick.choice(inner) if inner else holder
+            holder[pick.choice([*holder, "market", "region", "invitation", "location"])] = pick.choice(odd)
+            values.append(mutated)
+    accepted = 0
+    for value in values:
+        expected = written(value)
+        accepted += expected
+        assert checker.usable.is_valid(value) == expected, value
+        if "\\" not in json.dumps(value, ensure_ascii=False):
+            assert checker.usable_unescaped.is_valid(value) == expected, value
+    assert 300 < accepted < len(values) - 300  # both kinds, many of each
