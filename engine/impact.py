@@ -135,7 +135,7 @@ def judge_engines(old: Side, new: Side, requests: Iterable[Any], now: datetime, 
     the common request is judged by QuickJudge (the same figures; False: every request the plain
     way, each side's whole decision, as the tests compare). `explain`: each group's examples
     explained (False: only where they were read and the request, for explain_examples to do
-    once for a whole run, as run_impact does). `read`: the requests come as read_lines gives
+    once for a whole run, as run_impact does). `read`: the requests come as read_values gives
     them, each with whether its text had no escape."""
     report = ImpactReport(*(labels or (str(old[1]), str(new[1]))))
     tally = _Tally()
@@ -243,7 +243,7 @@ class QuickJudge:
         self.new_version = new_engine.policies.get(new_name)
         self.check = old_engine.check
         self.usable = self.check.usable.is_valid
-        self.unescaped = self.check.usable_unescaped.is_valid  # (no NUL patterns: read_lines says there is none)
+        self.unescaped = self.check.usable_unescaped.is_valid  # (no NUL patterns: read_values says there is none)
         self.names = (old_name, new_name)
         self.now = now
         self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool] | tuple[()]] = {}
@@ -526,12 +526,12 @@ def parsed(lines: Iterable[str | bytes]) -> Iterator[Any]:
     """Each line's JSON value as json.loads reads it (NOT_JSON where it is not JSON, or where
     Python cannot read it: an integer of more than 4,300 digits, nesting past the recursion
     limit), one at a time (a chunk's request judged while it is fresh in the cache, then freed:
-    the next one is built in the same memory): read_lines' values."""
-    for value, _ in read_lines(lines):
+    the next one is built in the same memory): read_values' values."""
+    for value, _ in read_values(lines):
         yield value
 
 
-def read_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[Any, bool]]:
+def read_values(lines: Iterable[str | bytes]) -> Iterator[tuple[Any, bool]]:
     """Each line's JSON value, as parsed() gives it, and whether its text has no backslash (no
     escape: then no string in it holds NUL, which JSON writes only escaped). Read at msgspec's
     cost where it reads as json.loads does: it reads every integer exactly (orjson, used before,
@@ -610,7 +610,7 @@ def _judge_chunk(chunk: Chunk) -> ImpactReport:
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
     with collector_paused():
-        return judge_engines(_WORKER["old"], _WORKER["new"], read_lines(texts), _WORKER["now"],
+        return judge_engines(_WORKER["old"], _WORKER["new"], read_values(texts), _WORKER["now"],
                              labels=_WORKER["labels"], origins=origins, explain=False, read=True)
 
 

@@ -319,8 +319,8 @@ def test_the_command_reads_its_files_as_bytes_as_it_read_their_text(policies: Po
         read.extend(type(line) for line in lines)
         return parse(lines)
 
-    parse = impact.read_lines
-    monkeypatch.setattr(impact, "read_lines", parsed_seen)
+    parse = impact.read_values
+    monkeypatch.setattr(impact, "read_values", parsed_seen)
     locations = [str(path) for path in paths]
     expected = figures(run_impact(policies, "v1", "v2", numbered_lines(locations), workers=1))
     read.clear()
@@ -408,7 +408,7 @@ def test_the_checker_schema_is_checked_by_jsonschema_rs_as_by_jsonschema() -> No
 
 
 def test_a_file_run_gives_the_plain_report(policies: PolicySet, corpus: list[str]) -> None:
-    """run_impact (the lines read by read_lines, each text without a backslash checked without the
+    """run_impact (the lines read by read_values, each text without a backslash checked without the
     NUL patterns) reports as the plain way does over the same lines, escapes and NUL included."""
     nul = json.dumps(bind_request(account={**ACCOUNT, "name": "a\u0000b"}))
     escaped = json.dumps(bind_request(account={**ACCOUNT, "name": "caf\u00e9 \"x\""}))
