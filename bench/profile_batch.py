@@ -49,8 +49,9 @@ PARTS = [
 ]
 
 
-def environ(path: str, body: bytes) -> dict[str, Any]:
-    return {"REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
+def environ(method: str, path: str, body: bytes) -> dict[str, Any]:
+    """A request's WSGI environ as api/front.py hands it to the app (bench/profile_service.py's too)."""
+    return {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
             "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
             "REMOTE_ADDR": "127.0.0.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
             "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
@@ -82,7 +83,7 @@ def batch_call(temp: str, size: int, database_url: str | None) -> Callable[[], b
         return lambda data: None
 
     def call() -> bytes:
-        answer = b"".join(wsgi(environ("/v1/decisions/batch", body), start_response))
+        answer = b"".join(wsgi(environ("POST", "/v1/decisions/batch", body), start_response))
         if statuses.pop() != "200 OK":
             raise RuntimeError(f"the batch was not answered 200: {answer[:300]!r}")
         return answer
@@ -90,11 +91,27 @@ def batch_call(temp: str, size: int, database_url: str | None) -> Callable[[], b
     return call
 
 
-def cpu_per_decision(call: Callable[[], Any], batches: int, size: int) -> float:
+def cpu_per_call(call: Callable[[], Any], count: int) -> float:
+    """µs of this process's CPU per call, over `count` calls."""
     started = time.process_time()
-    for _ in range(batches):
+    for _ in range(count):
         call()
-    return (time.process_time() - started) / (batches * size) * 1e6
+    return (time.process_time() - started) / count * 1e6
+
+
+def shares(profile: cProfile.Profile, parts: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Each part's share of the Flask app's whole time (its wsgi_app's cumulative time): the
+    cumulative time of the functions named by (label, file suffix or prefix, function name),
+    summed by label in the parts' order."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    whole = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items()
+                if name == "wsgi_app" and file.endswith("flask/app.py"))
+    found: dict[str, float] = {}
+    for label, suffix, function in parts:
+        spent = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items()
+                    if name == function and (file.endswith(suffix) or file.startswith(suffix)))
+        found[label] = found.get(label, 0.0) + spent / whole
+    return found
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +122,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         call = batch_call(temp, args.size, args.database_url)
         for _ in range(20):
             call()
-        figures: dict[str, Any] = {"cpu_us": [cpu_per_decision(call, args.batches, args.size)
+        figures: dict[str, Any] = {"cpu_us": [cpu_per_call(call, args.batches) / args.size
                                                for _ in range(args.repeat)]}
         if args.no_profile:
             return figures
@@ -114,15 +131,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches):
             call()
         profile.disable()
-    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    whole = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items()
-                if name == "wsgi_app" and file.endswith("flask/app.py"))
-    shares: dict[str, float] = {}
-    for label, suffix, function in PARTS:
-        spent = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items()
-                    if name == function and (file.endswith(suffix) or file.startswith(suffix)))
-        shares[label] = shares.get(label, 0.0) + spent / whole
-    figures["shares"] = shares
+    figures["shares"] = shares(profile, PARTS)
     if args.top:
         out = io.StringIO()
         pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.top)

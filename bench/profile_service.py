@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import io
 import logging
 import os
-import pstats
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +28,7 @@ import orjson  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.logs import configure_logging  # noqa: E402
+from bench.profile_batch import cpu_per_call, environ, shares  # noqa: E402
 from tests.conftest import bind_request  # noqa: E402
 
 # (part, how to find its cumulative time: file suffix and function name), in the order printed
@@ -46,23 +42,6 @@ PARTS = [
     ("the JSON answer (orjson, headers)", "api/routes.py", "_json"),
     ("the access log (one JSON line)", "api/routes.py", "_access_log"),
 ]
-
-
-def environ(method: str, path: str, body: bytes) -> dict[str, Any]:
-    return {"REQUEST_METHOD": method, "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
-            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1",
-            "REMOTE_ADDR": "127.0.0.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": True, "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body)),
-            "CONTENT_TYPE": "application/json", "HTTP_HOST": "127.0.0.1:8080",
-            "bindpolicy.body": body}  # as api/front.py hands it: the whole body, read
-
-
-def cpu_per_call(call: Callable[[], Any], count: int) -> float:
-    started = time.process_time()
-    for _ in range(count):
-        call()
-    return (time.process_time() - started) / count * 1e6
 
 
 def main() -> None:
@@ -95,22 +74,16 @@ def main() -> None:
         for _ in range(args.requests):
             decision()
         profile.disable()
-    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
-    whole = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items() if name == "wsgi_app"
-                and file.endswith("flask/app.py"))
+    found = shares(profile, PARTS)
     print(f"a logged decision through the Flask app, in process: {total:.0f} µs of CPU; /healthz through the "
           f"same stack: {healthz:.0f} µs")
     print("| part | share | µs |")
     print("|---|---:|---:|")
-    counted = 0.0
-    for label, suffix, function in PARTS:
-        spent = sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items()
-                    if name == function and file.endswith(suffix))
-        counted += spent
-        print(f"| {label} | {spent / whole:.0%} | {spent / whole * total:.0f} |")
-    rest = whole - counted
+    for label, share in found.items():
+        print(f"| {label} | {share:.0%} | {share * total:.0f} |")
+    rest = 1 - sum(found.values())
     print(f"| Flask's dispatch and the rest (request context, routing, hooks, response object) "
-          f"| {rest / whole:.0%} | {rest / whole * total:.0f} |")
+          f"| {rest:.0%} | {rest * total:.0f} |")
 
 
 if __name__ == "__main__":
