@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import shutil
 import textwrap
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,21 @@ def bind_request(**overrides: object) -> dict[str, object]:
     }
     request.update(overrides)
     return request
+
+
+def in_threads(work: Callable[..., None], arguments: Iterable[tuple[Any, ...]], timeout: float = 30) -> None:
+    """work(*args) in a thread of its own for each args, all at once; fails with what any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(*args: Any) -> None:
+        try:
+            work(*args)
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert errors == []

@@ -22,7 +22,7 @@ from engine.decisionlog import LogError, LogRecord, PostgresStore, Store, new_re
 from engine.logkeys import MacKey, MacKeyring
 from engine.logwriter import WIRE, LogWriter, WriterClient, listening_socket
 
-from .conftest import bind_request
+from .conftest import bind_request, in_threads
 from .postgres import fresh_schema
 
 KEYS = MacKeyring((MacKey(b"w" * 32),))
@@ -64,26 +64,16 @@ def write_from_two_workers(path: str, reader: Store) -> dict[str, list[int]]:
     """Two workers' worth of clients (4 threads each), singles and batches; each thread's seqs."""
     workers = [WriterClient(path, reader), WriterClient(path, reader)]
     seqs: dict[str, list[int]] = {}
-    errors: list[BaseException] = []
 
     def work(client: WriterClient, name: str) -> None:
         mine = seqs.setdefault(name, [])
-        try:
-            for number in range(12):
-                records = [record(f"{name}-{number}-{i}") for i in range(1 if number % 4 else 5)]
-                chained = client.write_many(records)
-                assert [r.decision_id for r in chained] == [r.decision_id for r in records]
-                mine.extend(r.seq for r in chained)
-        except BaseException as exc:  # (reported below)
-            errors.append(exc)
+        for number in range(12):
+            records = [record(f"{name}-{number}-{i}") for i in range(1 if number % 4 else 5)]
+            chained = client.write_many(records)
+            assert [r.decision_id for r in chained] == [r.decision_id for r in records]
+            mine.extend(r.seq for r in chained)
 
-    threads = [threading.Thread(target=work, args=(client, f"w{w}t{t}")) for w, client in enumerate(workers)
-               for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == []
+    in_threads(work, [(client, f"w{w}t{t}") for w, client in enumerate(workers) for t in range(4)])
     return seqs
 
 

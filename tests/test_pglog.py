@@ -14,6 +14,7 @@ import pytest
 from engine.decisionlog import LogError, LogRecord, PostgresStore, Store, new_record, open_store
 from engine.logkeys import MacKey, MacKeyring
 
+from .conftest import in_threads
 from .postgres import fresh_schema
 
 pytestmark = pytest.mark.slow
@@ -55,25 +56,15 @@ def test_callers_who_come_while_the_leader_waits_for_the_lock_commit_with_it(sch
 def test_two_writers_on_one_chain_keep_it_whole(schema_url: str) -> None:
     keys = MacKeyring((MacKey(b"k" * 32),))
     stores = [open_store(schema_url, keys=keys) for _ in range(2)]  # as two worker processes
-    errors: list[BaseException] = []
 
     def write(store: Store, prefix: str) -> None:
-        try:
-            for number in range(15):
-                if number % 5 == 4:
-                    store.write_many([record(f"{prefix}-{number}-{i}") for i in range(7)])
-                else:
-                    store.write(record(f"{prefix}-{number}"))
-        except BaseException as exc:  # (reported below)
-            errors.append(exc)
+        for number in range(15):
+            if number % 5 == 4:
+                store.write_many([record(f"{prefix}-{number}-{i}") for i in range(7)])
+            else:
+                store.write(record(f"{prefix}-{number}"))
 
-    threads = [threading.Thread(target=write, args=(store, f"s{s}t{t}")) for s, store in enumerate(stores)
-               for t in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == []
+    in_threads(write, [(store, f"s{s}t{t}") for s, store in enumerate(stores) for t in range(4)])
     expected = 2 * 4 * (12 + 3 * 7)
     assert stores[0].head()[0] == expected
     assert stores[0].verify() is None
