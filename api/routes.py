@@ -269,27 +269,31 @@ def _commit(records: list[Any], service: Any = None) -> Response | None:
                               "the decision log cannot commit, so nothing is answered; retry later")
     metrics = service.metrics
     if len(records) == 1:  # a single decision: its one count
-        record = records[0]
-        g.decision_ids.append(record.decision_id)
-        if record.outcome == "decided":
-            metrics.child(metrics.decisions, (str(record.action), str(record.decision), record.rule_id or "")).inc()
-        elif isinstance(record.response, dict):
-            metrics.child(metrics.rejections, (record.response.get("error", {}).get("code", "unknown"),)).inc()
+        g.decision_ids.append(records[0].decision_id)
+        counted = _counted_in(metrics, records[0])
+        if counted is not None:
+            metrics.child(*counted).inc()
         return None
     g.decision_ids.extend(r.decision_id for r in records)
     # Counted once per label set (a batch's hundred decisions are a few increments of the
     # multiprocess files, not a hundred).
-    decided: Counter[tuple[str, str, str]] = Counter()
-    rejected: Counter[str] = Counter()
+    counts: Counter[tuple[Any, tuple[str, ...]]] = Counter()
     for record in records:
-        if record.outcome == "decided":
-            decided[(str(record.action), str(record.decision), record.rule_id or "")] += 1
-        elif isinstance(record.response, dict):
-            rejected[record.response.get("error", {}).get("code", "unknown")] += 1
-    for labels, count in decided.items():
-        metrics.child(metrics.decisions, labels).inc(count)
-    for code, count in rejected.items():
-        metrics.child(metrics.rejections, (code,)).inc(count)
+        counted = _counted_in(metrics, record)
+        if counted is not None:
+            counts[counted] += 1
+    for (counter, labels), count in counts.items():
+        metrics.child(counter, labels).inc(count)
+    return None
+
+
+def _counted_in(metrics: Any, record: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """The counter a committed record is counted in and its labels: a decision by action,
+    decision and rule, a refusal by its code; None for neither."""
+    if record.outcome == "decided":
+        return metrics.decisions, (str(record.action), str(record.decision), record.rule_id or "")
+    if isinstance(record.response, dict):
+        return metrics.rejections, (record.response.get("error", {}).get("code", "unknown"),)
     return None
 
 
