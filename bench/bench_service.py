@@ -61,6 +61,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     samples: dict[str, list[float]] = field(default_factory=dict)
+    database: int | None = None  # the pid of its PostgreSQL server (postmaster), whose CPU is counted apart
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -74,14 +75,23 @@ class Server:
 
     def cpu_by_process(self) -> dict[int, float]:
         """User + system CPU of each process of the server's tree so far (with its reaped children)."""
-        found, tick = {}, os.sysconf("SC_CLK_TCK")
-        for pid in _tree(self.process.pid):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                found[pid] = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
-            except (OSError, IndexError, ValueError):
-                continue
-        return found
+        return tree_cpu(self.process.pid)
+
+    def database_cpu_seconds(self) -> float:
+        """User + system CPU of its PostgreSQL server's processes so far (0 without one)."""
+        return sum(tree_cpu(self.database).values()) if self.database else 0.0
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """User + system CPU of each process of root's tree so far (with its reaped children)."""
+    found, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in _tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            found[pid] = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
 
 
 def _tree(pid: int) -> list[int]:
@@ -124,7 +134,9 @@ def client_cpu_seconds() -> float:
 def measure(server: Server, path: str, body: Path, requests: int, concurrency: int, key: str,
             rate: float | None = None) -> dict[str, float]:
     before, client_before = server.cpu_by_process(), client_cpu_seconds()
+    database_before = server.database_cpu_seconds()
     figures = hey(server.url + path, body, requests, concurrency, rate)
+    server.add(f"{key}_database_cpu_us", (server.database_cpu_seconds() - database_before) / requests * 1e6)
     spent = {pid: cpu - before.get(pid, 0.0) for pid, cpu in server.cpu_by_process().items()}
     server.add(f"{key}_cpu_us", sum(spent.values()) / requests * 1e6)
     # How evenly the workers shared the work: the busiest process's share of the server's CPU
@@ -250,14 +262,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 data = Path(temp) / f"{log_name.split()[0].lower()}-{number}"
                 # Another checkout's code: found first on the path (before the editable install).
                 path_env = {} if variant.checkout == ROOT else {"PYTHONPATH": str(variant.checkout)}
-                servers.append((stack.enter_context(running(
+                server = stack.enter_context(running(
                     bindpolicy(port, data, url, variant.workers, variant.threads, args.loop), "/readyz", name,
                     port, cwd=variant.checkout,
                     # The service is bounded as the batches sent (issue 10 names batches of 100; the
                     # default bound is 50 requests and 64 KiB, issue 8's CPU bound for one request).
                     env={"BINDPOLICY_LOG_LEVEL": "WARNING", "BINDPOLICY_MAX_BATCH": str(args.batch_size),
                          "BINDPOLICY_MAX_BATCH_BYTES": str(max(64 * 1024, 2 * batch.stat().st_size)),
-                         **path_env, **dict(variant.env)})), url))
+                         **path_env, **dict(variant.env)}))
+                if log_url.startswith("postgresql"):
+                    server.database = cluster.postmaster()
+                servers.append((server, url))
         print("servers: " + ", ".join(f"{s.name} {s.url}" for s in [ref] + [s for s, _ in servers]), file=sys.stderr,
               flush=True)
         for server in [ref] + [s for s, _ in servers]:  # warm up (and compile)
@@ -299,6 +314,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "batch_decisions_per_s": server.median("batch_rps") * args.batch_size,
                 "batch_ratio": server.median("batch_rps") * args.batch_size / hellos,
                 "batch_cpu_us_per_decision": server.median("batch_cpu_us") / args.batch_size,
+                "single_database_cpu_us": server.median("max_database_cpu_us"),
+                "batch_database_cpu_us_per_decision": server.median("batch_database_cpu_us") / args.batch_size,
                 "half_rate": server.median("max_rps") / 2,
                 "half_p50_ms": server.median("half_p50_ms"), "half_p99_ms": server.median("half_p99_ms"),
                 "reference_half_p50_ms": ref.median(f"half_{server.name}_p50_ms"),
@@ -350,6 +367,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("The busiest process's share of the server's CPU (single requests at the maximum rate): "
                  f"reference {report['rows'][0]['reference_busiest_share']:.0%}, " + ", ".join(
                      f"bindpolicy on {r['log']} {r['single_busiest_share']:.0%}" for r in report["rows"]) + ".")
+    databases = [r for r in report["rows"] if r.get("single_database_cpu_us")]
+    if databases:
+        lines.append("")
+        lines.append("PostgreSQL's own CPU (its server's processes, on the same cores, not in the server CPU above) "
+                     "per decision: " + ", ".join(
+                         f"{r['log']} {r['single_database_cpu_us']:.0f} µs single, "
+                         f"{r['batch_database_cpu_us_per_decision']:.0f} µs in a batch" for r in databases) + ".")
     lines.append("")
     lines.append("Every answered decision had its record in the log: " + ", ".join(
         f"{r['log']}: {r['records_logged']} records for {r['decisions_answered']} decisions answered"

@@ -58,6 +58,10 @@ class Cluster:
                        check=True, capture_output=True, env=_ENV)
         _wait(self.url)
 
+    def postmaster(self) -> int:
+        """The pid of the running server's first process (the parent of every backend)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def crash(self) -> None:
         """Stop as a crash would: no checkpoint, so the next start replays the WAL."""
         subprocess.run(_as_owner([_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]),
