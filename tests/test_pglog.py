@@ -105,3 +105,23 @@ def test_a_cell_postgresql_cannot_hold_fails_its_caller_alone(schema_url: str) -
     store.write(record("after"))
     assert [r.decision_id for r in store.query()] == ["before", "after"] and store.verify() is None
     store.close()
+
+
+def test_statements_sent_through_libpq_fail_as_psycopg_fails_and_the_connection_goes_on(schema_url: str) -> None:
+    """The writes' statements go through libpq itself (PostgresStore._run): an error is the
+    exception psycopg raises for it, and after the rollback the connection is idle and usable."""
+    store = open_store(schema_url)
+    assert isinstance(store, PostgresStore)
+    conn = store._connect()
+    with pytest.raises(psycopg.errors.DivisionByZero, match="division by zero"):
+        store._run(conn, b"BEGIN; SELECT 1 / 0; COMMIT")
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    store._rollback(conn)
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert store._run(conn, b"SELECT 6 * 7").get_value(0, 0) == b"42"
+    conn.close()
+    with pytest.raises(psycopg.OperationalError):  # a closed connection: psycopg's own error
+        store._run(conn, b"SELECT 1")
+    store.write(record("after"))
+    assert store.head()[0] == 1 and store.verify() is None
+    store.close()
