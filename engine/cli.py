@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -1008,27 +1009,41 @@ def _decide_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
 
 
 ANSWERS_PER_WRITE = 64  # about 40 KB of answers per write where no terminal reads them
+CHOSEN_KEPT = 4096  # (`at`, policy_version) pairs whose time and version a run of lines keeps
 
 
 def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, now: datetime) -> int:
     """The answers gathered and written ANSWERS_PER_WRITE at a time, and when the input read so
     far is answered, whatever buffering stdout has: under PYTHONUNBUFFERED (as many containers
     set it) sys.stdout.buffer is the bare file, and one write per line cost a system call and a
-    wake-up of the reader of a pipe each (about a tenth of a line's CPU time)."""
+    wake-up of the reader of a pipe each (about a tenth of a line's CPU time). Each line goes
+    straight to the engine (_line_decider), the time and version of each `at` chosen once."""
     worst = EXIT_ALLOW
     sys.stdout.flush()
     out: IO[bytes] | None = getattr(sys.stdout, "buffer", None)  # None: a text stream put in its place
     each_line = sys.stdout.isatty()
     gathered: list[bytes] = []
+    answer = gathered.append
+    chosen: dict[tuple[Any, Any], Any] = {}
+    decide = _line_decider(engine, args, now, chosen)
     for block in line_blocks(stream):
+        if len(chosen) > CHOSEN_KEPT:
+            chosen.clear()
         for line_number, text in block:
             if line_number % 10_000 == 0:
                 gc.collect(1)
-            code, answer = _decided(engine, text, args, now, line_number)
-            if out is None:
-                sys.stdout.write(_answer_line(answer).decode())
+            try:
+                decision = decide(text)
+            except Exception as exc:  # a request error, or a bug of ours: said in its answer (_refused)
+                code, body = _refused(exc, line_number)
+                line = orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
             else:
-                gathered.append(_answer_line(answer))
+                code = EXIT_ALLOW if decision.decision == "allow" else EXIT_DENY
+                line = decision.to_json_line()
+            if out is None:
+                sys.stdout.write(line.decode())
+            else:
+                answer(line)
                 if each_line or len(gathered) == ANSWERS_PER_WRITE:
                     out.write(b"".join(gathered))
                     out.flush()
@@ -1041,6 +1056,15 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
             gathered.clear()
     (out or sys.stdout).flush()
     return worst
+
+
+def _line_decider(engine: Engine, args: argparse.Namespace, now: datetime,
+                  chosen: dict[tuple[Any, Any], Any]) -> Callable[[bytes], Decision]:
+    """What decides one line's text (as _decided does, the errors raised): the engine's own call
+    with the run's settings bound, and `chosen` keeping the time and version of each `at`."""
+    if args.policy_version:
+        return partial(_pinned, engine, args, now)
+    return partial(engine.decide_bytes, now=now, explain=args.explain, language=args.lang, chosen=chosen)
 
 
 def _parse_now(text: str | None) -> datetime:
@@ -1058,36 +1082,37 @@ def _answer(engine: Engine, text: str | bytes, args: argparse.Namespace, now: da
     return code, answer.to_dict() if isinstance(answer, Decision) else answer
 
 
-def _answer_line(answer: Decision | dict[str, Any]) -> bytes:
-    """One answer (a decision or an error body) as a JSON line."""
-    if type(answer) is dict:
-        return orjson.dumps(answer, option=orjson.OPT_APPEND_NEWLINE)
-    assert isinstance(answer, Decision)
-    return answer.to_json_line()
-
-
 def _decided(engine: Engine, text: str | bytes, args: argparse.Namespace, now: datetime,
              line: int | None) -> tuple[int, Decision | dict[str, Any]]:
     """(exit code, decision or error body) for one request's text."""
     try:
         if args.policy_version:
-            request = parse_json(text)
-            if isinstance(request, dict):
-                request["policy_version"] = args.policy_version
-            decision = engine.decide(request, now=now, explain=args.explain, language=args.lang)
+            decision = _pinned(engine, args, now, text)
         else:  # read and checked in one pass where the reader vouches for it (engine/reader.py)
             decision = engine.decide_bytes(text, now=now, explain=args.explain, language=args.lang)
-    except RequestError as exc:
-        body = exc.to_dict()
-        if line is not None:
-            body["line"] = line
-        return EXIT_BAD_INPUT, body
-    except Exception as exc:  # a bug of ours: said as such, never taken for a deny, the rest go on
-        body = {"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "details": []}}
-        if line is not None:
-            body["line"] = line
-        return EXIT_BAD_INPUT, body
+    except Exception as exc:  # a request error, or a bug of ours: said in the answer (_refused)
+        return _refused(exc, line)
     return (EXIT_ALLOW if decision.allowed else EXIT_DENY), decision
+
+
+def _pinned(engine: Engine, args: argparse.Namespace, now: datetime, text: str | bytes) -> Decision:
+    """One request decided by the version --policy-version names, whatever the request says."""
+    request = parse_json(text)
+    if isinstance(request, dict):
+        request["policy_version"] = args.policy_version
+    return engine.decide(request, now=now, explain=args.explain, language=args.lang)
+
+
+def _refused(exc: Exception, line: int | None) -> tuple[int, dict[str, Any]]:
+    """(exit code, error body) of a request that was not decided: its RequestError's body, or an
+    internal error (a bug of ours: said as such, never taken for a deny, the rest go on)."""
+    if isinstance(exc, RequestError):
+        body = exc.to_dict()
+    else:
+        body = {"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}", "details": []}}
+    if line is not None:
+        body["line"] = line
+    return EXIT_BAD_INPUT, body
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -77,13 +77,15 @@ class Engine:
                                    language=language)
 
     def decide_bytes(self, data: bytes | str, *, now: datetime, decision_id: str | None = None,
-                     explain: bool = False, language: str = DEFAULT_LANGUAGE) -> Decision:
+                     explain: bool = False, language: str = DEFAULT_LANGUAGE,
+                     chosen: dict[tuple[Any, Any], tuple[datetime, PolicyVersion]] | None = None) -> Decision:
         """Decide one request from its JSON text: read strictly and checked in one pass where the
         reader vouches for it (RequestChecker.read), with the same answers and errors as
-        decide(parse_json(data))."""
+        decide(parse_json(data)). `chosen`: as decide_checked's (kept over a stream of requests
+        decided with one `now`, as `decide --jsonl` does)."""
         request, usable = self.check.read(data)
         return self.decide_checked(request, usable, now=now, decision_id=decision_id, explain=explain,
-                                   language=language)
+                                   language=language, chosen=chosen)
 
     def decide_checked(self, request: dict[str, Any], usable: bool, *, now: datetime, decision_id: str | None = None,
                        explain: bool = False, language: str = DEFAULT_LANGUAGE,
@@ -103,8 +105,7 @@ class Engine:
             if usable and not explain and self.generated:  # its generated path (engine/codegen.py)
                 path = version.path(request["action"], request.get("role"))
                 if path is not None:
-                    decision = run_path(path.function, f"{version.name} {path.action} {path.role}", request, at,
-                                        decision_id or new_decision_id(), language)
+                    decision = run_path(path, version.name, request, at, decision_id or new_decision_id(), language)
                     if decision is not None:
                         return decision
             activation = self.activation(request, version, at)

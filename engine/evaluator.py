@@ -167,16 +167,17 @@ def run(expr: Expression, activation: Activation) -> Any:
     return REFERENCE.evaluate(expr, activation)
 
 
-def run_path(function: Callable[..., Decision | None], where: str, request: Mapping[str, Any], at: datetime,
+def run_path(path: Any, version: str, request: Mapping[str, Any], at: datetime,
              decision_id: str, language: str) -> Decision | None:
-    """A request decided by its generated path (engine/codegen.py); None hands it to `evaluate`:
-    a field is missing (the evaluator names it), or the path deferred or failed (counted)."""
+    """A request decided by its generated path (engine/codegen.py GeneratedPath, of the version
+    named `version`); None hands it to `evaluate`: a field is missing (the evaluator names it),
+    or the path deferred or failed (counted, with where: "VERSION ACTION ROLE")."""
     try:
-        return function(request, at, decision_id, language)
+        return path.function(request, at, decision_id, language)  # type: ignore[no-any-return]
     except Defer as exc:
-        FALLBACKS.record_path(DEFERRED, where, exc)
+        FALLBACKS.record_path(DEFERRED, f"{version} {path.action} {path.role}", exc)
     except Exception as exc:  # a bug of the generator: counted and logged; the evaluator decides
-        FALLBACKS.record_path(GENERATED_BUG, where, exc)
+        FALLBACKS.record_path(GENERATED_BUG, f"{version} {path.action} {path.role}", exc)
     return None
 
 
