@@ -1009,7 +1009,6 @@ def _decide_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
 
 
 ANSWERS_PER_WRITE = 64  # about 40 KB of answers per write where no terminal reads them
-CHOSEN_KEPT = 4096  # (`at`, policy_version) pairs whose time and version a run of lines keeps
 
 
 def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, now: datetime) -> int:
@@ -1024,11 +1023,8 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
     each_line = sys.stdout.isatty()
     gathered: list[bytes] = []
     answer = gathered.append
-    chosen: dict[tuple[Any, Any], Any] = {}
-    decide = _line_decider(engine, args, now, chosen)
+    decide = _line_decider(engine, args, now)
     for block in line_blocks(stream):
-        if len(chosen) > CHOSEN_KEPT:
-            chosen.clear()
         for line_number, text in block:
             if line_number % 10_000 == 0:
                 gc.collect(1)
@@ -1058,13 +1054,12 @@ def _answer_lines(engine: Engine, stream: IO[bytes], args: argparse.Namespace, n
     return worst
 
 
-def _line_decider(engine: Engine, args: argparse.Namespace, now: datetime,
-                  chosen: dict[tuple[Any, Any], Any]) -> Callable[[bytes], Decision]:
-    """What decides one line's text (as _decided does, the errors raised): the engine's own call
-    with the run's settings bound, and `chosen` keeping the time and version of each `at`."""
+def _line_decider(engine: Engine, args: argparse.Namespace, now: datetime) -> Callable[[bytes], Decision]:
+    """What decides one line's text (as _decided does, the errors raised): the engine's
+    line_decider, with the run's settings bound and the time and version of each `at` kept."""
     if args.policy_version:
         return partial(_pinned, engine, args, now)
-    return partial(engine.decide_bytes, now=now, explain=args.explain, language=args.lang, chosen=chosen)
+    return engine.line_decider(now=now, explain=args.explain, language=args.lang)
 
 
 def _parse_now(text: str | None) -> datetime:

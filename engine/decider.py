@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ def new_decision_ids(count: int) -> list[str]:
     return [f"{prefix}{next(numbers):016x}" for _ in range(count)]
 
 
+CHOSEN_KEPT = 4096  # the (`at`, `policy_version`) pairs whose time and version a line_decider keeps
 _NO_AT = object()  # (the key of a request without `at`, which `now` stands in for)
 _ID_PREFIX: list[str] = []
 _ID_COUNT: list[Iterator[int]] = []
@@ -87,6 +88,35 @@ class Engine:
         return self.decide_checked(request, usable, now=now, decision_id=decision_id, explain=explain,
                                    language=language, chosen=chosen)
 
+    def line_decider(self, *, now: datetime, explain: bool = False,
+                     language: str = DEFAULT_LANGUAGE) -> Callable[[bytes], Decision]:
+        """decide_bytes(data, now=now, ...) for each request of a stream (`decide --jsonl`'s lines),
+        the same answers and errors: the settings bound once, and the time and version of each
+        (`at`, `policy_version`) chosen once and kept (up to CHOSEN_KEPT pairs). A request the
+        reader vouches for, whose pair was seen, goes straight to its generated path."""
+        vouch, generated = self.check.vouch, self.generated and not explain
+        chosen: dict[tuple[Any, Any], tuple[datetime, PolicyVersion]] = {}
+        found_for = chosen.get
+
+        def decide(data: bytes) -> Decision:
+            request = vouch(data)
+            if request is None:  # read the long way, with its words for every problem
+                return self.decide_bytes(data, now=now, explain=explain, language=language)
+            found = found_for((request.get("at", _NO_AT), request.get("policy_version")))
+            if found is not None and generated:
+                version = found[1]
+                path = version.path(request["action"], request.get("role"))
+                if path is not None:
+                    decision = run_path(path, version.name, request, found[0], new_decision_id(), language)
+                    if decision is not None:
+                        return decision
+                    return self._evaluated(request, version, found[0], None, explain, language)
+            elif found is None and len(chosen) >= CHOSEN_KEPT:
+                chosen.clear()
+            return self.decide_checked(request, True, now=now, explain=explain, language=language, chosen=chosen)
+
+        return decide
+
     def decide_checked(self, request: dict[str, Any], usable: bool, *, now: datetime, decision_id: str | None = None,
                        explain: bool = False, language: str = DEFAULT_LANGUAGE,
                        chosen: dict[tuple[Any, Any], tuple[datetime, PolicyVersion]] | None = None) -> Decision:
@@ -108,13 +138,21 @@ class Engine:
                     decision = run_path(path, version.name, request, at, decision_id or new_decision_id(), language)
                     if decision is not None:
                         return decision
-            activation = self.activation(request, version, at)
         except ValueError:  # a timestamp the schema let through but Python cannot hold
-            error = RequestError("invalid_request", "the request has timestamps that cannot be used",
-                                 timestamp_problems(request))
-            error.policy_digest = self.policies.digest
-            raise error from None
+            raise self._unusable(request) from None
         except RequestError as exc:  # past the schema check: the whole set judged it (no version taken)
+            exc.policy_digest = self.policies.digest
+            raise
+        return self._evaluated(request, version, at, decision_id, explain, language)
+
+    def _evaluated(self, request: dict[str, Any], version: PolicyVersion, at: datetime, decision_id: str | None,
+                   explain: bool, language: str) -> Decision:
+        """A request decided by the evaluator (explain, no generated path, or the path gave it back)."""
+        try:
+            activation = self.activation(request, version, at)
+        except ValueError:
+            raise self._unusable(request) from None
+        except RequestError as exc:
             exc.policy_digest = self.policies.digest
             raise
         try:
@@ -123,6 +161,12 @@ class Engine:
         except RequestError as exc:  # e.g. missing_field: the version that judged it is known
             exc.policy_digest = version.digest
             raise
+
+    def _unusable(self, request: dict[str, Any]) -> RequestError:
+        error = RequestError("invalid_request", "the request has timestamps that cannot be used",
+                             timestamp_problems(request))
+        error.policy_digest = self.policies.digest
+        return error
 
     def _chosen(self, request: dict[str, Any], now: datetime) -> tuple[datetime, PolicyVersion]:
         """The request's time (`now` without `at`) and the version that judges it."""

@@ -213,3 +213,47 @@ class TestFailClosed:
                              "login": {"method": "otp", "target": "app"}}, now=NOW)
         assert got.decision == "deny" and got.rule is not None
         assert "expected a boolean" in got.rule.message
+
+
+def test_line_decider_answers_each_line_as_decide_bytes_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decide --jsonl`'s decider (Engine.line_decider: each `at`'s time and version kept, a seen
+    one's request straight to its generated path) answers every line as decide_bytes does alone:
+    generated requests, some broken, under several `at`s and pinned versions (an unknown one, a
+    time before the first version), over and over so that kept pairs are used and the kept ones
+    cleared (CHOSEN_KEPT 3 here), with a generated path that gives some requests back to the
+    evaluator, in two languages and with explain."""
+    import engine.decider as decider
+    from engine.generator import generate_requests
+
+    monkeypatch.setattr(decider, "CHOSEN_KEPT", 3)
+    given_back = iter(range(10**6))
+    path_run = decider.run_path
+    monkeypatch.setattr(decider, "run_path", lambda *a: None if next(given_back) % 4 == 0 else path_run(*a))
+    times = [None, "2025-07-01T12:00:00Z", "2025-07-01T12:00:00+08:00", "2023-01-01T00:00:00Z", "1999-01-01T00:00:00Z"]
+    texts = []
+    for index, request in enumerate(generate_requests(60, seed=11, broken=0.2)):
+        if isinstance(request, dict):
+            at = times[index % len(times)]
+            if at is not None:
+                request["at"] = at
+            if index % 7 == 3:
+                request["policy_version"] = ("v1", "v2", "v9")[index % 3]
+        texts.append(orjson.dumps(request))
+    texts += [b"{oops", texts[5] + b" {}", *texts]
+
+    def answer(decide: Any, text: bytes) -> Any:
+        try:
+            found = decide(text).to_dict()
+        except RequestError as exc:
+            return exc.to_dict()
+        found.pop("decision_id")
+        return found
+
+    for explain, language in ((False, "en"), (False, "zh"), (True, "en")):
+        decide = engine.line_decider(now=NOW, explain=explain, language=language)
+        alone = [answer(lambda t: engine.decide_bytes(t, now=NOW, explain=explain, language=language), t)
+                 for t in texts]
+        assert [answer(decide, t) for t in texts] == alone
+        assert {"allow", "deny"} <= {a.get("decision") for a in alone}
+        assert {"invalid_json", "unknown_version", "no_version_in_force"} <= {
+            a.get("error", {}).get("code") for a in alone}
