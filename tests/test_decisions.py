@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import orjson
@@ -251,8 +252,7 @@ def test_line_decider_answers_each_line_as_decide_bytes_alone(engine: Engine, mo
 
     for explain, language in ((False, "en"), (False, "zh"), (True, "en")):
         decide = engine.line_decider(now=NOW, explain=explain, language=language)
-        alone = [answer(lambda t: engine.decide_bytes(t, now=NOW, explain=explain, language=language), t)
-                 for t in texts]
+        alone = [answer(partial(engine.decide_bytes, now=NOW, explain=explain, language=language), t) for t in texts]
         assert [answer(decide, t) for t in texts] == alone
         assert {"allow", "deny"} <= {a.get("decision") for a in alone}
         assert {"invalid_json", "unknown_version", "no_version_in_force"} <= {
