@@ -7,7 +7,8 @@ clock), the best of --repeat rounds of 2,000 requests, each way's rounds interle
 
 The lines: the official binds of bench/peers/corpus.py (about 1.2 KB each), written as a JSON
 Lines file holds them (UTF-8 as is), and the same with every non-ASCII character escaped
-(\\uXXXX, as json.dumps writes by default). Then the same in `decide --jsonl`'s loop, in process.
+(\\uXXXX, as json.dumps writes by default). Then the same in `decide --jsonl`'s loop, in process:
+the old reading, the one pass (Engine.decide_bytes per line), and the command's Engine.line_decider.
 
 Run: .venv/bin/python bench/bench_read.py [--repeat 25]
 """
@@ -97,10 +98,19 @@ def loop(corpus: list[Any], repeat: int) -> None:
             for _, text in block:
                 out.write(engine.decide_bytes(text, now=now).to_json_line())
 
-    found = per_request({"old": lambda _: old(), "one pass": lambda _: one_pass()}, [data], repeat)
+    def line_decider() -> None:  # what the command runs now: Engine.line_decider (each `at`'s version kept)
+        out = io.BytesIO()
+        decide = engine.line_decider(now=now)
+        for block in line_blocks(io.BytesIO(data)):
+            for _, text in block:
+                out.write(decide(text).to_json_line())
+
+    found = per_request({"old": lambda _: old(), "one pass": lambda _: one_pass(),
+                         "line_decider": lambda _: line_decider()}, [data], repeat)
     print(f"decide --jsonl's loop per line (5,000 lines, best of {repeat}): old {found['old'] / 5000:.1f} µs, "
-          f"one pass {found['one pass'] / 5000:.1f} µs ({found['one pass'] / found['old']:.2f}x); "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"one pass {found['one pass'] / 5000:.1f} µs ({found['one pass'] / found['old']:.2f}x), "
+          f"the command's line_decider {found['line_decider'] / 5000:.1f} µs "
+          f"({found['line_decider'] / found['one pass']:.2f}x the one pass); load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
