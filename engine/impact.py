@@ -72,6 +72,9 @@ class ImpactReport:
     groups: dict[tuple[str, str], Group] = field(default_factory=dict)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # of this process and its workers while judging (run_impact): per core
+    # run_impact: each chunk's (requests decided under both versions, CPU seconds of its judging, in
+    # whichever process judged it): the steady rate, without a run's fixed costs (bench_impact)
+    chunk_cpu: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def decided(self) -> int:
@@ -609,9 +612,12 @@ def _judge_chunk(chunk: Chunk) -> ImpactReport:
     origins: Any = _Numbered(*where) if isinstance(where, tuple) else where
     # a chunk's parsed requests (some 100 objects each) would start a collection every few
     # requests, each walking them all (a quarter of the time, measured)
+    started = time.process_time()
     with collector_paused():
-        return judge_engines(_WORKER["old"], _WORKER["new"], read_values(texts), _WORKER["now"],
-                             labels=_WORKER["labels"], origins=origins, explain=False, read=True)
+        report = judge_engines(_WORKER["old"], _WORKER["new"], read_values(texts), _WORKER["now"],
+                               labels=_WORKER["labels"], origins=origins, explain=False, read=True)
+    report.cpu_seconds = time.process_time() - started
+    return report
 
 
 LINE = "line "  # the name of a line that says nothing else of where it was read: `line N`
@@ -715,6 +721,7 @@ def run_impact(policies: PolicySet | Path | str, old: str, new: str,
     try:
         for part in results:
             report.merge(part)
+            report.chunk_cpu.append((part.decided, part.cpu_seconds))
             if progress is not None and time.perf_counter() - last >= 1.0:
                 last = time.perf_counter()
                 rate = report.decided / (last - started)

@@ -19,6 +19,7 @@ from engine.decider import Engine
 from engine.errors import RequestError
 from engine.generator import generate_requests
 from engine.impact import (
+    CHUNK,
     QuickJudge,
     _judging_text,
     _same_constants,
@@ -455,3 +456,17 @@ def test_the_leaner_schemas_judge_as_the_contract() -> None:
         if "\\" not in json.dumps(value, ensure_ascii=False):
             assert checker.usable_unescaped.is_valid(value) == expected, value
     assert 300 < accepted < len(values) - 300  # both kinds, many of each
+
+
+def test_each_chunk_says_what_it_decided_and_its_cpu_time(policies: PolicySet, corpus: list[str]) -> None:
+    """run_impact's chunk_cpu (bench_impact's figure of the judging alone): one entry per chunk, in
+    one process or in workers, their decisions adding up to the report's and their CPU time part
+    of the run's."""
+    for workers in (1, 2):
+        report = run_impact(policies, "v1", "v2", corpus, workers=workers, now=NOW)
+        chunks = -(-sum(1 for line in corpus if line.strip()) // CHUNK)
+        assert len(report.chunk_cpu) == chunks > 1
+        assert sum(decided for decided, _ in report.chunk_cpu) == report.decided > 0
+        assert all(cpu > 0 for _, cpu in report.chunk_cpu)
+        assert sum(cpu for _, cpu in report.chunk_cpu) <= report.cpu_seconds
+        assert "chunk_cpu" not in report.to_dict()  # the report itself is the same
