@@ -8,7 +8,7 @@ request_blocks: its lines as bytes, each named `FILE:N`) and judged by run_impac
 command does (only the policies' loading and the report's rendering left out). --text: as the
 command read it before (numbered_lines: text lines).
 
---repeats N: the corpus judged N times, each run in a fresh process (its fixed costs paid, as a
+--repeats N (5): the corpus judged N times, each run in a fresh process (its fixed costs paid, as a
 command pays them: the engine built, the verdict paths written on first use, the examples
 explained), and the figure reported as the MEDIAN of the runs with their spread (lowest and
 highest, and the half-range as a share of the median). On this shared machine one run moves by
@@ -20,7 +20,11 @@ policies, the file read as that checkout's command reads it: request_blocks wher
 else text lines) and by this tree, --rounds turns of one run each: each tree's median and spread,
 the ratio of the medians, and each turn's ratio (the two runs of a turn see about the same load).
 
-Run: .venv/bin/python bench/bench_impact.py [--count 1000000] [--workers N] [--repeats 5]
+Each run also reports the judging alone: the median of its chunks' decisions per CPU second (each
+chunk of 500 requests timed where it is judged: ImpactReport.chunk_cpu), without the run's fixed
+costs (the first chunk writes the verdict paths it uses) and the reading of the file.
+
+Run: .venv/bin/python bench/bench_impact.py [--count 1000000] [--workers N] [--repeats 5 | --repeats 1]
      [--before TREE --rounds 5]
 """
 
@@ -55,7 +59,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--corpus", type=Path, help="judge this JSON Lines file instead of a generated one")
-    parser.add_argument("--repeats", type=int, default=1, help="runs, each in a fresh process: their median")
+    parser.add_argument("--repeats", type=int, default=5, help="runs, each in a fresh process: their median "
+                        "(1: one run, in this process)")
     parser.add_argument("--before", type=Path, metavar="TREE", help="another checkout judged in turns with this one")
     parser.add_argument("--rounds", type=int, default=5, help="with --before: turns, one run of each tree a turn")
     parser.add_argument("--tree", type=Path, help="judge with the engine and policies of this checkout")
@@ -98,7 +103,7 @@ def one_run(args: argparse.Namespace, corpus: Path, tree: Path | None = None) ->
     """Decisions re-judged per CPU second of one run in a fresh process (of `tree`'s engine): the
     whole run's, and its median chunk's (0 where that engine does not time its chunks)."""
     command = [sys.executable, str(ROOT / "bench" / "bench_impact.py"), "--workers", str(args.workers),
-               "--corpus", str(corpus), *(["--tree", str(tree)] if tree is not None else [])]
+               "--corpus", str(corpus), "--repeats", "1", *(["--tree", str(tree)] if tree is not None else [])]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     whole, chunk = re.findall(r"\| ([\d,]+) \| ([\d,]+) \|$", out.stdout.strip(), re.M)[-1]
     return float(whole.replace(",", "")), float(chunk.replace(",", ""))
