@@ -215,7 +215,12 @@ def _open(path: str, start: Any, results: Any) -> None:
 
 
 def test_workers_starting_together_on_a_fresh_log_never_fail(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("fork")
+    # forkserver, not fork: a fork of this process copies whatever lock one of its threads holds
+    # at that moment (other tests' stores checkpoint their WAL from threads of their own, inside
+    # SQLite's locks), which a child may then wait on for ever: with fork this test timed out
+    # twice under load. (The service's workers are spawned, never forked from a process with threads.)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # (imported once, by the server, before any fork)
     outcomes = []
     for attempt in range(8):
         path = str(tmp_path / f"fresh-{attempt}.db")
