@@ -34,6 +34,8 @@ import sys
 from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from engine.cli import LOG_WRITERS
+
 
 def reuseport_sockets(host: str, port: int, count: int, backlog: int) -> list[socket.socket]:
     """`count` listening sockets bound to one address, in one SO_REUSEPORT group; OSError if
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--backlog", type=int, default=2048)
-    parser.add_argument("--log-writer", choices=("process", "inline"), default="inline",
+    parser.add_argument("--log-writer", choices=LOG_WRITERS, default="inline",
                         help="process: one writer process commits every worker's records (engine/logwriter.py); "
                              "inline: each worker commits its own")
     parser.add_argument("--database-url", default="", help="the log (for the writer process)")
