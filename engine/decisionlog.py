@@ -969,6 +969,7 @@ class SQLiteStore(Store):
 
     _checkpointer: threading.Thread | None = None
     _stopped: threading.Event | None = None  # the checkpoint thread ends
+    _checkpointer_pid: int | None = None  # the process whose thread it is
 
     def close(self) -> None:
         """Also ends the checkpoint thread, once a checkpoint under way is done and its connection
@@ -981,7 +982,7 @@ class SQLiteStore(Store):
 
     def _start_checkpointer(self) -> None:
         """The checkpoint thread of this process (threads do not survive a fork); it ends with the store."""
-        if getattr(self, "_checkpointer_pid", None) == os.getpid() or self.CHECKPOINT_EVERY <= 0:
+        if self._checkpointer_pid == os.getpid() or self.CHECKPOINT_EVERY <= 0:
             return
         self._checkpointer_pid = os.getpid()
         self._stopped = threading.Event()
