@@ -571,6 +571,7 @@ class Store:
                     self._queue[0].wake.set()
                 else:
                     self._leading = False
+                    self._ready.notify_all()  # (a close waiting for the commit to end)
             for pending in group:
                 pending.wake.set()
 
@@ -715,6 +716,9 @@ class Store:
 
     def close(self) -> None:
         with self._ready:
+            # Not under a commit in flight: its connection is in use in libpq's C code (the GIL
+            # released), where closing it would free what that call is using.
+            self._ready.wait_for(lambda: not self._leading, timeout=self.timeout)
             if self._conn is not None:
                 self._close_quietly(self._conn)
                 self._conn = None

@@ -125,3 +125,28 @@ def test_statements_sent_through_libpq_fail_as_psycopg_fails_and_the_connection_
     store.write(record("after"))
     assert store.head()[0] == 1 and store.verify() is None
     store.close()
+
+
+def test_a_close_waits_for_the_commit_in_flight(schema_url: str) -> None:
+    """close() from another thread while a leader's commit is in libpq: the commit ends first,
+    whole, and the connection is closed after it (not freed under the call using it)."""
+    store = open_store(schema_url)
+    assert isinstance(store, PostgresStore)
+    store.write(record("first"))
+    holder = psycopg.connect(schema_url, autocommit=True)  # holds the chain's lock: the commit waits in libpq
+    holder.execute("SELECT pg_advisory_lock(%s)", (PostgresStore.LOCK,))
+    writing = threading.Thread(target=store.write, args=(record("in flight"),))
+    writing.start()
+    time.sleep(0.5)
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    time.sleep(0.5)
+    assert closing.is_alive()  # waiting for the commit
+    holder.execute("SELECT pg_advisory_unlock(%s)", (PostgresStore.LOCK,))
+    writing.join(10)
+    closing.join(10)
+    assert not writing.is_alive() and not closing.is_alive()
+    holder.close()
+    reader = open_store(schema_url, read_only=True)
+    assert [r.decision_id for r in reader.query()] == ["first", "in flight"] and reader.verify() is None
+    reader.close()
