@@ -9,6 +9,7 @@ import re
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -28,12 +29,11 @@ from engine.messages import DEFAULT_LANGUAGE, LANGUAGES, negotiate
 from engine.model import PolicyVersion
 from engine.replay import render_record
 from engine.request import (
-    MAX_CONTAINERS,
-    MAX_VALUES,
     batch_bytes_problem,
     batch_count_problem,
     parse_json,
     strict_json,
+    within_bounds,
 )
 from engine.versions import format_timestamp, parse_timestamp
 
@@ -274,24 +274,38 @@ def _commit(records: list[Any], service: Any = None) -> Response | None:
         if counted is not None:
             metrics.child(*counted).inc()
         return None
-    g.decision_ids.extend(r.decision_id for r in records)
+    g.decision_ids.extend(map(_DECISION_ID, records))
     # Counted once per label set (a batch's hundred decisions are a few increments of the
-    # multiprocess files, not a hundred).
+    # multiprocess files, not a hundred); the records grouped first by the fields that decide
+    # a decision's labels (in C), the labels then worked out once a group.
     counts: Counter[tuple[Any, tuple[str, ...]]] = Counter()
-    for record in records:
-        counted = _counted_in(metrics, record)
-        if counted is not None:
-            counts[counted] += 1
+    others = False
+    for fields, count in Counter(map(_COUNTED_BY, records)).items():
+        if fields[0] != "decided":
+            others = True
+        elif (counted := _counted_in(metrics, records[0], fields)) is not None:
+            counts[counted] += count
+    if others:  # rejections and failures: their labels are in their answers
+        for record in records:
+            if record.outcome != "decided" and (counted := _counted_in(metrics, record)) is not None:
+                counts[counted] += 1
     for (counter, labels), count in counts.items():
         metrics.child(counter, labels).inc(count)
     return None
 
 
-def _counted_in(metrics: Any, record: Any) -> tuple[Any, tuple[str, ...]] | None:
+_DECISION_ID = attrgetter("decision_id")
+_COUNTED_BY = attrgetter("outcome", "action", "decision", "rule_id")  # a decided record's labels
+
+
+def _counted_in(metrics: Any, record: Any,
+                fields: tuple[Any, ...] | None = None) -> tuple[Any, tuple[str, ...]] | None:
     """The counter a committed record is counted in and its labels: a decision by action,
-    decision and rule, a refusal by its code; None for neither."""
-    if record.outcome == "decided":
-        return metrics.decisions, (str(record.action), str(record.decision), record.rule_id or "")
+    decision and rule, a refusal by its code; None for neither. `fields`: its _COUNTED_BY, if
+    taken already (those of a group of decided records: `record` then stands for any of them)."""
+    outcome, action, decision, rule_id = _COUNTED_BY(record) if fields is None else fields
+    if outcome == "decided":
+        return metrics.decisions, (str(action), str(decision), rule_id or "")
     if isinstance(record.response, dict):
         return metrics.rejections, (record.response.get("error", {}).get("code", "unknown"),)
     return None
@@ -390,11 +404,12 @@ def _batch_items(engine: Any) -> list[tuple[Any, bool, str]]:
     raw = _body_bytes()
     if len(raw) > current_app.config["MAX_BATCH_BYTES"]:
         _parsed(raw, True)  # refused for its size, as ever (nothing else is read first)
-    texts = _batch_texts(raw)
+    texts, colons = _batch_texts(raw)
     vouched: list[Any] = []
     if texts is not None:  # all at once where the reader vouches for every request, else each alone
         # (bounded: the body's own count of its values, within vouch()'s bounds, holds its requests')
-        vouched = engine.check.vouch_all(texts, bounded=True) or [engine.check.vouch(text) for text in texts]
+        vouched = engine.check.vouch_all(texts, bounded=True, colons=colons) or [
+            engine.check.vouch(text) for text in texts]
     if texts is not None and None not in vouched:
         return [(one, True, text.decode("utf-8")) for one, text in zip(vouched, texts, strict=True)]
     requests = _parsed(raw, True)["requests"]
@@ -404,25 +419,27 @@ def _batch_items(engine: Any) -> list[tuple[Any, bool, str]]:
             for one, mine, text in zip(requests, vouched, texts or (), strict=True)]
 
 
-def _batch_texts(raw: bytes) -> list[bytes] | None:
-    """The text of each request of a batch body, where its one-pass reading proves that the body
-    is `{"requests": [...]}` (whitespace aside) within the batch's bounds; else None (read it the
-    strict way). msgspec reads the body's syntax in C (strict: UTF-8, no NaN, nothing after the
-    value), refuses a field other than `requests`, and keeps each request's text; a field written
-    twice, which it takes the last of in silence, shows in the colons: each key has one, so the
-    body holds one more colon than its requests' texts only where `requests` is its one key."""
-    if raw.count(b"{") + raw.count(b"[") > MAX_CONTAINERS or raw.count(b",") >= MAX_VALUES:
-        return None  # too many values: the strict reading says so
+def _batch_texts(raw: bytes) -> tuple[list[bytes] | None, int]:
+    """The text of each request of a batch body and their colons, where its one-pass reading
+    proves that the body is `{"requests": [...]}` (whitespace aside) within the batch's bounds;
+    else None (read it the strict way). msgspec reads the body's syntax in C (strict: UTF-8, no
+    NaN, nothing after the value), refuses a field other than `requests`, and keeps each request's
+    text; a field written twice, which it takes the last of in silence, shows in the colons: each
+    key has one, so the body holds one more colon than its requests' texts only where `requests`
+    is its one key."""
+    if not within_bounds(raw):
+        return None, 0  # too many values: the strict reading says so
     try:
         requests = _BATCH_SHAPE.decode(raw).requests
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
+        return None, 0
     if len(requests) > current_app.config["MAX_BATCH"]:
-        return None
+        return None, 0
     texts = [bytes(one) for one in requests]
-    if raw.count(b":") != 1 + b"".join(texts).count(b":"):
-        return None
-    return texts
+    colons = b"".join(texts).count(b":")
+    if raw.count(b":") != 1 + colons:
+        return None, 0
+    return texts, colons
 
 
 @routes.get("/v1/decisions/<decision_id>")

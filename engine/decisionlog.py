@@ -95,12 +95,7 @@ class LogRecord:
 
     def content(self) -> str:
         """What the hash covers: every field but the hashes, request and response as stored."""
-        meta = _meta(self.__dict__)  # (sorted: canonical without sorting)
-        try:
-            text = orjson.dumps(meta).decode()
-        except TypeError:  # an integer beyond 64 bits: canonical's other way, the same form
-            text = canonical(meta)
-        return text + "\n" + self.request_text + "\n" + self.response_text
+        return f"{_meta_text(self.__dict__)}\n{self.request_text}\n{self.response_text}"
 
     def chained(self, seq: int, prev_hash: str, keys: MacKeyring | None = None) -> LogRecord:
         # A copy of its fields (dataclasses.replace would run __init__ again: a tenth of a
@@ -138,6 +133,19 @@ def _meta(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 assert tuple(_meta(dict.fromkeys(COLUMNS))) == _META  # (a column added to COLUMNS must be added here too)
+
+
+def _meta_text(fields: dict[str, Any]) -> str:
+    """A record's metadata as its content writes it: canonical JSON (sorted already)."""
+    meta = _meta(fields)
+    try:
+        return orjson.dumps(meta).decode()
+    except TypeError:  # an integer beyond 64 bits: canonical's other way, the same form
+        return canonical(meta)
+
+
+_new_object = object.__new__
+_sha256 = hashlib.sha256
 # A record's row as stored: every column, the request and response as their stored text.
 _STORED_COLUMNS = operator.attrgetter(*(f"{c}_text" if c in ("request", "response") else c for c in COLUMNS))
 
@@ -691,14 +699,22 @@ class Store:
         return chained
 
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
-        """The records chained on after the head (seq, hash) read under the write lock."""
+        """The records chained on after the head (seq, hash) read under the write lock: what
+        LogRecord.chained gives for each, written out in one loop (the leader chains a group
+        while it holds the log's write lock): a copy of its fields with its place, and its hash
+        or MAC taken over the previous hash and its content in one text."""
         seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+        mac = self.keys.current.mac if self.keys is not None else None
         chained = []
         for record in records:
             seq += 1
-            record = record.chained(seq, prev, self.keys)
-            prev = record.hash
-            chained.append(record)
+            copy = _new_object(LogRecord)
+            values = copy.__dict__
+            values.update(record.__dict__)
+            values["seq"], values["prev_hash"] = seq, prev
+            text = f"{prev}{_meta_text(values)}\n{values['request_text']}\n{values['response_text']}"
+            values["hash"] = prev = mac(text) if mac is not None else _sha256(text.encode("utf-8")).hexdigest()
+            chained.append(copy)
         return chained
 
     def _insert(self) -> str:
@@ -971,6 +987,13 @@ class SQLiteStore(Store):
     CHECKPOINT_EVERY = 0.5  # seconds between the thread's checkpoints (when something committed)
     AUTOCHECKPOINT_PAGES = 20_000  # SQLite's checkpoint in a commit, only past this many WAL pages
 
+    # A new log's page: 16 KiB instead of SQLite's 4. A commit writes each page it changed to the
+    # WAL with a write of its own; a batch of 100 records (about 120 kB of rows in five B-trees)
+    # wrote some 45 pages of 4 KiB, most of them only partly new. In the SQLite store alone, CPU
+    # a row of a batch of 100: COMMIT 7.5 -> 3.1 µs, the INSERT the same (8, 32 and 64 KiB: no
+    # better).
+    PAGE_SIZE = 16_384
+
     _checkpointer: threading.Thread | None = None
     _stopped: threading.Event | None = None  # the checkpoint thread ends
     _checkpointer_pid: int | None = None  # the process whose thread it is
@@ -1001,6 +1024,9 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             try:
                 conn.execute("PRAGMA busy_timeout=30000")
+                # A new file's pages (an existing log keeps its own: SQLite changes it for no
+                # other file, nor once in WAL mode): see PAGE_SIZE.
+                conn.execute(f"PRAGMA page_size={self.PAGE_SIZE}")
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
             finally:

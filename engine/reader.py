@@ -155,7 +155,7 @@ class RequestReader:
         # key is twice or unknown and no other string holds a colon (one count of the bytes).
         return value if raw.count(b":") == keys + timestamp_colons else None
 
-    def read_all(self, texts: Sequence[bytes]) -> list[dict[str, Any]] | None:
+    def read_all(self, texts: Sequence[bytes], colons: int | None = None) -> list[dict[str, Any]] | None:
         """The requests of these texts (a batch's), where the reader vouches for every one of them,
         in one pass over them all: what __call__ gives for each, or None (then ask __call__ for each).
         msgspec reads them as one list in C; the finishing function runs on each value as it would
@@ -163,7 +163,8 @@ class RequestReader:
         texts. The sums prove what each text's counts do: in each text every colon is a key's
         written '":' or a timestamp's or another, and no key is decoded that was not written, so
         each text has at least its keys' '":' and its timestamps' colons; the totals equal only
-        where every text's do."""
+        where every text's do. `colons`: the texts' colons, where the caller counted them already
+        (a batch body's check of its shape)."""
         if not texts:
             return []
         joined = b",".join(texts)
@@ -187,7 +188,9 @@ class RequestReader:
         if timestamp_colons < 0:
             return None
         tight = joined.count(b'":')
-        return values if tight == keys and joined.count(b":") == tight + timestamp_colons else None
+        if colons is None:
+            colons = joined.count(b":")  # (the commas that join the texts hold none)
+        return values if tight == keys and colons == tight + timestamp_colons else None
 
     # --- the types, from the schema --------------------------------------------------------
 
