@@ -987,12 +987,14 @@ class SQLiteStore(Store):
     CHECKPOINT_EVERY = 0.5  # seconds between the thread's checkpoints (when something committed)
     AUTOCHECKPOINT_PAGES = 20_000  # SQLite's checkpoint in a commit, only past this many WAL pages
 
-    # A new log's page: 16 KiB instead of SQLite's 4. A commit writes each page it changed to the
-    # WAL with a write of its own; a batch of 100 records (about 120 kB of rows in five B-trees)
-    # wrote some 45 pages of 4 KiB, most of them only partly new. In the SQLite store alone, CPU
-    # a row of a batch of 100: COMMIT 7.5 -> 3.1 µs, the INSERT the same (8, 32 and 64 KiB: no
-    # better).
-    PAGE_SIZE = 16_384
+    # A new log's page: 8 KiB instead of SQLite's 4. A commit writes each page it changed to the
+    # WAL, a frame (a header and the page) at a time: a batch of 100 records (about 120 kB of rows
+    # in five B-trees) wrote some 45 frames of 4 KiB, half as many of 8. In the SQLite store alone
+    # (bench rows, CPU a row, twice each): groups of 100 records 23.0 / 22.6 µs with 4 KiB pages,
+    # 18.0 / 12.2 with 8, 17.5 / 17.1 with 16; but a commit of one record writes its five pages
+    # whole: 93.9 / 93.9 µs with 4 KiB, 112.3 / 102.8 with 8, 136.2 / 120.7 with 16 (groups of
+    # 4: 36.9-53.3, alike). 8 KiB: most of the batches' gain, a tenth of the cost for single ones.
+    PAGE_SIZE = 8_192
 
     _checkpointer: threading.Thread | None = None
     _stopped: threading.Event | None = None  # the checkpoint thread ends

@@ -21,6 +21,7 @@ from engine.decisionlog import (
     BrokenRecord,
     LogError,
     LogRecord,
+    Store,
     _Pending,
     canonical,
     new_record,
@@ -441,6 +442,23 @@ class TestStore:
                     for c in COLUMNS)
         assert record_from_row(row) == chained and record_from_row((*row[:4], True, *row[5:])) == BrokenRecord(
             4, "d", "its status is bool, not int")
+
+    def test_a_group_is_chained_as_each_record_would_be(self) -> None:
+        # Store._chain writes LogRecord.chained out in one loop: the same records, hashes and MACs,
+        # an integer beyond 64 bits (canonical's other way) included.
+        records = [new_record(decision_id=f"d-{n}", outcome="decided", status=200, request={"n": n},
+                              response={"decision": "allow", "é": "中"}, duration_us=2**70 if n == 1 else n,
+                              request_text='{"n": %d}' % n if n == 2 else "") for n in range(4)]
+        for keys in (None, MacKeyring((MacKey(b"k" * 32),))):
+            store = Store(keys=keys)
+            chained = store._chain(records, (6, "a" * 64))
+            one_by_one, prev = [], "a" * 64
+            for seq, record in enumerate(records, 7):
+                one_by_one.append(record.chained(seq, prev, keys))
+                prev = one_by_one[-1].hash
+            assert chained == one_by_one and [r.hash for r in chained] == [r.hash for r in one_by_one]
+            assert [r.seq for r in records] == [0] * 4  # the records given are not changed
+            assert store.verify(chained) is None  # (their hashes or MACs taken again by the chain's verifier)
 
     def test_concurrent_writes_are_grouped_and_chained(self, database_url: str) -> None:
         store = open_store(database_url)

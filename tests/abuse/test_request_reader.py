@@ -19,7 +19,16 @@ from hypothesis import strategies as st
 from engine.errors import RequestError
 from engine.generator import generate_requests
 from engine.reader import FAST_TIMESTAMP, RequestReader
-from engine.request import MAX_DEPTH, RequestChecker, default_checker, parse_json
+from engine.request import (
+    MAX_CONTAINERS,
+    MAX_DEPTH,
+    MAX_VALUES,
+    RequestChecker,
+    _bound_values,
+    default_checker,
+    parse_json,
+    within_bounds,
+)
 
 from . import paths
 from .test_strict_reader import HOSTILE
@@ -186,12 +195,35 @@ def test_a_batch_read_at_once_is_its_requests_read_one_by_one() -> None:
         data = [text.encode() for text in group]
         alone = [checker.vouch(text) for text in data]
         together = checker.vouch_all(data)
+        colons = b"".join(data).count(b":")
+        # the texts' colons counted by the caller (a batch body's check): the same; one more, refused
+        # (and one fewer where they were vouched for)
+        assert repr(checker.vouch_all(data, colons=colons)) == repr(together)
+        if data:
+            assert checker.vouch_all(data, colons=colons + 1) is None
+            assert together is None or checker.vouch_all(data, colons=colons - 1) is None
         if together is not None:
             assert repr(together) == repr(alone), group
             vouched_whole += bool(group)
         else:
             assert None in alone or any(b"\\" in text for text in data), group
     assert vouched_whole >= 3
+
+
+def test_bounds_in_one_pass_are_the_strict_reading_bounds() -> None:
+    """within_bounds takes exactly the bytes _bound_values takes: at and past each bound, and with
+    the characters counted inside strings, where its one pass over the three characters decides."""
+    bodies = [b"{}", b"[" * MAX_CONTAINERS, b"[" * (MAX_CONTAINERS + 1), b"{" * 10_000 + b"[" * 10_000,
+              b"{" * 10_000 + b"[" * 10_001, b"," * (MAX_VALUES - 1), b"," * MAX_VALUES,
+              b'"' + b"{" * MAX_CONTAINERS + b'"', b'"' + b"{[," * 7_000 + b'"', b" " * 100_000 + b"[" * 20_001,
+              b"[" * 5_000 + b"," * 15_000 + b"x" * 50_000, b"[" * 5_000 + b"," * 15_001 + b"x" * 50_000]
+    for body in bodies:
+        try:
+            _bound_values(body)
+            strict = True
+        except RequestError:
+            strict = False
+        assert within_bounds(body) is strict, body[:40]
 
 
 def test_escaped_chinese_names_are_read_in_one_pass() -> None:
