@@ -448,7 +448,7 @@ class TestStore:
         # an integer beyond 64 bits (canonical's other way) included.
         records = [new_record(decision_id=f"d-{n}", outcome="decided", status=200, request={"n": n},
                               response={"decision": "allow", "é": "中"}, duration_us=2**70 if n == 1 else n,
-                              request_text='{"n": %d}' % n if n == 2 else "") for n in range(4)]
+                              request_text='{"n": 2}' if n == 2 else "") for n in range(4)]
         for keys in (None, MacKeyring((MacKey(b"k" * 32),))):
             store = Store(keys=keys)
             chained = store._chain(records, (6, "a" * 64))
