@@ -16,14 +16,21 @@ from engine.evaluator import NATIVE, NATIVE_WITH_REFERENCE, RUNTIMES, Activation
 from engine.loader import load_policies
 from engine.messages import DEFAULT_LANGUAGE
 from engine.model import Decision, PolicyVersion
-from engine.request import CelConverter, NativeConverter, RequestChecker, default_checker, timestamp_problems
+from engine.request import (
+    MAX_CONTAINERS,
+    CelConverter,
+    NativeConverter,
+    RequestChecker,
+    default_checker,
+    timestamp_problems,
+)
 from engine.versions import PolicySet, parse_timestamp
 
 
 def new_decision_id() -> str:
     """32 hex digits, unique: 64 random bits drawn per process (again in a forked child) and a
     64-bit count (uuid4 costs a system call per id: about a tenth of a whole decision)."""
-    return f"{_ID_PREFIX[0]}{next(_ID_COUNT[0]):016x}"
+    return "%s%016x" % (_ID_PREFIX[0], next(_ID_COUNT[0]))  # noqa: UP031 (cheaper than the f-string's format)
 
 
 def _new_id_source() -> None:
@@ -95,11 +102,12 @@ class Engine:
         (`at`, `policy_version`) chosen once and kept (up to CHOSEN_KEPT pairs). A request the
         reader vouches for, whose pair was seen, goes straight to its generated path."""
         vouch, generated = self.check.vouch, self.generated and not explain
+        reader = self.check.reader or vouch  # (vouch bounds the values of the longest lines first)
         chosen: dict[tuple[Any, Any], tuple[datetime, PolicyVersion]] = {}
         found_for = chosen.get
 
         def decide(data: bytes) -> Decision:
-            request = vouch(data)
+            request = reader(data) if len(data) <= MAX_CONTAINERS else vouch(data)  # vouch's own test
             if request is None:  # read the long way, with its words for every problem
                 return self.decide_bytes(data, now=now, explain=explain, language=language)
             found = found_for((request.get("at", _NO_AT), request.get("policy_version")))

@@ -232,7 +232,18 @@ class Decision:
         order, the keys of Finding.to_dict) instead of a dict built for each (`decide --jsonl`)."""
         if self.explain is not None:
             return orjson.dumps(self.to_dict(), option=orjson.OPT_APPEND_NEWLINE)
-        return orjson.dumps(self._shape(self.rule, self.violations, self.warnings), option=orjson.OPT_APPEND_NEWLINE)
+        outputs = self.outputs  # (orjson writes it as it is: no copy needed)
+        return orjson.dumps({
+            "decision_id": self.decision_id,
+            "decision": self.decision,
+            "rule": self.rule,
+            "violations": self.violations,
+            "warnings": self.warnings,
+            "outputs": outputs if type(outputs) is dict else dict(outputs),
+            "policy": {"version": self.policy_version, "digest": self.policy_digest, "runtime": self.runtime},
+            "at": self.at,
+            "language": self.language,
+        }, option=orjson.OPT_APPEND_NEWLINE)  # _shape's, the findings as the dataclasses they are
 
     def _shape(self, rule: Any, violations: Any, warnings: Any) -> dict[str, Any]:
         """The response of docs/contract.md around its findings, as given."""

@@ -389,6 +389,8 @@ def _number(raw: msgspec.Raw, low: float | None, high: float | None) -> int | fl
         if len(text) > 17:  # beyond +-2^53 (and Python's int() refuses 4,300 digits and more)
             return None
         value = safe_integer(text)
+    elif len(text) <= 16 and b"e" not in text and b"E" not in text:  # 15 significant digits at most,
+        value = float(text)  # no exponent: the double holds it as written (exact_double says so)
     else:
         value = exact_double(text.decode())
     if value is None or (low is not None and value < low) or (high is not None and value > high):

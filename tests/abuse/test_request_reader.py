@@ -323,3 +323,27 @@ def test_a_schema_the_generator_does_not_know_gets_no_one_pass_reading() -> None
                    {"type": "array", "items": {"type": "string"}}):
         with pytest.raises(ReaderError):
             RequestReader(schema)
+
+
+def test_short_decimals_are_read_as_the_strict_reading_reads_them() -> None:
+    """A `number` field's decimal of 16 characters or fewer and no exponent is taken as float()
+    gives it, without exact_double's proof (15 significant digits at most: a double holds them):
+    the strict reading takes each of these (a spread of lengths, signs, zeros and digits) as the
+    same double, and the longer or exponent-written ones are still read the long way."""
+    import random
+
+    import msgspec
+
+    from engine.reader import _number, exact_double
+
+    chosen = random.Random(5)
+    texts = ["0.0", "-0.0", "250.50", "0.1", "0.30000000000000", "-0.00000000000001", "999999999999999.9",
+             "1.0", "0.10000000000000001", "1e2", "1.5E-3", "123456789012345.67"]
+    for _ in range(2000):
+        whole, fraction = chosen.randrange(16), chosen.randrange(1, 16)
+        digits = "".join(chosen.choice("0123456789") for _ in range(whole + fraction))
+        head = digits[:whole].lstrip("0") or "0"
+        texts.append(("-" if chosen.random() < 0.3 else "") + head + "." + digits[whole:])
+    for text in texts:
+        found = _number(msgspec.Raw(text.encode()), None, None)
+        assert repr(found) == repr(exact_double(text)), text
