@@ -222,7 +222,9 @@ class TestBatch:
             seqs = [logged(client, a["decision_id"])["seq"] for a in batch.json["decisions"]]
             assert seqs == list(range(seqs[0], seqs[0] + len(chosen)))  # in order, one after another
         assert store.verify() is None
-        assert main(["log", "verify", "--database-url", database_url]) == 0
+        # (--data: the app's own folder, not the working directory's data/, whose checkpoints,
+        # left there by `make run`, are another log's)
+        assert main(["log", "verify", "--database-url", database_url, "--data", str(tmp_path)]) == 0
 
     def test_a_database_that_refuses_a_row_fails_the_batch_whole(self, client: FlaskClient, app: Flask) -> None:
         store = store_of(app)

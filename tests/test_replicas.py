@@ -59,7 +59,8 @@ def test_two_replicas_one_chain_one_killed(tmp_path: Path, postgres_server_url: 
         logged = {r.decision_id for r in store.query()}
         assert set(answered) <= logged  # every answered decision is in the log
         assert store.verify() is None
-        assert main(["log", "verify", "--database-url", postgres_server_url, "--mac-key-file", mac]) == 0
+        assert main(["log", "verify", "--database-url", postgres_server_url, "--mac-key-file", mac,
+                     "--data", str(tmp_path / "b")]) == 0  # (not the working directory's data/)
         said = capsys.readouterr().out
         assert "ok: the chain holds" in said and f"{len(logged)} with a keyed MAC" in said
         # the surviving replica still serves and extends the same chain
