@@ -221,7 +221,7 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         out = self._shape(self.rule.to_dict() if self.rule else None, [v.to_dict() for v in self.violations],
-                          [w.to_dict() for w in self.warnings])
+                          [w.to_dict() for w in self.warnings], dict(self.outputs))
         if self.explain is not None:
             out["explain"] = [t.to_dict() for t in self.explain]
         return out
@@ -229,31 +229,24 @@ class Decision:
     def to_json_line(self) -> bytes:
         """orjson's writing of to_dict(), byte for byte, and a newline: without explain, the
         findings are handed to orjson as the dataclasses they are (it writes their fields in
-        order, the keys of Finding.to_dict) instead of a dict built for each (`decide --jsonl`)."""
+        order, the keys of Finding.to_dict) instead of a dict built for each (`decide --jsonl`),
+        and the outputs as they are (orjson writes a dict without a copy)."""
         if self.explain is not None:
             return orjson.dumps(self.to_dict(), option=orjson.OPT_APPEND_NEWLINE)
-        outputs = self.outputs  # (orjson writes it as it is: no copy needed)
-        return orjson.dumps({
-            "decision_id": self.decision_id,
-            "decision": self.decision,
-            "rule": self.rule,
-            "violations": self.violations,
-            "warnings": self.warnings,
-            "outputs": outputs if type(outputs) is dict else dict(outputs),
-            "policy": {"version": self.policy_version, "digest": self.policy_digest, "runtime": self.runtime},
-            "at": self.at,
-            "language": self.language,
-        }, option=orjson.OPT_APPEND_NEWLINE)  # _shape's, the findings as the dataclasses they are
+        outputs = self.outputs
+        return orjson.dumps(self._shape(self.rule, self.violations, self.warnings,
+                                        outputs if type(outputs) is dict else dict(outputs)),
+                            option=orjson.OPT_APPEND_NEWLINE)
 
-    def _shape(self, rule: Any, violations: Any, warnings: Any) -> dict[str, Any]:
-        """The response of docs/contract.md around its findings, as given."""
+    def _shape(self, rule: Any, violations: Any, warnings: Any, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The response of docs/contract.md around its findings and outputs, as given."""
         return {
             "decision_id": self.decision_id,
             "decision": self.decision,
             "rule": rule,
             "violations": violations,
             "warnings": warnings,
-            "outputs": dict(self.outputs),
+            "outputs": outputs,
             "policy": {"version": self.policy_version, "digest": self.policy_digest, "runtime": self.runtime},
             "at": self.at,
             "language": self.language,
