@@ -95,17 +95,10 @@ class LogRecord:
 
     def content(self) -> str:
         """What the hash covers: every field but the hashes, request and response as stored."""
-        return f"{_meta_text(self.__dict__)}\n{self.request_text}\n{self.response_text}"
+        return _content(self.__dict__)
 
     def chained(self, seq: int, prev_hash: str, keys: MacKeyring | None = None) -> LogRecord:
-        # A copy of its fields (dataclasses.replace would run __init__ again: a tenth of a
-        # batched decision's CPU), then its place in the chain, while the copy is still being made.
-        record = object.__new__(type(self))
-        values = record.__dict__
-        values.update(self.__dict__)
-        values["seq"], values["prev_hash"] = seq, prev_hash
-        values["hash"] = record_hash(record.content(), prev_hash, keys)
-        return record
+        return _linked(self, seq, prev_hash, keys.current.mac if keys is not None else None)
 
     def leaf(self) -> bytes:
         """Its leaf hash in the log's Merkle tree: over its content, keyless, so anyone can check it."""
@@ -144,6 +137,27 @@ def _meta_text(fields: dict[str, Any]) -> str:
         return canonical(meta)
 
 
+def _content(fields: dict[str, Any]) -> str:
+    """What the hash covers (LogRecord.content), from a record's fields."""
+    return f"{_meta_text(fields)}\n{fields['request_text']}\n{fields['response_text']}"
+
+
+def _linked(record: LogRecord, seq: int, prev_hash: str, mac: Callable[[str], str] | None) -> LogRecord:
+    """The record at its place in the chain (LogRecord.chained; `mac`: the current key's, None for
+    plain SHA-256): a copy of its fields (dataclasses.replace would run __init__ again: a tenth of
+    a batched decision's CPU), its place, and its hash over the previous hash and its content."""
+    copy = _new_object(type(record))
+    values = copy.__dict__
+    values.update(record.__dict__)
+    values["seq"], values["prev_hash"] = seq, prev_hash
+    values["hash"] = _digest(prev_hash + _content(values), mac)
+    return copy
+
+
+def _digest(text: str, mac: Callable[[str], str] | None) -> str:
+    return mac(text) if mac is not None else _sha256(text.encode("utf-8")).hexdigest()
+
+
 _new_object = object.__new__
 _sha256 = hashlib.sha256
 # A record's row as stored: every column, the request and response as their stored text.
@@ -163,9 +177,7 @@ def canonical(value: Any) -> str:
 
 def record_hash(content: str, prev_hash: str, keys: MacKeyring | None = None) -> str:
     """The MAC under the current key (`hmac-sha256:<key id>:<hex>`), or plain SHA-256 (hex) without one."""
-    if keys is not None:
-        return keys.current.mac(prev_hash + content)
-    return hashlib.sha256((prev_hash + content).encode("utf-8")).hexdigest()
+    return _digest(prev_hash + content, keys.current.mac if keys is not None else None)
 
 
 def hash_problem(record: LogRecord, keys: MacKeyring | None, keyed_before: bool,
@@ -699,22 +711,16 @@ class Store:
         return chained
 
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
-        """The records chained on after the head (seq, hash) read under the write lock: what
-        LogRecord.chained gives for each, written out in one loop (the leader chains a group
-        while it holds the log's write lock): a copy of its fields with its place, and its hash
-        or MAC taken over the previous hash and its content in one text."""
+        """The records chained on after the head (seq, hash) read under the write lock (the
+        current key's MAC looked up once for the group)."""
         seq, prev = (head[0], head[1]) if head else (0, GENESIS)
         mac = self.keys.current.mac if self.keys is not None else None
         chained = []
         for record in records:
             seq += 1
-            copy = _new_object(LogRecord)
-            values = copy.__dict__
-            values.update(record.__dict__)
-            values["seq"], values["prev_hash"] = seq, prev
-            text = f"{prev}{_meta_text(values)}\n{values['request_text']}\n{values['response_text']}"
-            values["hash"] = prev = mac(text) if mac is not None else _sha256(text.encode("utf-8")).hexdigest()
-            chained.append(copy)
+            record = _linked(record, seq, prev, mac)
+            prev = record.hash
+            chained.append(record)
         return chained
 
     def _insert(self) -> str:
