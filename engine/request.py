@@ -20,7 +20,7 @@ from engine.checker import first_problems
 from engine.errors import Detail, RequestError
 from engine.model import EACH, OPTIONAL, FieldPath
 from engine.needs import pointer
-from engine.reader import ReaderError, RequestReader, exact_double, safe_integer
+from engine.reader import NO_NUL, ReaderError, RequestReader, exact_double, safe_integer
 from engine.schemas import Schema, SchemaWalker, load_schema
 from engine.versions import parse_timestamp
 
@@ -113,7 +113,11 @@ def within_bounds(raw: bytes) -> bool:
     hundred requests is: a pass costs about as much for one character as for three."""
     if len(raw) <= MAX_CONTAINERS or len(raw) - len(raw.translate(None, b"{[,")) <= MAX_CONTAINERS:
         return True
-    return raw.count(b"{") + raw.count(b"[") <= MAX_CONTAINERS and raw.count(b",") < MAX_VALUES
+    try:
+        _bound_values(raw)
+    except RequestError:
+        return False
+    return True
 
 
 _JSON_WHITESPACE = b" \t\n\r"
@@ -426,9 +430,6 @@ def _usable_timestamps(schema: Schema) -> Schema:
 
     narrowed: Schema = narrow(schema)
     return narrowed
-
-
-NO_NUL = "^[^\\u0000]*$"  # the contract's pattern for the strings the log stores
 
 
 def _leaner(schema: Schema, walker: SchemaWalker, *, nul: bool = True) -> Schema:
