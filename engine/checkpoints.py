@@ -4,6 +4,12 @@ A checkpoint is a small JSON file written outside the database (BINDPOLICY_CHECK
 named by the number of records it covers. It also carries the frontier of the Merkle tree
 (the roots of its perfect subtrees), which folds to the signed root: a service that restarts
 goes on from its last checkpoint without reading the whole log again.
+
+It names the log it is of (`origin`, as a Certificate Transparency checkpoint's first line
+does): the log's own identity, made once when the log is created (engine/decisionlog.py's
+`log_origin` table). A checkpoint of another log is then told apart from a log that no longer
+matches its checkpoint. Checkpoints written before logs had an origin have none, and are
+signed and compared as they were.
 """
 
 from __future__ import annotations
@@ -43,12 +49,20 @@ class Checkpoint:
     key_id: str
     signature: str = ""
     path: Path | None = field(default=None, compare=False)
+    origin: str = ""  # the log it is of ("": written before logs had an origin)
 
     def payload(self) -> bytes:
-        """The bytes signed: every field but the signature, as canonical JSON."""
+        """The bytes signed: every field but the signature, as canonical JSON (the origin only
+        when there is one, so that older checkpoints' signatures still hold)."""
         body = {"format": FORMAT, "tree_size": self.tree_size, "root": self.root, "head_hash": self.head_hash,
-                "written_at": self.written_at, "frontier": list(self.frontier), "key_id": self.key_id}
+                "written_at": self.written_at, "frontier": list(self.frontier), "key_id": self.key_id,
+                **({"origin": self.origin} if self.origin else {})}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def of_another_log(self, origin: str | None) -> bool:
+        """Whether it names a log other than `origin` (a log's own, None for a log without one).
+        A checkpoint without an origin is no log's in particular: it is compared, as before."""
+        return bool(self.origin) and self.origin != origin
 
     def to_dict(self) -> dict[str, Any]:
         return {**json.loads(self.payload()), "signature": self.signature}
@@ -74,10 +88,10 @@ class Checkpoint:
 
 
 def make_checkpoint(frontier: Frontier, head_hash: str, key: Ed25519PrivateKey,
-                    now: datetime | None = None) -> Checkpoint:
+                    now: datetime | None = None, origin: str | None = None) -> Checkpoint:
     at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     unsigned = Checkpoint(frontier.size, frontier.root().hex(), head_hash, at,
-                          tuple(r.hex() for r in frontier.roots), public_key_id(key.public_key()))
+                          tuple(r.hex() for r in frontier.roots), public_key_id(key.public_key()), origin=origin or "")
     return replace(unsigned, signature=sign(key, unsigned.payload()))
 
 
@@ -118,7 +132,8 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
             tree_size=_typed(body, "tree_size", int), root=_typed(body, "root", str),
             head_hash=_typed(body, "head_hash", str), written_at=_typed(body, "written_at", str),
             frontier=tuple(_typed(body, "frontier", list)), key_id=_typed(body, "key_id", str),
-            signature=_typed(body, "signature", str), path=path)
+            signature=_typed(body, "signature", str), path=path,
+            origin=_typed(body, "origin", str) if "origin" in body else "")
         if not all(isinstance(h, str) for h in checkpoint.frontier) or checkpoint.tree_size < 0:
             raise TypeError("frontier must list hex strings, tree_size be a count")
     except TypeError as exc:
@@ -142,7 +157,8 @@ def checkpoint_files(folder: Path | str) -> list[Path]:
 
 
 def latest_valid(folder: Path | str, public_keys: dict[str, Ed25519PublicKey]) -> Checkpoint | None:
-    """The checkpoint covering the most records among those that verify."""
+    """The checkpoint covering the most records among those that verify (of any log: the
+    caller compares its origin)."""
     for path in reversed(checkpoint_files(folder)):
         try:
             checkpoint = read_checkpoint(path)

@@ -354,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
 def _log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=os.environ.get("BINDPOLICY_DATABASE_URL", ""),
                         help="sqlite:///path or postgresql://... [BINDPOLICY_DATABASE_URL]")
-    parser.add_argument("--data", default=os.environ.get("BINDPOLICY_DATA", "data"),
+    parser.add_argument("--data", default=os.environ.get("BINDPOLICY_DATA"),
                         help="the service's data folder, for its SQLite log [BINDPOLICY_DATA] (default: data)")
     parser.add_argument("--mac-key-file", default=os.environ.get("BINDPOLICY_LOG_MAC_KEY_FILE", ""),
                         help="the log's MAC keys, to check the records' MACs [BINDPOLICY_LOG_MAC_KEY_FILE]")
@@ -377,7 +377,7 @@ def _store(args: argparse.Namespace) -> Any:
     from engine.decisionlog import LogError, open_store
     from engine.logkeys import KeyFileError, read_mac_keys
 
-    url = args.database_url or str(Path(args.data) / "decisions.db")
+    url = args.database_url or str(_data(args) / "decisions.db")
     try:
         keys = read_mac_keys(args.mac_key_file) if getattr(args, "mac_key_file", "") else None
         return open_store(url, read_only=True, keys=keys)
@@ -396,7 +396,18 @@ def _public_keys(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
-    return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.data) / "checkpoints"
+    return Path(args.checkpoint_dir) if args.checkpoint_dir else _data(args) / "checkpoints"
+
+
+def _data(args: argparse.Namespace) -> Path:
+    """The audit commands' data folder (--data, else BINDPOLICY_DATA, else ./data)."""
+    return Path(args.data or "data")
+
+
+def _guessed_folder(args: argparse.Namespace) -> bool:
+    """Whether the checkpoint folder is only the default's guess: a log given by --database-url,
+    and neither --checkpoint-dir nor --data (nor their variables) saying where its checkpoints are."""
+    return bool(args.database_url) and not args.checkpoint_dir and args.data is None
 
 
 def _audit_handler(handler: Any) -> Any:
@@ -597,7 +608,7 @@ def _replay_ray(args: argparse.Namespace, keys: Any, since: str | None, until: s
 
 def _database_url(args: argparse.Namespace) -> str:
     """The log's URL as a Ray worker elsewhere opens it (a SQLite file by its absolute path)."""
-    return args.database_url or "sqlite:///" + str((Path(args.data) / "decisions.db").resolve())
+    return args.database_url or "sqlite:///" + str((_data(args) / "decisions.db").resolve())
 
 
 def _said_nodes(nodes: dict[str, int]) -> None:
@@ -618,7 +629,7 @@ def _log_verify(args: argparse.Namespace) -> int:
 
     if args.export:
         return _verify_export(args)
-    report = verify_log(_store(args), _checkpoint_dir(args), _public_keys(args))
+    report = verify_log(_store(args), _checkpoint_dir(args), _public_keys(args), guessed=_guessed_folder(args))
     sys.stdout.write(report.describe())
     return report.exit_code
 
@@ -715,8 +726,10 @@ def _log_verify_proof(args: argparse.Namespace) -> int:
     except ProofError as exc:
         print(f"{'BROKEN' if exc.code == 1 else 'cannot check'}: {exc}")
         return exc.code
+    origin = proof["checkpoint"].get("origin")
     print(f"ok: decision {decision_id} is record {proof['leaf_index'] + 1} of the {proof['tree_size']} records "
-          f"signed at {proof['checkpoint']['written_at']} (key {proof['checkpoint']['key_id']})")
+          + (f"of log {origin} " if origin else "")
+          + f"signed at {proof['checkpoint']['written_at']} (key {proof['checkpoint']['key_id']})")
     return 0
 
 

@@ -32,6 +32,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -457,6 +458,7 @@ class Store:
         self._probed_at = 0.0
         self.batches = 0  # committed transactions, for the metrics and the tests
         self.records = 0
+        self._origin: tuple[str | None] | None = None  # (the log's origin,) once read
 
     # --- to implement ---------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -893,8 +895,23 @@ class Store:
                 if conn.execute("SELECT 1 FROM log_probe WHERE id = 1").fetchone() is None:
                     conn.execute(f"INSERT INTO log_probe (id, probed_at) VALUES (1, {self.placeholder})",
                                  (log_time(datetime.now(UTC)),))
+                if conn.execute("SELECT 1 FROM log_origin WHERE id = 1").fetchone() is None:
+                    conn.execute(f"INSERT INTO log_origin (id, origin) VALUES (1, {self.placeholder})",
+                                 (new_origin(),))
         finally:
             conn.close()
+
+    def origin(self) -> str | None:
+        """The log's identity (made when the log was; see _ORIGIN_TABLE), read once; None for a
+        log opened read-only that was made before logs had one."""
+        if self._origin is None:
+            with self._reading() as conn:
+                if self._has_table(conn, "log_origin"):
+                    row = conn.execute("SELECT origin FROM log_origin WHERE id = 1").fetchone()
+                    self._origin = (str(row[0]) if row else None,)
+                else:
+                    self._origin = (None,)
+        return self._origin[0]
 
 
 def _answered_at(response: str) -> Any:
@@ -917,6 +934,15 @@ _POLICY_TABLE = """CREATE TABLE IF NOT EXISTS policy_contents (
 # One row, rewritten when readiness must know whether a commit goes through (disk full...).
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS log_probe (id INTEGER PRIMARY KEY, probed_at TEXT NOT NULL)"
 
+# One row, written once when the log is made: the log's identity, which its signed checkpoints
+# name (as a Certificate Transparency checkpoint names its log), so that `log verify` tells
+# another log's checkpoints from this log's.
+_ORIGIN_TABLE = "CREATE TABLE IF NOT EXISTS log_origin (id INTEGER PRIMARY KEY, origin TEXT NOT NULL)"
+
+
+def new_origin() -> str:
+    return f"bindpolicy-log/{uuid.uuid4().hex}"
+
 
 def _tables(big_int: str) -> list[str]:
     """The log's tables and indexes; the stores differ only in the name of a 64-bit integer."""
@@ -925,7 +951,7 @@ def _tables(big_int: str) -> list[str]:
         outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
         shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
         duration_us {big_int} NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE, _PROBE_TABLE]
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE, _PROBE_TABLE, _ORIGIN_TABLE]
 
 
 class SQLiteStore(Store):

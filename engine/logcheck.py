@@ -104,11 +104,13 @@ class VerifyReport:
 
 
 def verify_log(store: Store, checkpoint_dir: Path | str | None,
-               public_keys: dict[str, Ed25519PublicKey]) -> VerifyReport:
+               public_keys: dict[str, Ed25519PublicKey], *, guessed: bool = False) -> VerifyReport:
     """Every record and every checkpoint; never raises for what it reads (LogError if the
-    database itself cannot be read)."""
+    database itself cannot be read). `guessed`: the checkpoint folder is a default nobody named
+    (see own_checkpoints)."""
     report = VerifyReport()
-    pending = read_checkpoints(checkpoint_dir, public_keys, report)
+    pending = own_checkpoints(read_checkpoints(checkpoint_dir, public_keys, report), store.origin(),
+                              checkpoint_dir, report, guessed=guessed)
     verify_chain(store.scan(), store.keys, report, pending)
     if report.breach is None:
         for checkpoint in pending:
@@ -146,6 +148,32 @@ def read_checkpoints(checkpoint_dir: Path | str | None, public_keys: dict[str, E
                                  "were not checked (--public-key or BINDPOLICY_CHECKPOINT_PUBLIC_KEYS)")
     pending.sort(key=lambda c: c.tree_size)
     return pending
+
+
+def own_checkpoints(checkpoints: list[Checkpoint], origin: str | None, folder: Path | str | None,
+                    report: VerifyReport, *, guessed: bool = False) -> list[Checkpoint]:
+    """The checkpoints that are this log's (`origin`; those without an origin are compared as
+    before logs had one). Another log's is not compared with this log's records: it is named as
+    another log's, a failure (exit 1: either the folder given is another log's, or this log was
+    replaced by another) unless the folder was only `guessed` (the default folder, where a log
+    given by --database-url alone need not keep its checkpoints) and holds none of this log's:
+    then they could not be used (exit 2)."""
+    own = [c for c in checkpoints if not c.of_another_log(origin)]
+    others = [c for c in checkpoints if c.of_another_log(origin)]
+    if not others:
+        return own
+    names = sorted({c.origin for c in others})
+    this = f"this log is {origin}" if origin else "this log names none (it was made before logs had an origin)"
+    if guessed and not any(c.origin for c in own):
+        report.unreadable.append(
+            f"the checkpoints in {folder} (the default folder: no --data or --checkpoint-dir given) are another "
+            f"log's ({', '.join(names)}); {this}: give this log's checkpoint folder")
+        return own
+    for checkpoint in others:
+        report.problems.append(
+            f"checkpoint {_name(checkpoint)} is of another log ({checkpoint.origin}; {this}): the folder holds "
+            "another log's checkpoints, or this log was replaced by another")
+    return own
 
 
 def verify_chain(items: Iterable[LogRecord | BrokenRecord], keys: MacKeyring | None, report: VerifyReport,
@@ -231,6 +259,7 @@ class LogWatch:
         self.verified_seq, self.verified_hash = 0, GENESIS
         self.frontier: Frontier | None = None
         self.last_checkpoint: Checkpoint | None = None
+        self.origin: str | None = None  # the log's, read at start: its checkpoints name it
         self._last_checkpoint_at = 0.0
         self._cursor = 0  # the range the sweep checks next
         self._head_written = 0
@@ -249,11 +278,21 @@ class LogWatch:
 
     # --- start ----------------------------------------------------------------------------------
     def start(self) -> None:
-        """At service start: the tail of the chain, then where the tree goes on from."""
+        """At service start: the tail of the chain, then where the tree goes on from. The newest
+        checkpoint of this service's key being another log's is a breach (this log replaced by
+        another, or the folder another log's): it names both logs."""
         self._found(self.store.verify(self.store.tail(self.tail, parse=False)))
+        self.origin = self.store.origin()
         if self.signing_key is not None and self.checkpoint_dir is not None:
             own = {public_key_id(self.signing_key.public_key()): self.signing_key.public_key()}
             checkpoint = latest_valid(self.checkpoint_dir, own)
+            if checkpoint is not None and checkpoint.of_another_log(self.origin):
+                if self.breach is None:
+                    self._found(Breach(checkpoint.tree_size, None, (
+                        f"checkpoint {_name(checkpoint)} is of another log ({checkpoint.origin}; this log is "
+                        f"{self.origin}): this log was replaced by another, or the checkpoint folder is "
+                        "another log's")))
+                checkpoint = None
             if checkpoint is not None and (state := checkpoint.frontier_state()) is not None:
                 self.frontier, self.last_checkpoint = state, checkpoint
                 self.verified_seq, self.verified_hash = checkpoint.tree_size, checkpoint.head_hash
@@ -337,10 +376,13 @@ class LogWatch:
             return
         own = {public_key_id(self.signing_key.public_key()): self.signing_key.public_key()}
         found = latest_valid(self.checkpoint_dir, own)
+        if found is not None and found.of_another_log(self.origin):
+            found = None  # (found at start: a breach already)
         best = found
         with contextlib.suppress(CheckpointError, OSError):
             head = read_checkpoint(self.checkpoint_dir / HEAD)
-            if head.verify(own) is None and (best is None or head.tree_size > best.tree_size):
+            if head.verify(own) is None and not head.of_another_log(self.origin) and \
+                    (best is None or head.tree_size > best.tree_size):
                 best = head
         if best is None or best.tree_size <= self.verified_seq or (state := best.frontier_state()) is None:
             return
@@ -564,8 +606,8 @@ class LogWatch:
         if not force and self.verified_seq == self._head_written:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(self.checkpoint_dir, make_checkpoint(self.frontier, self.verified_hash, self.signing_key),
-                         HEAD)
+        write_checkpoint(self.checkpoint_dir, make_checkpoint(self.frontier, self.verified_hash, self.signing_key,
+                                                              origin=self.origin), HEAD)
         self._head_written = self.verified_seq
 
     def _maybe_checkpoint(self) -> None:
@@ -589,7 +631,7 @@ class LogWatch:
                     int(newest[0].name[11:23]) >= self.verified_seq - 1:
                 self._last_checkpoint_at = time.monotonic()  # another worker just wrote one
                 return
-            checkpoint = make_checkpoint(self.frontier, self.verified_hash, self.signing_key)
+            checkpoint = make_checkpoint(self.frontier, self.verified_hash, self.signing_key, origin=self.origin)
             write_checkpoint(self.checkpoint_dir, checkpoint)
         self.last_checkpoint, self._last_checkpoint_at = checkpoint, time.monotonic()
         log.info("decision log checkpoint written", extra={
@@ -612,10 +654,12 @@ def prove(store: Store, decision_id: str, checkpoint_dir: Path | str,
     if record is None:
         raise ProofError(f"no decision '{decision_id}' in the log")
     covering = None
+    origin = store.origin()
     for path in reversed(checkpoint_files(checkpoint_dir)):
         with contextlib.suppress(CheckpointError):
             checkpoint = read_checkpoint(path)
-            if checkpoint.tree_size >= record.seq and (not public_keys or checkpoint.verify(public_keys) is None):
+            if checkpoint.tree_size >= record.seq and not checkpoint.of_another_log(origin) and \
+                    (not public_keys or checkpoint.verify(public_keys) is None):
                 covering = checkpoint
                 break
     if covering is None:

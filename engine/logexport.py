@@ -32,7 +32,7 @@ from engine.decisionlog import (
     canonical,
     log_time,
 )
-from engine.logcheck import VerifyReport, read_checkpoints, verify_chain
+from engine.logcheck import VerifyReport, own_checkpoints, read_checkpoints, verify_chain
 from engine.logkeys import MacKeyring
 
 EXPORT_FORMAT = "bindpolicy-log-export/1"
@@ -72,6 +72,7 @@ class ExportManifest:
     columns: list[str] = field(default_factory=lambda: list(COLUMNS))
     parts: list[ExportPart] = field(default_factory=list)
     policy_digests: list[str] = field(default_factory=list)
+    origin: str | None = None  # the log's (None: exported before logs had one, or from a log without)
 
     @property
     def whole(self) -> bool:
@@ -208,7 +209,7 @@ def export_log(store: Store, folder: Path | str, *, since: str | None = None, un
         raise ExportError(f"{out} already exists and is not an empty folder: export into a new one")
     out.mkdir(parents=True, exist_ok=True)
     manifest = ExportManifest(EXPORT_FORMAT, file_format, since and log_time(since), until and log_time(until),
-                              log_time(datetime.now(UTC)))
+                              log_time(datetime.now(UTC)), origin=store.origin())
     parts_per_day: dict[str, int] = {}
     digests: set[str] = set()
     writer: _PartWriter | None = None
@@ -331,7 +332,12 @@ def verify_export(folder: Path | str, keys: MacKeyring | None = None, checkpoint
     if not manifest.records or first_seq is None:
         return report
     # A checkpoint can be compared from the genesis only, and only up to the export's end.
-    pending = [c for c in read_checkpoints(checkpoint_dir, public_keys or {}, report)
+    # Another log's checkpoints are named as such (an export that names no origin, made before
+    # logs had one, is compared with every checkpoint, as it was).
+    found = read_checkpoints(checkpoint_dir, public_keys or {}, report)
+    if manifest.origin is not None:
+        found = own_checkpoints(found, manifest.origin, checkpoint_dir, report)
+    pending = [c for c in found
                if manifest.whole and manifest.last_seq is not None and c.tree_size <= manifest.last_seq]
     verifier = verify_chain(read_records(root, parse=False), keys, report, pending, seq=first_seq - 1,
                             prev_hash=GENESIS if manifest.whole else manifest.first_prev_hash or "")

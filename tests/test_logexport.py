@@ -152,3 +152,39 @@ def test_a_keyed_export_is_checked_as_log_verify_checks_the_log(tmp_path: Path, 
     assert check.breach is not None and check.breach.seq == rows[2]["seq"]
     assert "unkeyed record after keyed" in check.breach.problem
     store.close()
+
+
+def test_an_export_names_its_log_and_another_logs_checkpoints_are_named(tmp_path: Path, engine: Engine) -> None:
+    from engine.logcheck import LogWatch
+    from engine.logkeys import generate_keys, read_public_keys, read_signing_key
+
+    generate_keys(tmp_path / "keys")
+    key = read_signing_key(tmp_path / "keys" / "checkpoint.key")
+    public = read_public_keys([str(tmp_path / "keys" / "checkpoint.pub")])
+    stores = {}
+    for name in ("this", "other"):
+        stores[name] = store = open_store(str(tmp_path / name / "decisions.db"))
+        if name == "other":  # (the same records would make the same chain, root and head)
+            store.write(new_record(decision_id="other", outcome="rejected", status=400, request={}, response={},
+                                   duration_us=1, logged_at=START))
+        write_log(store, engine, count=30 if name == "this" else 29)
+        watch = LogWatch(store, checkpoint_dir=tmp_path / name / "checkpoints", signing_key=key, checkpoint_interval=0)
+        watch.start()
+        watch.step()
+    manifest = export_log(stores["this"], tmp_path / "out", file_format="jsonl")
+    assert manifest.origin == stores["this"].origin() != stores["other"].origin()
+    assert ExportManifest.read(tmp_path / "out").origin == manifest.origin
+    check = verify_export(tmp_path / "out", None, tmp_path / "this" / "checkpoints", public)
+    assert check.exit_code == 0 and check.checkpoints == 2 and check.latest is not None  # the checkpoint, the head
+    check = verify_export(tmp_path / "out", None, tmp_path / "other" / "checkpoints", public)
+    assert check.exit_code == 1 and check.checkpoints == 0
+    assert check.problems and all(f"is of another log ({stores['other'].origin()}; this log is {manifest.origin})"
+                                  in p for p in check.problems)
+    # An export made before logs had an origin is compared with every checkpoint, as it was.
+    body = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del body["origin"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(body))
+    check = verify_export(tmp_path / "out", None, tmp_path / "other" / "checkpoints", public)
+    assert check.exit_code == 1 and any("no longer give its signed Merkle root" in p for p in check.problems)
+    for store in stores.values():
+        store.close()

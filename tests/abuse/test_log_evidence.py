@@ -126,6 +126,8 @@ TAMPERING: dict[str, Callable[[Evidence], None]] = {
         lambda ev: rechain_without_key(ev, 1, to_allow),
     "corrupt a stored request cell": lambda ev: ev.sql("UPDATE decisions SET request = '{\"acc' WHERE seq = 8"),
     "alter the checkpoint's root": lambda ev: _edit_checkpoint(ev, "root", "00" * 32),
+    "rename the log the checkpoint is of": lambda ev: _edit_checkpoint(ev, "origin", "bindpolicy-log/" + "0" * 32),
+    "give the log another log's origin": lambda ev: ev.sql("UPDATE log_origin SET origin = 'bindpolicy-log/x'"),
     "replace the checkpoint by one signed with another key": lambda ev: _resign_checkpoint(ev),
 }
 
@@ -291,3 +293,90 @@ def test_serve_refuses_a_bad_key_file_before_any_worker_starts(
     monkeypatch.setenv("BINDPOLICY_LOG_MAC_KEY_FILE", str(bad))
     assert main(["serve", "--policies", str(POLICIES), "--data", str(tmp_path / "data")]) == 1
     assert f"{bad}:1: a MAC key has at least 32 bytes" in capsys.readouterr().err
+
+
+def origin_of(db: Path) -> str:
+    conn = sqlite3.connect(db)
+    try:
+        return str(conn.execute("SELECT origin FROM log_origin").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_checkpoints_name_their_log_and_another_logs_are_named_as_such(
+        evidence: Evidence, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    origin = origin_of(evidence.db)
+    assert origin.startswith("bindpolicy-log/") and len(origin) == len("bindpolicy-log/") + 32
+    checkpoint = read_checkpoint(checkpoint_files(evidence.data / "checkpoints")[0])
+    assert checkpoint.origin == origin and b'"origin":"' + origin.encode() + b'"' in checkpoint.payload()
+    # Another log, signed with the same key: its checkpoints are its own, by their origin.
+    other = tmp_path / "o" / "data"
+    app = make_app(tmp_path / "o", f"sqlite:///{other / 'decisions.db'}",
+                   LOG_MAC_KEY_FILE=str(evidence.keys / "log-mac.key"),
+                   CHECKPOINT_KEY_FILE=str(evidence.keys / "checkpoint.key"), CHECKPOINT_INTERVAL=0)
+    decide(app.test_client(), 25)
+    app.extensions["bindpolicy"].watch.step()
+    other_origin = origin_of(other / "decisions.db")
+    assert other_origin != origin
+    public = ["--public-key", str(evidence.keys / "checkpoint.pub")]
+    keys = ["--mac-key-file", str(evidence.keys / "log-mac.key")]
+    # Named: a failure that says whose they are (the folder given is another log's, or the log was replaced).
+    assert main(["log", "verify", "--database-url", f"sqlite:///{evidence.db}", "--checkpoint-dir",
+                 str(other / "checkpoints"), *keys, *public]) == 1
+    out = capsys.readouterr().out
+    assert f"is of another log ({other_origin}; this log is {origin})" in out
+    assert "no longer give its signed Merkle root" not in out and "truncated" not in out
+    # Only the default folder's guess (--database-url alone): they could not be used, exit 2.
+    monkeypatch.chdir(tmp_path / "o")
+    assert main(["log", "verify", "--database-url", f"sqlite:///{evidence.db}", *keys, *public]) == 2
+    out = capsys.readouterr().out
+    assert "ok: the chain holds over 30 records" in out
+    assert f"cannot check: the checkpoints in data/checkpoints (the default folder: no --data or --checkpoint-dir " \
+           f"given) are another log's ({other_origin}); this log is {origin}" in out
+    # The same log and folder, named: ok; a proof names the log.
+    assert main(["log", "verify", "--data", str(evidence.data), *keys, *public]) == 0
+    records = [r for r in map(record_from_row, evidence.sql(f"SELECT {', '.join(COLUMNS)} FROM decisions"))
+               if isinstance(r, LogRecord)]
+    proof = tmp_path / "proof.json"
+    capsys.readouterr()
+    assert main(["log", "prove", records[3].decision_id, "--data", str(evidence.data), *public,
+                 "-o", str(proof)]) == 0
+    assert main(["log", "verify-proof", str(proof), *public]) == 0
+    assert f"is record 4 of the 20 records of log {origin} signed at" in capsys.readouterr().out
+    # Another log's checkpoints never prove this log's records.
+    assert main(["log", "prove", records[3].decision_id, "--database-url", f"sqlite:///{evidence.db}",
+                 "--checkpoint-dir", str(other / "checkpoints"), *public]) == 2
+    assert "no signed checkpoint" in capsys.readouterr().err
+
+
+def test_a_service_started_on_another_logs_checkpoints_names_both(evidence: Evidence, tmp_path: Path) -> None:
+    origin = origin_of(evidence.db)
+    evidence.sql("UPDATE log_origin SET origin = 'bindpolicy-log/replaced'")
+    app = make_app(tmp_path, f"sqlite:///{evidence.db}", LOG_MAC_KEY_FILE=str(evidence.keys / "log-mac.key"),
+                   CHECKPOINT_KEY_FILE=str(evidence.keys / "checkpoint.key"), CHECKPOINT_INTERVAL=0)
+    ready = app.test_client().get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json["decision_log_chain"] == (
+        f"broken at record 20: checkpoint checkpoint-000000000020.json is of another log ({origin}; this log is "
+        "bindpolicy-log/replaced): this log was replaced by another, or the checkpoint folder is another log's")
+
+
+def test_checkpoints_written_before_logs_had_an_origin_still_verify(
+        evidence: Evidence, capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.checkpoints import make_checkpoint, write_checkpoint
+    from engine.logkeys import read_signing_key
+
+    path = checkpoint_files(evidence.data / "checkpoints")[0]
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.frontier_state()
+    assert state is not None
+    older = make_checkpoint(state, checkpoint.head_hash, read_signing_key(evidence.keys / "checkpoint.key"))
+    assert older.origin == "" and b"origin" not in older.payload() and "origin" not in older.to_dict()
+    write_checkpoint(path.parent, older)  # in its place; and the signed head (with an origin) gone
+    (path.parent / "head.json").unlink()
+    assert evidence.verify() == 0
+    assert "checkpoints: 1 verified; the latest covers records 1..20" in capsys.readouterr().out
+    # A log made before origins (no log_origin table), read-only, with such checkpoints: as before.
+    evidence.sql("DROP TABLE log_origin")
+    assert evidence.verify() == 0
