@@ -23,6 +23,7 @@ from engine import celtime
 from engine.model import EACH, OPTIONAL, Expression, FieldPath, Output, PolicyVersion, Rule
 from engine.prover import cel
 from engine.prover.cel import Uncovered
+from engine.reader import NO_NUL  # every string the policies write and the prover makes up is without NUL
 from engine.schemas import Schema, SchemaWalker, load_schema
 
 TS_MIN = int(datetime(1, 1, 1, tzinfo=UTC).timestamp())
@@ -30,7 +31,6 @@ TS_MAX = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
 DURATION_MAX = 315_576_000_000  # CEL: about 10,000 years either way
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 COUNTRY = "^[A-Z]{2}$"
-NO_NUL = "^[^\\u0000]*$"  # every string the policies write and the prover makes up is without NUL
 
 Z = Any  # a z3 expression (z3 ships no type hints)
 
