@@ -27,6 +27,7 @@ import hmac
 import json
 import operator
 import os
+import select
 import shutil
 import sqlite3
 import tempfile
@@ -1202,11 +1203,12 @@ class PostgresStore(Store):
         self.url = url
         # The chain's head as read by the leader once it holds the lock, before it takes its
         # group (see _lead): (head,), consumed by the next _append; None when no lock is held.
-        self._held: tuple[Sequence[Any] | None] | None = None
+        self._held: tuple[tuple[int, str] | None] | None = None
         # The log writer (engine/logwriter.py), the only writer of this machine, keeps the head it
         # committed last and chains on it without reading it first (see _append_on).
         self.sole_writer = False
         self._known: tuple[int, str] | None = None
+        self._prepared: dict[int, tuple[str, str, str] | None] = {}  # by id(record), while it is written (write_many)
         if self.read_only:
             self.check_readable()
         else:
@@ -1224,41 +1226,108 @@ class PostgresStore(Store):
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
 
     _insert_head = _INSERT.encode()
-    SMALL_GROUP = 32  # records: up to this many go with their COMMIT in one message (see _append)
-    _copy = f"COPY decisions ({', '.join(COLUMNS)}) FROM STDIN"
+    SMALL_GROUP = 32  # records: the log writer's commit on its own head sends up to this many as literals
+    # One message: BEGIN, the chain's lock, its head and the COPY of the rows with its COMMIT. It
+    # is answered up to the COPY (the head, once the lock is held: the wait while another process
+    # commits and flushes); the rows and the COPY's end go as a second message, answered once the
+    # COMMIT has flushed. Two round trips a commit whatever its size (see _append).
+    _OPEN = b"BEGIN; SELECT pg_advisory_xact_lock(%d); %s; COPY decisions (%s) FROM STDIN; COMMIT" % (
+        LOCK, _HEAD.encode(), ", ".join(COLUMNS).encode())
+
+    def write_many(self, records: Sequence[LogRecord]) -> list[LogRecord]:
+        """As Store.write_many, each record's text that does not depend on its place in the chain
+        made first, in the caller's thread, before the chain's lock (_copy_pieces: its content
+        around `seq`, its COPY row between `seq` and the hashes): under the lock, the leader only
+        hashes and joins. A record whose pieces cannot be made is left to _append, which fails
+        its caller alone saying why."""
+        prepared = self._prepared
+        for record in records:
+            prepared[id(record)] = _pieces_if_any(record.__dict__)
+        try:
+            return super().write_many(records)
+        finally:
+            for record in records:
+                prepared.pop(id(record), None)
 
     def _hold(self, conn: Any) -> None:
         """The chain's lock and its head, in one round trip (which waits while another process
-        commits and flushes), for _append to find. (Taken before the lock, the group was fixed
-        when the wait began: under load the processes' commits alternate, each a flush of 2-4 ms,
-        and the records that came during the wait went to the next commit, one flush later.)"""
-        self._held = (self._lock_and_head(conn),)
+        commits and flushes), for _append to find: sent before the leader takes its group, so
+        that the callers who came while it waited commit with it. (Taken before the lock, the
+        group was fixed when the wait began: under load the processes' commits alternate, each a
+        flush of 2-4 ms, and the records that came during the wait went to the next commit, one
+        flush later.)"""
+        self._held = (self._open(conn),)
 
     def _release_unused(self) -> None:
         if self._held is not None:
             self._held = None
             if self._conn is not None:
-                self._rollback(self._conn)
+                self._abandon(self._conn)
 
-    def _lock_and_head(self, conn: Any) -> Sequence[Any] | None:
-        """BEGIN, the chain's lock and its head, in one message; the transaction stays open."""
+    def _open(self, conn: Any) -> tuple[int, str] | None:
+        """Send _OPEN and read its answer up to the COPY: the chain's head (None for an empty
+        log). The transaction stays open, its COPY waiting for the rows, until _append sends them
+        or _abandon ends it."""
+        if not conn.autocommit:
+            conn.autocommit = True
         try:
-            result = self._run(conn, b"BEGIN; SELECT pg_advisory_xact_lock(%d); %s" % (self.LOCK, _HEAD.encode()))
+            conn.pgconn.send_query(self._OPEN)
+            _flush(conn.pgconn)
+            head = self._answers(conn)[2]
         except BaseException:
-            self._rollback(conn)
+            self._abandon(conn)
             raise
-        if not result.ntuples:
+        if not head.ntuples:
             return None
-        return int(result.get_value(0, 0)), result.get_value(0, 1).decode()
+        return int(head.get_value(0, 0)), head.get_value(0, 1).decode()
+
+    @staticmethod
+    def _answers(conn: Any) -> list[Any]:
+        """The results of what was sent, up to a COPY waiting for its rows or the answer's end,
+        waited for on the socket (select releases the GIL; libpq's PQgetResult, as psycopg calls
+        it, would hold it while another process commits). The first error is raised as psycopg
+        raises it, once the whole answer is read."""
+        from psycopg import errors, pq
+
+        pgconn, results, error = conn.pgconn, [], None
+        while True:
+            pgconn.consume_input()
+            while pgconn.is_busy():
+                select.select([pgconn.socket], [], [])
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:
+                break
+            if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COPY_IN):
+                error = error or result
+                continue
+            results.append(result)
+            if result.status == pq.ExecStatus.COPY_IN:
+                break
+        if error is not None:
+            raise errors.error_from_result(error, encoding=conn.info.encoding)
+        return results
+
+    def _abandon(self, conn: Any) -> None:
+        """End whatever this connection's transaction was doing: a COPY waiting for rows fails
+        (nothing of it is stored), its answer is read, then ROLLBACK (nothing if the connection
+        is gone)."""
+        with contextlib.suppress(Exception):
+            while not conn.pgconn.put_copy_end(b"abandoned"):  # (an error if no COPY is waiting)
+                _flush(conn.pgconn)
+        with contextlib.suppress(Exception):
+            _flush(conn.pgconn)
+            self._answers(conn)
+        self._rollback(conn)
 
     @staticmethod
     def _run(conn: Any, statements: bytes) -> Any:
         """Send one message of statements and wait for the answer in libpq (PQexec: the GIL is
         released while it waits); the last statement's result, or its error raised as psycopg
-        raises it. The writes' few fixed statements go this way: psycopg's `execute` (a cursor,
-        its adapters, a generator waiting on the socket) cost the service about 100 µs of CPU
-        a call where this costs about 25, and a commit makes two. The transaction is begun and
-        ended by the statements sent (the connection is in autocommit)."""
+        raises it. Statements that read no rows from the client go this way: psycopg's `execute`
+        (a cursor, its adapters, a generator waiting on the socket) cost the service about 100 µs
+        of CPU a call where this costs about 25. The transaction is begun and ended by the
+        statements sent (the connection is in autocommit)."""
         from psycopg import errors, pq
 
         if not conn.autocommit:
@@ -1275,37 +1344,51 @@ class PostgresStore(Store):
             cls._run(conn, b"ROLLBACK")
 
     def _append(self, conn: Any, records: list[LogRecord]) -> list[LogRecord]:
-        """As Store._append, in two round trips to the server for a group of up to SMALL_GROUP
-        records (each round trip costs the service about 100 µs of CPU, and those made under
-        the lock lengthen every other writer's wait): BEGIN, the lock and the read of the head go
-        as one message of three statements (_lock_and_head, sent by _hold before the leader takes its
-        group), the rows and COMMIT as another, the rows written as literals here (_values, quoted by libpq: the
-        server binds parameters only for a single statement; psycopg's client-side binding parsed
-        the query's 18 placeholders a row again for every group, 15-25 µs a record). A larger
-        group (a batch's) sends its rows by COPY, then COMMIT (COPY writes each row in psycopg's
-        C code: in process 22 µs of CPU a record of a group of 100, chained and sent, against 27
-        as literals, but two more round trips). The head is still read by a statement of its own
-        once the lock is held (a statement sees what was committed when it started: read within
-        the lock's, a head committed while it waited for the lock would be missed)."""
+        """As Store._append, in two round trips to the server whatever the group's size: BEGIN,
+        the lock, the read of the head and the start of a COPY go as one message (_OPEN, sent by
+        _hold before the leader takes its group), the rows and the COPY's end as another, whose
+        answer comes once the COMMIT that followed the COPY in the first message has flushed.
+        Under the lock only the hashes are taken and the rows' ends joined (the rest of each row
+        and of its content was made before, _copy_pieces); the records returned are made after
+        the commit, outside it. (Before, a group of up to 32 records went as an INSERT of
+        literal rows, parsed and planned by the server for each group, and a larger one by
+        psycopg's COPY, four round trips under the lock.) The head is read by a statement of its
+        own once the lock is held: a statement sees what was committed when it started, so read
+        within the lock's, a head committed while it waited for the lock would be missed."""
         held, self._held = self._held, None
         known, self._known = self._known, None  # (set again once this commit is through)
         if held is None and known is not None and len(records) <= self.SMALL_GROUP:
-            chained = self._append_on(conn, records, known)
-            if chained is not None:
-                return chained
-        head = held[0] if held is not None else self._lock_and_head(conn)
+            done = self._append_on(conn, records, known)
+            if done is not None:
+                return done
         try:
-            chained = self._chain(records, head)
-            if len(chained) > self.SMALL_GROUP:
-                with conn.cursor().copy(self._copy) as copy:  # (each row written by psycopg's C code)
-                    for record in chained:
-                        copy.write_row(self._row(record))
-                self._run(conn, b"COMMIT")
-            else:
-                self._run(conn, self._literal_rows(conn, chained) + b"; COMMIT")
+            head = held[0] if held is not None else self._open(conn)
+            seq, prev = head if head is not None else (0, GENESIS)
+            prev_cell = _copy_cell(prev)
+            mac = self.keys.current.mac if self.keys is not None else None
+            prepared = self._prepared
+            parts: list[str] = []
+            links: list[tuple[LogRecord, int, str, str]] = []
+            for record in records:
+                before, after, row = prepared.get(id(record)) or _copy_pieces(record.__dict__)
+                seq += 1
+                digest = _digest(f"{prev}{before}{seq}{after}", mac)
+                cell = _copy_cell(digest)
+                parts += (str(seq), row, prev_cell, "\t", cell, "\n")
+                links.append((record, seq, prev, digest))
+                prev, prev_cell = digest, cell
+            _copy_rows(conn.pgconn, "".join(parts).encode(conn.info.encoding))
+            self._answers(conn)
         except BaseException:
-            self._rollback(conn)
+            self._abandon(conn)
             raise
+        chained = []
+        for record, seq, prev, digest in links:
+            copy = _new_object(LogRecord)
+            values = copy.__dict__
+            values.update(record.__dict__)
+            values["seq"], values["prev_hash"], values["hash"] = seq, prev, digest
+            chained.append(copy)
         return self._committed(chained)
 
     def _committed(self, chained: list[LogRecord]) -> list[LogRecord]:
@@ -1379,6 +1462,86 @@ def _values(row: Sequence[Any], quote: Callable[[bytes], bytes], encoding: str) 
         else:
             raise TypeError(f"a stored cell cannot be {type(value).__name__}")
     return b"(" + b", ".join(cells) + b")"
+
+
+
+# The columns of a COPY row between `seq` and the hashes, as stored (request and response as their text).
+_MIDDLE_CELLS = operator.itemgetter(*(f"{c}_text" if c in ("request", "response") else c for c in COLUMNS[1:-2]))
+
+
+def _copy_pieces(values: dict[str, Any]) -> tuple[str, str, str]:
+    """What of a record's content and of its COPY row does not depend on its place in the chain,
+    from its fields: (before, after, row), its content being before + str(seq) + after (the
+    metadata's canonical JSON cut at its "seq" member: a key's quotes are the only unescaped ones
+    in it, so the cut is found whatever the values hold) and its row str(seq) + row + its
+    previous hash, a tab and its hash (row: every other cell, between tabs)."""
+    meta = _meta(values)
+    meta["seq"] = 0
+    try:
+        meta_text = orjson.dumps(meta).decode()
+    except TypeError:  # an integer beyond 64 bits: as _meta_text
+        meta_text = canonical(meta)
+    cut = meta_text.index(',"seq":0,') + 7
+    cells = _MIDDLE_CELLS(values)
+    # Most rows hold nothing COPY reads specially: each cell as it is (NULL as \N), checked once
+    # over the joined row (its only backslashes the NULLs', its only tabs the separators); any
+    # other row is escaped cell by cell.
+    row = "\t".join([cell if cell.__class__ is str else _copy_cell(cell) for cell in cells])
+    if row.count("\\") != cells.count(None) or row.count("\t") != len(cells) - 1 or "\n" in row or "\r" in row \
+            or "\0" in row:
+        row = "\t".join(map(_copy_cell, cells))
+    return (meta_text[:cut], f"{meta_text[cut + 1:]}\n{values['request_text']}\n{values['response_text']}",
+            f"\t{row}\t")
+
+
+def _pieces_if_any(values: dict[str, Any]) -> tuple[str, str, str] | None:
+    try:
+        return _copy_pieces(values)
+    except (ValueError, TypeError, KeyError):  # (a cell that cannot be stored: _append says so)
+        return None
+
+
+def _copy_cell(value: Any) -> str:
+    """A cell in COPY's text format: \\N for NULL, an integer, or text with its backslashes,
+    tabs, newlines and carriage returns escaped (COPY reads nothing else specially); a NUL is
+    refused, as PostgreSQL text cannot hold it."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        text: str = value
+        if "\0" in text:
+            raise ValueError("PostgreSQL text cannot hold the NUL character")
+        if "\\" in text:
+            text = text.replace("\\", "\\\\")
+        if "\t" in text:
+            text = text.replace("\t", "\\t")
+        if "\n" in text:
+            text = text.replace("\n", "\\n")
+        if "\r" in text:
+            text = text.replace("\r", "\\r")
+        return text
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value}"
+    raise TypeError(f"a stored cell cannot be {type(value).__name__}")
+
+
+def _copy_rows(pgconn: Any, rows: bytes) -> None:
+    """The rows of the COPY the connection is in, then its end, all sent (the connection is
+    non-blocking: a write that would block waits on the socket, the GIL released)."""
+    while not pgconn.put_copy_data(rows):
+        _flush(pgconn)
+    while not pgconn.put_copy_end(None):
+        _flush(pgconn)
+    _flush(pgconn)
+
+
+def _flush(pgconn: Any) -> None:
+    """Send what libpq holds, waiting on the socket while it cannot take more (reading what
+    the server sends meanwhile, so that neither side waits for the other)."""
+    while pgconn.flush():
+        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
+        if readable:
+            pgconn.consume_input()
 
 
 SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
