@@ -73,24 +73,68 @@ def test_two_writers_on_one_chain_keep_it_whole(schema_url: str) -> None:
         store.close()
 
 
-ODD_TEXT = "it's a \\ back\\\\slash, %s and %% and %(x)s, $$ dollars $$, E'x', \n\t newline, é 中文 🙂, ''"
+ODD_TEXT = ("it's a \\ back\\\\slash, \\N, \\., %s and %% and %(x)s, $$ dollars $$, E'x', \n\t newline, \r\n, "
+            "é 中文 🙂, ''")
 
 
 @pytest.mark.parametrize("conforming", ["on", "off"])
-def test_rows_written_as_literals_are_stored_as_they_are(schema_url: str, conforming: str) -> None:
-    # Up to SMALL_GROUP records are written into the INSERT's text: every character comes back
-    # as it went, whether the server reads backslashes in plain strings or not.
+def test_rows_sent_by_copy_are_stored_as_they_are(schema_url: str, conforming: str) -> None:
+    # Every row goes by COPY's text format: backslashes, tabs, newlines and carriage returns
+    # escaped, NULL as \N (a text "\N" stays text), whatever the server reads in plain strings.
     url = schema_url.replace("options=", f"options=-cstandard_conforming_strings%3D{conforming}%20")
-    store = open_store(url)
+    keys = MacKeyring((MacKey(b"k" * 32),))
+    store = open_store(url, keys=keys)
     assert isinstance(store, PostgresStore)
     body = json.dumps({"text": ODD_TEXT, ODD_TEXT: [1, None]}, ensure_ascii=False, indent=1)  # as sent
-    odd = new_record(decision_id="odd'id\\", outcome="decided", status=200, request=json.loads(body),
+    odd = new_record(decision_id="odd'id\\\t", outcome="decided", status=200, request=json.loads(body),
                      response={"r": ODD_TEXT}, duration_us=2**40, request_text=body)
-    written = store.write_many([odd, record("plain")])
-    assert len(written) <= store.SMALL_GROUP
-    stored = store.get("odd'id\\")
+    plain = new_record(decision_id="\\N", outcome="rejected", status=400, request="\\N", response={},
+                       duration_us=0)
+    written = store.write_many([odd, plain])
+    written += store.write_many([record(f"many-{number}") for number in range(40)])  # a batch's size
+    stored = store.get("odd'id\\\t")
     assert stored is not None and stored.request == json.loads(body) and stored.response == {"r": ODD_TEXT}
     assert stored.request_text == body and stored.duration_us == 2**40 and stored.hash == written[0].hash
+    again = store.get("\\N")
+    assert again is not None and again.request == "\\N" and again.action is None  # NULL, not the text
+    # Each hash is the one the record's own chaining gives (LogRecord.chained), on the one before.
+    previous = "0" * 64
+    for number, one in enumerate(written, 1):
+        assert one.seq == number and one.prev_hash == previous
+        assert one.hash == store.get(one.decision_id).hash == one.chained(number, previous, keys).hash  # type: ignore[union-attr]
+        previous = one.hash
+    assert store.verify() is None
+    store.close()
+
+
+def test_a_row_the_table_refuses_after_its_copy_fails_its_caller_alone(schema_url: str) -> None:
+    """A duplicate decision_id is refused by the server at the COPY's end, the commit rolled
+    back; its caller alone fails, the others' records commit, and the next write goes on."""
+    store = open_store(schema_url)
+    store.write(record("taken"))
+    failed: list[BaseException] = []
+
+    def write(records: list[LogRecord]) -> None:
+        try:
+            store.write_many(records)
+        except LogError as exc:
+            failed.append(exc)
+
+    holder = psycopg.connect(schema_url, autocommit=True)  # the three callers queue while the lock is held
+    holder.execute("SELECT pg_advisory_lock(%s)", (PostgresStore.LOCK,))
+    threads = [threading.Thread(target=write, args=(records,))
+               for records in ([record("c")], [record("taken")], [record(f"b{i}") for i in range(50)])]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    holder.execute("SELECT pg_advisory_unlock(%s)", (PostgresStore.LOCK,))
+    for thread in threads:
+        thread.join(10)
+    holder.close()
+    assert len(failed) == 1 and "decisions_decision_id_key" in str(failed[0])
+    store.write(record("after"))
+    found = [r.decision_id for r in store.query()]
+    assert sorted(found) == sorted(["taken", "c", "after", *[f"b{i}" for i in range(50)]])
     assert store.verify() is None
     store.close()
 
