@@ -5,7 +5,8 @@ and the best of --rounds kept, in CPU time:
 - the plain way (every request each side's whole decision through Engine.decide) against the
   quick way (engine/impact.py's QuickJudge), reading included: their ratio;
 - the quick way's parts: reading each line (msgspec, and freeing what it built), the request check
-  (jsonschema-rs), the generated paths' verdicts as the quick way calls them (twins once), the
+  (jsonschema-rs), the generated paths' verdicts as the quick way calls them (twins once, both
+  versions of a path that differs in one joint verdict where it judges), the
   requests judged the plain way (a path that hands over), and the rest (the loop, look-ups,
   counting), which is the whole less the others.
 
@@ -82,7 +83,11 @@ def main() -> None:
         for request in chunk:
             found = judge.paths.get((request["action"], request.get("role"))) if type(request) is dict else None
             at = parse_timestamp(request["at"]) if found and "at" in request else now
-            verdicts = [f for f in found[:2] if f is not None] if found and usable(request) else []
+            both = found[3] if found and usable(request) else None
+            if both is not None and both(request, at) is not None:  # both versions' verdicts in one call
+                calls.append((both, request, at))
+                continue
+            verdicts = [p.verdict for p in found[:2] if p is not None] if found and usable(request) else []
             answers = [f(request, at) for f in verdicts]
             calls += [(f, request, at) for f in verdicts]
             if not verdicts or None in answers:

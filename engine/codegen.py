@@ -24,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from difflib import SequenceMatcher
 from functools import cached_property
 from types import CodeType
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from lark import Token, Tree
 
@@ -68,8 +69,9 @@ class GeneratedPath:
     source: str
     function: Callable[..., Decision | None]
     native_calls: int  # expressions left to their native closures (zero for the bundled policies)
-    # the same path written again as its verdict (generate_path with verdict=True), on first use
-    remake: Callable[[], GeneratedPath] | None = field(default=None, repr=False, compare=False)
+    # what it was written from: to write it again as its verdict (on first use), or as one joint
+    # verdict with another version's path (joint_verdict)
+    inputs: PathInputs | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def verdict(self) -> Callable[[dict[str, Any], datetime], Verdict | tuple[()] | None]:
@@ -81,9 +83,26 @@ class GeneratedPath:
         that fails denies); on a request with every field the path may read, it returns at the
         first denial (what follows cannot change the first). Written on first use (what
         `bindpolicy impact` calls): loading writes only `function`."""
-        if self.remake is None:
+        if self.inputs is None:
             raise ValueError(f"the path of {self.action!r}, {self.role!r} was not generated to be written again")
-        return cast(Callable[[dict[str, Any], datetime], "Verdict | tuple[()] | None"], self.remake().function)
+        written = generate_path(*self.inputs, verdict=True)
+        return cast(Callable[[dict[str, Any], datetime], "Verdict | tuple[()] | None"], written.function)
+
+
+class PathInputs(NamedTuple):
+    """What generate_path writes a path from (its arguments, in order)."""
+
+    version_name: str
+    digest: str
+    action: str
+    role: str | None
+    rules: tuple[Rule, ...]
+    outputs: tuple[Output, ...]
+    plan: NeedsPlan
+    schema: Schema
+    params: Mapping[str, Any]
+    helpers: Mapping[str, Any]
+    memo: GenerationMemo | None
 
 
 @dataclass(frozen=True)
@@ -975,12 +994,180 @@ def generate_path(version_name: str, digest: str, action: str, role: str | None,
     where = f"<{version_name} {action} {role}{' verdict' if verdict else ''}>"
     exec(writer.memo.code(lines, signature, function, where), namespace)  # written above, from the policy
 
-    def remake() -> GeneratedPath:
-        return generate_path(version_name, digest, action, role, rules, outputs, plan, schema, params, helpers,
-                             memo, verdict=True)
-
+    inputs = PathInputs(version_name, digest, action, role, rules, outputs, plan, schema, params, helpers, memo)
     return GeneratedPath(action, role, source, namespace[function], writer.native_calls,
-                         None if verdict else remake)
+                         None if verdict else inputs)
+
+
+@dataclass(frozen=True)
+class JointVerdict:
+    """Two versions' verdicts of one (action, role) written as one function (joint_verdict)."""
+
+    action: str
+    role: str | None
+    source: str
+    function: Callable[[dict[str, Any], datetime], tuple[Verdict, Verdict] | None]
+    shared: int  # rules and outputs judged once for both versions
+
+
+def joint_verdict(old: PathInputs, new: PathInputs) -> JointVerdict | None:
+    """Both versions' verdicts of one path in one function, `both(request, at)`: (old verdict, new
+    verdict), each what its own GeneratedPath.verdict answers, or None where it does not judge the
+    request (then each version's own verdict does). It judges a request carrying every field
+    either path may read (each path's `_everything`), where a verdict returns at its first denial:
+    the rules both versions write alike (the same id, effect and Python text, the same constants)
+    are judged once, those of one version only while that version has no denial yet, in each
+    version's own order; a rule both write alike that fires decides both versions still open. The
+    outputs (which can only deny, by failing) are evaluated while a version is still open. A CEL
+    error anywhere returns None (each version's verdict judges the rule again, as the closures
+    do); any other exception is raised, as the verdicts raise it. None where the two cannot be
+    written so (another action or schema, an expression left to its native closure) or would
+    share no rule."""
+    action, role = old.action, old.role
+    if (new.action, new.role) != (action, role) or new.schema != old.schema:
+        return None
+    if max(len(old.rules), len(new.rules)) > _CHUNK:  # one function: Python's compiler slows on long ones
+        return None
+    pool = _ValuePool()
+    writers: list[_PathWriter] = []
+    steps: list[tuple[list[tuple[Any, Rule]], list[tuple[Any, Output]]]] = []
+    for inputs in (old, new):
+        memo = GenerationMemo()
+        memo.names = pool  # one pool: a constant of equal value has one name in both versions' texts
+        writer = _PathWriter(inputs.version_name, action, role, inputs.schema, inputs.params, memo)
+        writer.required_at_top = _Presence(writer, action).top_required
+
+        def text(expr: Expression | None, as_condition: bool, writer: _PathWriter = writer) -> str | None:
+            return None if expr is None else writer.expression(expr, as_condition)[0]
+
+        rules = [(("rule", r.id, r.effect, text(r.applies_when, True), text(r.fires_when, True)), r)
+                 for r in inputs.rules]
+        outputs = [(("output", o.name, text(o.applies_when, True), text(o.value, False)), o) for o in inputs.outputs]
+        if writer.native_calls:
+            return None
+        writers.append(writer)
+        steps.append((rules, outputs))
+    rule_steps = _merged(steps[0][0], steps[1][0])
+    output_steps = _merged(steps[0][1], steps[1][1])
+    shared = sum(1 for _, _, side in rule_steps + output_steps if side == "both")
+    if not any(side == "both" for _, _, side in rule_steps):
+        return None
+    function = f"both_{_identifier(action)}_{_identifier(role or 'any')}"
+    lines = [f"# {old.version_name} and {new.version_name}: action {action!r}, role {role!r}: "
+             f"{len(rule_steps)} rules, {len(output_steps)} outputs, {shared} of them judged once.",
+             "# Generated by engine/codegen.py's joint_verdict (what `bindpolicy impact` calls).", ""]
+    presence = _Presence(writers[0], action)
+    everything = [old.plan.everything_paths, new.plan.everything_paths]
+    if set(everything[0]) == set(everything[1]):
+        lines += [*presence.source("_everything", everything[0]), ""]
+        complete = "_everything(request)"
+    else:
+        lines += [*presence.source("_everything_old", everything[0]), "",
+                  *presence.source("_everything_new", everything[1]), ""]
+        complete = "_everything_old(request) and _everything_new(request)"
+    hoisted = sorted(writers[0].hoisted | writers[1].hoisted)
+    lines += [f"def {function}(request, at):",
+              f"    if not ({complete}):",
+              "        return None  # a field may be missing: each version's own verdict judges the request",
+              *(f"    _{name} = request[{name!r}]  # required for {action!r}: there" for name in hoisted),
+              "    old = new = None  # each version's verdict once found: its first denial",
+              "    try:"]
+    split = False  # whether a rule of one version only may have found a denial
+    for (_, applies, fires), rule, side in ((key[2:], rule, side) for key, rule, side in rule_steps):
+        whose = {"both": "both versions", "old": f"{old.version_name} only", "new": f"{new.version_name} only"}[side]
+        lines += ["", f"        # rule {rule.id} ({rule.effect}), {rule.where}: {whose}"]
+        indent = "        "
+        if side != "both":
+            lines.append(f"{indent}if {side} is None:")
+            indent += "    "
+        if applies is not None:
+            lines += _comment(f"applies_when: {_text_of(rule.applies_when)}", indent)
+            lines.append(f"{indent}if {applies}:")
+            indent += "    "
+        lines += _comment(f"fires_when: {_text_of(rule.fires_when)}", indent)
+        lines.append(f"{indent}if {fires}:")
+        indent += "    "
+        denied = pool.add(("deny", rule.id), "_verdict")
+        if rule.effect != "deny":
+            lines.append(f"{indent}pass  # a warning: no part of the verdict")
+        elif side == "both":
+            lines.append(f"{indent}return {pool.add((('deny', rule.id),) * 2, '_pair')}" if not split else
+                         f"{indent}return (old or {denied}, new or {denied})")
+        else:
+            other = "new" if side == "old" else "old"
+            pair = f"({denied}, new)" if side == "old" else f"(old, {denied})"
+            lines += [f"{indent}if {other} is not None:", f"{indent}    return {pair}", f"{indent}{side} = {denied}"]
+            split = True
+    for (applies, value), output, side in ((key[2:], output, side) for key, output, side in output_steps):
+        whose = {"both": "both versions", "old": f"{old.version_name} only", "new": f"{new.version_name} only"}[side]
+        lines += ["", f"        # output {output.name} (only its failure counts), {output.location.file}:"
+                  f"{output.location.line}: {whose}"]
+        indent = "        "
+        if side != "both":  # (one version at least is still open here: both decided returned)
+            lines.append(f"{indent}if {side} is None:")
+            indent += "    "
+        if applies is not None:
+            lines.append(f"{indent}if {applies}:")
+            indent += "    "
+        lines.append(f"{indent}{value}")
+    lines += ["    except CelError:",
+              "        return None  # each version's verdict judges that rule again, as CEL does",
+              "    return (old or _ALLOWED, new or _ALLOWED)", ""]
+    source = "\n".join(lines)
+    namespace: dict[str, Any] = {**_RUNTIME, **pool.values}
+    exec(compile(source, f"<{old.version_name}+{new.version_name} {action} {role} both>", "exec"), namespace)
+    return JointVerdict(action, role, source, namespace[function], shared)
+
+
+def _merged(old: list[tuple[Any, Any]], new: list[tuple[Any, Any]]) -> list[tuple[Any, Any, str]]:
+    """Two versions' (key, rule or output) in one order that keeps each version's own: those with
+    the same key in both (the longest such run, difflib's) once, as "both", the others as "old" or
+    "new"."""
+    steps: list[tuple[Any, Any, str]] = []
+    matcher = SequenceMatcher(None, [key for key, _ in old], [key for key, _ in new], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            steps += [(key, item, "both") for key, item in old[i1:i2]]
+        else:
+            steps += [(key, item, "old") for key, item in old[i1:i2]]
+            steps += [(key, item, "new") for key, item in new[j1:j2]]
+    return steps
+
+
+def _text_of(expr: Expression | None) -> str:
+    return "" if expr is None else str(expr.text)
+
+
+class _ValuePool(_Namespace):
+    """A pool of names where constants of equal value and type (strings, integers, durations,
+    tuples and sets of those) share one name: two versions' texts of a rule then read alike where
+    their constants are equal, though each version folded its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_value: dict[Any, str] = {}
+
+    def add(self, value: Any, prefix: str = "_k") -> str:
+        key = _value_key(value)
+        if key is None:
+            return super().add(value, prefix)
+        name = self._by_value.get(key)
+        if name is None:
+            name = self._by_value[key] = super().add(value, prefix)
+        return name
+
+
+def _value_key(value: Any) -> Any:
+    """What identifies a constant by value (its type and value, all the way down), or None."""
+    kind = type(value)
+    if kind in (str, int, bool, timedelta, NONE):
+        return (kind, value)
+    if kind in (tuple, frozenset):
+        keys = [_value_key(item) for item in value]
+        if None in keys:
+            return None
+        return (kind, tuple(keys) if kind is tuple else frozenset(keys))
+    return None
 
 
 _RULES_HERE = "\0rules"  # where the rules' lines go, in the function or in calls of chunks

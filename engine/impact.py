@@ -25,7 +25,7 @@ from typing import IO, Any, TextIO
 
 import msgspec
 
-from engine.codegen import Verdict
+from engine.codegen import Verdict, joint_verdict
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.gcpause import collector_paused
@@ -249,7 +249,7 @@ class QuickJudge:
         self.unescaped = self.check.usable_unescaped.is_valid  # (no NUL patterns: read_values says there is none)
         self.names = (old_name, new_name)
         self.now = now
-        self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool] | tuple[()]] = {}
+        self.paths: dict[tuple[str, str | None], tuple[Any, Any, bool, Any] | tuple[()]] = {}
         self.times: dict[str, datetime] = {}  # `at` as read -> as parsed (a log's requests share seconds)
         self.handed_over = 0  # requests judged the plain way (the bench says how many)
 
@@ -300,8 +300,8 @@ class QuickJudge:
                 if found is None:
                     found = self._paths(*key)
                 if found:
-                    old_verdict, new_verdict, reads_pin = found
-                    twins = new_verdict is None
+                    old_path, new_path, reads_pin, both = found
+                    twins = new_path is None
                     try:
                         if "at" in request:
                             text = request["at"]
@@ -313,17 +313,19 @@ class QuickJudge:
                                 times[text] = at
                         else:
                             at = now
-                        if reads_pin:
-                            before = old_verdict({**request, "policy_version": old_pin}, at)
-                            after = None if new_verdict is None or before is None else \
-                                new_verdict({**request, "policy_version": new_pin}, at)
+                        if both is not None and (verdicts := both(request, at)) is not None:
+                            before, after = verdicts  # the two paths' rules in common judged once
+                        elif reads_pin:
+                            before = old_path.verdict({**request, "policy_version": old_pin}, at)
+                            after = None if new_path is None or before is None else \
+                                new_path.verdict({**request, "policy_version": new_pin}, at)
                         else:
-                            before = old_verdict(request, at)
-                            after = None if new_verdict is None or before is None else new_verdict(request, at)
+                            before = old_path.verdict(request, at)
+                            after = None if new_path is None or before is None else new_path.verdict(request, at)
                     except Exception:  # a Defer, a bug, a timestamp Python cannot hold: the plain way judges it
                         before = None
                     if before:  # a verdict (None: handed over; LACKING, falsy too: a field missing)
-                        if new_verdict is None or before == after:
+                        if new_path is None or before == after:
                             same += 1
                             continue
                         if after:
@@ -374,18 +376,23 @@ class QuickJudge:
         check = self.check
         return not check.fast.is_valid(pinned) and not check.fast.is_valid(check.drop_nulls(pinned))
 
-    def _paths(self, action: str, role: str | None) -> tuple[Any, Any, bool] | tuple[()]:
-        """(old verdict, new verdict or None if it is the old one's twin, whether a rule reads the
-        pin), or () if a side has no generated path for them; remembered."""
+    def _paths(self, action: str, role: str | None) -> tuple[Any, Any, bool, Any] | tuple[()]:
+        """(old path, new path or None if it is the old one's twin, whether a rule reads the pin,
+        both versions' joint verdict or None), or () if a side has no generated path for them;
+        remembered. Each path's verdict is written on first use; the joint verdict (codegen's
+        joint_verdict: the rules the two have in common judged once) where the two paths differ
+        and read no pin."""
         assert self.old_version is not None and self.new_version is not None
         old, new = self.old_version.path(action, role), self.new_version.path(action, role)
         if old is None or new is None:
-            found: tuple[Any, Any, bool] | tuple[()] = ()
+            found: tuple[Any, Any, bool, Any] | tuple[()] = ()
         else:
             old_text, new_text = _judging_text(old, self.old_version), _judging_text(new, self.new_version)
             reads_pin = "policy_version" in old_text or "policy_version" in new_text
             twins = not reads_pin and old_text == new_text and _same_constants(old, new)
-            found = (old.verdict, None if twins else new.verdict, reads_pin)
+            joint = None if twins or reads_pin or old.inputs is None or new.inputs is None else \
+                joint_verdict(old.inputs, new.inputs)
+            found = (old, None if twins else new, reads_pin, None if joint is None else joint.function)
         self.paths[(action, role)] = found
         return found
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.codegen import LACKING
+from engine.codegen import LACKING, joint_verdict
 from engine.decider import Engine
 from engine.errors import RequestError
 from engine.generator import generate_requests
@@ -29,7 +29,7 @@ from engine.impact import (
     run_impact,
 )
 from engine.loader import load_policies
-from engine.versions import PolicySet
+from engine.versions import PolicySet, parse_timestamp
 
 from .conftest import NOW, POLICIES, ROOT, bind_request
 
@@ -181,6 +181,112 @@ def test_near_misses_give_the_plain_report(policies: PolicySet) -> None:
         quick, plain = both_ways((engine, engine), old, new, lines)
         assert quick == plain
         assert plain["rejected"] > 50 and plain["decided"] > 500 and plain["groups"]
+
+
+# A third version whose bind paths differ from v2's early and late: an early rule overridden (and a
+# parameter it reads), a rule of one role changed, an output's parameter, a warning and a denial added.
+V3 = {
+    "version.yaml": 'version: v3\nextends: v2\neffective_from: "2026-01-01T00:00:00Z"\n'
+                    "description: A test version.\nparameters:\n  min_age: 21\n  unbind_cooldown: 48h\n",
+    "bind.yaml": """rules:
+  - id: channel.max-four
+    override: true
+    actions: [bind]
+    roles: [channel]
+    effect: deny
+    fires_when: size(shop.channel_accounts) >= 3 || shop.status != "normal"
+    message: {en: Too many., zh: 太多。}
+    source: test
+  - id: bind.long-name
+    actions: [bind]
+    effect: warn
+    fires_when: size(shop.name) > 8
+    message: {en: A long name., zh: 名字长。}
+    source: test
+  - id: bind.rich
+    actions: [bind]
+    applies_when: account.type == "personal"
+    effect: deny
+    fires_when: account.followers > 100000
+    message: {en: Too many followers., zh: 粉丝太多。}
+    source: test
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def with_v3(tmp_path_factory: pytest.TempPathFactory) -> PolicySet:
+    import shutil
+
+    folder = tmp_path_factory.mktemp("policies")
+    shutil.copytree(POLICIES, folder, dirs_exist_ok=True)
+    (folder / "v3").mkdir()
+    for name, text in V3.items():
+        (folder / "v3" / name).write_text(text, encoding="utf-8")
+    return load_policies(folder)
+
+
+def bind_variants(count: int, seed: int) -> list[dict[str, Any]]:
+    """Generated bind requests and near misses, with the values the versions' bind rules part on."""
+    found: list[dict[str, Any]] = []
+    for request in generate_requests(count, seed=seed):
+        if request.get("action") != "bind":
+            continue
+        found += near_misses(request)
+        account, shop = request["account"], request["shop"]
+        for market, age, followers, verified in (("US", 19, 500, False), ("GB", 20, 200_000, True),
+                                                 ("US", 30, 200_000, False), ("DE", 17, 500, False)):
+            found.append({**request, "shop": {**shop, "market": market, "status": "frozen" if age == 19 else "normal"},
+                          "account": {**account, "type": "personal", "location": market, "age": age,
+                                      "followers": followers, "kyc": {"verified": verified}}})
+    return found
+
+
+def test_joint_verdicts_are_each_versions_verdict(with_v3: PolicySet) -> None:
+    """codegen's joint_verdict (impact's bind paths: both versions in one function, the rules they
+    share judged once) answers each version's own GeneratedPath.verdict, or None (each version's
+    own then judges), or raises where a version's verdict raises: between v1 and v2 (two rules
+    changed late), v1 and v3 (an early rule, a parameter, an output's parameter, rules added) and
+    v3 and v1, on every bind request the check lets through (fields missing, nulls inside)."""
+    engine = Engine(with_v3)
+    requests = [r for r in bind_variants(300, seed=21) if engine.check.usable.is_valid(r)]
+    for old, new in (("v1", "v2"), ("v1", "v3"), ("v3", "v1")):
+        old_version, new_version = with_v3.get(old), with_v3.get(new)
+        assert old_version is not None and new_version is not None
+        outcomes: dict[str, int] = {}
+        for role in ("official", "channel", None):
+            old_path, new_path = old_version.path("bind", role), new_version.path("bind", role)
+            joint = joint_verdict(old_path.inputs, new_path.inputs)
+            assert joint is not None and joint.shared >= 8, (old, new, role)
+            for request in (r for r in requests if r.get("role") == role):
+                at = parse_timestamp(request["at"]) if "at" in request else NOW
+                try:
+                    both = joint.function(request, at)
+                except Exception:  # then a version's own verdict raises too
+                    with pytest.raises(Exception):  # noqa: B017
+                        old_path.verdict(request, at), new_path.verdict(request, at)
+                    outcomes["raised"] = outcomes.get("raised", 0) + 1
+                    continue
+                if both is None:
+                    outcomes["each its own"] = outcomes.get("each its own", 0) + 1
+                    continue
+                assert both == (old_path.verdict(request, at), new_path.verdict(request, at)), (old, new, request)
+                kind = "same" if both[0] == both[1] else "flip"
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+        assert outcomes.get("same", 0) > 200 and outcomes.get("flip", 0) > 20, (old, new, outcomes)
+        assert outcomes.get("each its own", 0) > 20, (old, new, outcomes)  # the near misses
+
+
+def test_joint_verdicts_give_the_plain_report(with_v3: PolicySet) -> None:
+    """The quick way, with its joint verdicts, between versions that part early and late: the plain
+    way's report, both ways round."""
+    engine = Engine(with_v3)
+    lines = [json.dumps(r) for r in bind_variants(24, seed=23)]
+    lines += [json.dumps(r) for r in generate_requests(100, seed=29, broken=0.05)]
+    for old, new in (("v1", "v3"), ("v3", "v2")):
+        quick, plain = both_ways((engine, engine), old, new, lines)
+        assert quick == plain
+        assert plain["decided"] > 300 and len(plain["groups"]) >= 3, plain["groups"]
 
 
 def test_impact_names_each_line_where_it_was_read(policies: PolicySet) -> None:
