@@ -564,6 +564,15 @@ class GenerationMemo:
         self.written: dict[tuple[Any, ...], _Written] = {}  # see _PathWriter.expression
         self._code: dict[str, CodeType] = {}  # see code
 
+    def sharing(self, names: _Namespace) -> GenerationMemo:
+        """A memo drawing its names from another pool (a joint verdict's) that shares this one's
+        walks and folded constants (the same version's, worked out at load), not its texts
+        written (they read this pool's names)."""
+        memo = GenerationMemo()
+        memo._idents, memo._constants, memo._findings = self._idents, self._constants, self._findings
+        memo.names = names
+        return memo
+
     def idents(self, tree: Any) -> dict[int, frozenset[str]]:
         """id(subtree) -> the identifiers read under it, for every subtree of `tree`."""
         held = self._idents.get(id(tree))
@@ -1028,12 +1037,10 @@ def joint_verdict(old: PathInputs, new: PathInputs) -> JointVerdict | None:
         return None
     if max(len(old.rules), len(new.rules)) > _CHUNK:  # one function: Python's compiler slows on long ones
         return None
-    pool = _ValuePool()
+    pool, memos = _joint_memos(old.memo or GenerationMemo(), new.memo or GenerationMemo())
     writers: list[_PathWriter] = []
     steps: list[tuple[list[tuple[Any, Rule]], list[tuple[Any, Output]]]] = []
-    for inputs in (old, new):
-        memo = GenerationMemo()
-        memo.names = pool  # one pool: a constant of equal value has one name in both versions' texts
+    for inputs, memo in zip((old, new), memos, strict=True):
         writer = _PathWriter(inputs.version_name, action, role, inputs.schema, inputs.params, memo)
         writer.required_at_top = _Presence(writer, action).top_required
 
@@ -1117,6 +1124,26 @@ def joint_verdict(old: PathInputs, new: PathInputs) -> JointVerdict | None:
     namespace: dict[str, Any] = {**_RUNTIME, **pool.values}
     exec(compile(source, f"<{old.version_name}+{new.version_name} {action} {role} both>", "exec"), namespace)
     return JointVerdict(action, role, source, namespace[function], shared)
+
+
+def _joint_memos(old: GenerationMemo, new: GenerationMemo) -> tuple[_ValuePool, tuple[GenerationMemo, GenerationMemo]]:
+    """The pool of names and the two memos the joint verdicts of two versions are written with: one
+    pool (a constant of equal value has one name in both versions' texts), each version's walks
+    and folded constants shared with its own memo; the same for every path of the two versions
+    (an expression written once for all of them)."""
+    key = (id(old), id(new))
+    held = _JOINT_MEMOS.get(key)
+    if held is None or held[0] is not old or held[1] is not new:
+        if len(_JOINT_MEMOS) >= 8:
+            _JOINT_MEMOS.clear()
+        pool = _ValuePool()
+        held = _JOINT_MEMOS[key] = (old, new, pool, (old.sharing(pool), new.sharing(pool)))
+    return held[2], held[3]
+
+
+# (old memo, new memo, pool, the two memos sharing it) by the ids of the versions' memos (held)
+_JOINT_MEMOS: dict[tuple[int, int], tuple[GenerationMemo, GenerationMemo, _ValuePool,
+                                          tuple[GenerationMemo, GenerationMemo]]] = {}
 
 
 def _merged(old: list[tuple[Any, Any]], new: list[tuple[Any, Any]]) -> list[tuple[Any, Any, str]]:
