@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import IO, Any, Protocol, cast
 
 import orjson
 
@@ -53,6 +53,7 @@ COLUMNS = ("seq", "decision_id", "logged_at", "outcome", "status", "action", "de
            "request", "response", "prev_hash", "hash")
 FILTERS = ("since", "until", "action", "decision", "rule_id", "shop_id", "account_id", "outcome")
 INDEXED_MAX = 512  # characters of an indexed field; longer (or with NUL) is kept in the request only
+Condition = tuple[str, str, Any]  # (column, operator, value) of a query on the log
 
 
 class LogError(Exception):
@@ -709,9 +710,13 @@ class Store:
             chained = self._chain(records, conn.execute(_HEAD).fetchone())
             (conn if hasattr(conn, "executemany") else conn.cursor()).executemany(
                 self._insert(), [self._row(r) for r in chained])
+            self._with_rows(conn, chained)
         self.batches += 1
         self.records += len(chained)
         return chained
+
+    def _with_rows(self, conn: Any, chained: list[LogRecord]) -> None:
+        """Whatever else the transaction that adds these rows writes (SQLite: see LOOKUP_IN_COMMIT)."""
 
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
         """The records chained on after the head (seq, hash) read under the write lock (the
@@ -752,11 +757,10 @@ class Store:
     def get(self, decision_id: str) -> LogRecord | None:
         """One record; BrokenRecordError if it is stored but cannot be read."""
         with self._reading() as conn:
-            row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE decision_id = "
-                               f"{self.placeholder}", (decision_id,)).fetchone()
-        if row is None:
+            rows = list(self._rows(conn, COLUMNS, [("decision_id", "=", decision_id)], 1))
+        if not rows:
             return None
-        record = record_from_row(row)
+        record = record_from_row(rows[0])
         if isinstance(record, BrokenRecord):
             raise BrokenRecordError(record)
         return record
@@ -774,24 +778,18 @@ class Store:
 
     def _scan(self, limit: int | None, after_seq: int, filters: dict[str, str | None], *,
               parse: bool) -> Iterator[LogRecord | BrokenRecord]:
-        where: list[str] = ["seq > " + self.placeholder]
-        args: list[Any] = [after_seq]
+        where: list[Condition] = [("seq", ">", after_seq)]
         for name, value in filters.items():
             if value is None:
                 continue
             if name not in FILTERS:
                 raise ValueError(f"unknown filter {name}")
             if name in ("since", "until"):
-                where.append(f"logged_at {'>=' if name == 'since' else '<'} {self.placeholder}")
-                value = log_time(value)
+                where.append(("logged_at", ">=" if name == "since" else "<", log_time(value)))
             else:
-                where.append(f"{name} = {self.placeholder}")
-            args.append(value)
-        sql = f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE {' AND '.join(where)} ORDER BY seq"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+                where.append((name, "=", value))
         with self._reading() as conn:
-            for row in self._stream(conn, sql, tuple(args)):
+            for row in self._rows(conn, COLUMNS, where, limit):
                 yield record_from_row(row, parse=parse)
 
     def query(self, *, limit: int | None = None, after_seq: int = 0, **filters: str | None) -> Iterator[LogRecord]:
@@ -804,21 +802,29 @@ class Store:
     def requests(self, since: str | None = None, until: str | None = None) -> Iterator[str]:
         """Every decided request as JSON text, in log order, streamed (for impact). A request
         that came without `at` gets the `at` it was judged at, so that it is judged again then."""
-        sql = "SELECT request, response FROM decisions WHERE outcome = 'decided'"
-        args: list[Any] = []
+        where: list[Condition] = [("outcome", "=", "decided")]
         if since is not None:
-            sql += f" AND logged_at >= {self.placeholder}"
-            args.append(log_time(since))
+            where.append(("logged_at", ">=", log_time(since)))
         if until is not None:
-            sql += f" AND logged_at < {self.placeholder}"
-            args.append(log_time(until))
+            where.append(("logged_at", "<", log_time(until)))
         with self._reading() as conn:
-            for text, response in self._stream(conn, sql + " ORDER BY seq", tuple(args)):
+            for text, response in self._rows(conn, ("request", "response"), where, None):
                 if not isinstance(text, str) or not isinstance(response, str):
                     continue  # `log verify` names such a record; impact judges what it can read
                 judged_at = None if '"at":' in text else _answered_at(response)
                 # (canonical JSON: only the top-level field is named exactly "at")
                 yield text if judged_at is None else canonical({**json.loads(text), "at": judged_at})
+
+    def _rows(self, conn: Any, columns: Sequence[str], where: Sequence[Condition],
+              limit: int | None) -> Iterable[Sequence[Any]]:
+        """The `columns` of the records that meet every (column, operator, value) of `where`, in
+        chain order, streamed."""
+        p = self.placeholder
+        sql = (f"SELECT {', '.join(columns)} FROM decisions WHERE "
+               f"{' AND '.join(f'{column} {operator} {p}' for column, operator, _ in where)} ORDER BY seq")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._stream(conn, sql, tuple(value for _, _, value in where))
 
     def tail(self, count: int, *, parse: bool = True) -> list[LogRecord | BrokenRecord]:
         with self._reading() as conn:
@@ -945,14 +951,71 @@ def new_origin() -> str:
     return f"bindpolicy-log/{uuid.uuid4().hex}"
 
 
-def _tables(big_int: str) -> list[str]:
-    """The log's tables and indexes; the stores differ only in the name of a 64-bit integer."""
-    return [f"""CREATE TABLE IF NOT EXISTS decisions (
+def _decisions_table(big_int: str) -> str:
+    return f"""CREATE TABLE IF NOT EXISTS decisions (
         seq {big_int} PRIMARY KEY, decision_id TEXT NOT NULL UNIQUE, logged_at TEXT NOT NULL,
         outcome TEXT NOT NULL, status INTEGER NOT NULL, action TEXT, decision TEXT, rule_id TEXT,
         shop_id TEXT, account_id TEXT, policy_version TEXT, policy_digest TEXT, runtime TEXT,
         duration_us {big_int} NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""", *_INDEXES, _POLICY_TABLE, _PROBE_TABLE, _ORIGIN_TABLE]
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)"""
+
+
+def _tables(big_int: str) -> list[str]:
+    """The log's tables and indexes; the stores differ only in the name of a 64-bit integer."""
+    return [_decisions_table(big_int), *_INDEXES, _POLICY_TABLE, _PROBE_TABLE, _ORIGIN_TABLE]
+
+
+# A new SQLite log looks records up by time, shop and account in a table of their own, filled
+# behind the commits (SQLiteStore.LOOKUP_PIECE): a single decision's commit then writes two
+# B-trees, the table's and its decision id's (UNIQUE: a second record under an id is refused),
+# where it wrote five, each changed page a WAL frame of its own. A query reads the lookup up to
+# its reach and the records past it from the table (SQLiteStore._rows). Logs made before keep
+# their indexes, and their cost.
+LOOKUP_COLUMNS = ("logged_at", "shop_id", "account_id")
+_LOOKUP = ["CREATE TABLE IF NOT EXISTS decision_lookup "
+           f"(seq INTEGER PRIMARY KEY, {', '.join(f'{c} TEXT' for c in LOOKUP_COLUMNS)})",
+           *(f"CREATE INDEX IF NOT EXISTS decision_lookup_{c} ON decision_lookup ({c})" for c in LOOKUP_COLUMNS)]
+_SQLITE_TABLES = [_decisions_table("INTEGER"), *_LOOKUP, _POLICY_TABLE, _PROBE_TABLE, _ORIGIN_TABLE]
+_LOOKUP_INSERT = f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) VALUES (?, ?, ?, ?)"
+_LOOKED_UP = operator.attrgetter("seq", *LOOKUP_COLUMNS)  # a record's lookup entry
+_LOOKUP_REACH = f"SELECT seq, {', '.join(LOOKUP_COLUMNS)} FROM decision_lookup ORDER BY seq DESC LIMIT 1"
+_LOOKED_UP_AS = "SELECT 1 FROM decisions WHERE seq = ? AND " + " AND ".join(f"{c} IS ?" for c in LOOKUP_COLUMNS)
+
+
+def _fill_lookup(conn: sqlite3.Connection, lock: IO[bytes], piece: int, pause: float = 0.0) -> int:
+    """Index the records past the lookup's reach, `piece` a transaction under the log's write
+    lock (the file lock, then SQLite's), until none is left; how many. `pause`: seconds between
+    two pieces, in which the writers take the lock (the kernel hands a file lock to whoever asks
+    first: a thread taking it again at once kept every writer waiting for the whole filling, 0.1
+    s behind a second's batches). A lookup whose last entry
+    is not what the table holds at its seq (records removed or rewritten by hand) is made again
+    from the first record: records are only ever added, so their entries never change."""
+    count = 0
+    conn.execute("PRAGMA synchronous=NORMAL")  # (SQLite's default, FULL, flushed every piece: an index needs no flush)
+    while True:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                reach = conn.execute(_LOOKUP_REACH).fetchone()
+                if reach is not None and conn.execute(_LOOKED_UP_AS, reach).fetchone() is None:
+                    conn.execute("DELETE FROM decision_lookup")
+                    reach = None
+                added = conn.execute(
+                    f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) SELECT seq, "
+                    f"{', '.join(LOOKUP_COLUMNS)} FROM decisions WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (reach[0] if reach else 0, piece)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        count += added
+        if added < piece:
+            return count
+        time.sleep(pause)
 
 
 class SQLiteStore(Store):
@@ -968,11 +1031,14 @@ class SQLiteStore(Store):
         self.synchronous = synchronous
         self._held = False  # the leader holds the write lock, taken before its group (see _lead)
         self._read_uri = ""
+        self._lookup = False  # the log looks records up in decision_lookup (a new log), else by its indexes
         if self.read_only:
             if not self.path.is_file():
                 raise MissingTableError(f"no decision log at {self.path}")
             self._read_uri = self._read_only_uri()
             self.check_readable()
+            with self._reading() as conn:
+                self._lookup = self._has_table(conn, "decision_lookup")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Writers of every process take this lock before SQLite's: the kernel hands it over at
@@ -1041,6 +1107,8 @@ class SQLiteStore(Store):
             if self._checkpointer is not threading.current_thread():
                 self._checkpointer.join(timeout=30)
         super().close()
+        with contextlib.suppress(sqlite3.Error, OSError):  # (a log removed meanwhile: nothing to index)
+            self.fill_lookup()
 
     def _start_checkpointer(self) -> None:
         """The checkpoint thread of this process (threads do not survive a fork); it ends with the store."""
@@ -1064,11 +1132,43 @@ class SQLiteStore(Store):
                 conn.execute(f"PRAGMA page_size={self.PAGE_SIZE}")
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
+                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                # (two workers on a fresh file: both see no table, both make the same ones)
+                self._lookup = "decision_lookup" in tables or "decisions" not in tables
             finally:
                 conn.close()
         finally:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         super().init()
+        self.fill_lookup()  # what a killed writer had left to index
+
+    # Records a transaction of the lookup's filling (by each writing process's checkpoint thread,
+    # every CHECKPOINT_EVERY while commits come; at start and at close): the write lock is held
+    # for about a millisecond a hundred records, so a commit waits at most that long for it.
+    LOOKUP_PIECE = 128
+
+    # A group of this many records or more (a batch's) adds its lookup entries itself, in its own
+    # transaction, when the lookup has reached its first record: its rows at hand, four B-trees
+    # written once for a hundred records, where the filling would read them back (about 6 µs a
+    # record of CPU, the write lock held for it).
+    LOOKUP_IN_COMMIT = 32
+
+    def _with_rows(self, conn: Any, chained: list[LogRecord]) -> None:
+        if not self._lookup or len(chained) < self.LOOKUP_IN_COMMIT:
+            return
+        if conn.execute("SELECT coalesce(max(seq), 0) FROM decision_lookup").fetchone()[0] == chained[0].seq - 1:
+            conn.executemany(_LOOKUP_INSERT, [_LOOKED_UP(r) for r in chained])
+
+    def fill_lookup(self) -> int:
+        """Index every record past the lookup's reach (a new log's: see LOOKUP_COLUMNS); how many."""
+        if self.read_only or not self._lookup:
+            return 0
+        conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30, isolation_level=None)
+        try:
+            with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:  # (see _checkpoint_wal)
+                return _fill_lookup(conn, lock, self.LOOKUP_PIECE)
+        finally:
+            conn.close()
 
     def _hold(self, conn: Any) -> None:
         """The file lock and SQLite's (BEGIN IMMEDIATE), for _begin_exclusive to find taken."""
@@ -1106,7 +1206,36 @@ class SQLiteStore(Store):
         return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
 
     def _schema(self) -> Sequence[str]:
-        return _tables("INTEGER")
+        return _SQLITE_TABLES if self._lookup else _tables("INTEGER")
+
+    def _rows(self, conn: Any, columns: Sequence[str], where: Sequence[Condition],
+              limit: int | None) -> Iterable[Sequence[Any]]:
+        if self._lookup and any(column in LOOKUP_COLUMNS for column, _, _ in where):
+            return self._looked_up(conn, columns, where, limit)
+        return super()._rows(conn, columns, where, limit)
+
+    def _looked_up(self, conn: Any, columns: Sequence[str], where: Sequence[Condition],
+                   limit: int | None) -> Iterator[Sequence[Any]]:
+        """As _rows, in one snapshot: the records the lookup finds up to its reach (each checked
+        against the table's own cells), then those past its reach, read from the table."""
+        conn.execute("BEGIN")  # (deferred: a read transaction, one snapshot for both parts)
+        reach = conn.execute("SELECT coalesce(max(seq), 0) FROM decision_lookup").fetchone()[0]
+        values = tuple(value for _, _, value in where)
+        found = (f"SELECT {', '.join('d.' + c for c in columns)} FROM decision_lookup l JOIN decisions d "
+                 f"ON d.seq = l.seq WHERE "
+                 + " AND ".join([f"l.{c} {op} ?" for c, op, _ in where if c in LOOKUP_COLUMNS or c == "seq"]
+                                + [f"d.{c} {op} ?" for c, op, _ in where]) + " ORDER BY l.seq")
+        count = 0
+        for row in self._stream(conn, found + ("" if limit is None else f" LIMIT {int(limit)}"),
+                                tuple(v for c, _, v in where if c in LOOKUP_COLUMNS or c == "seq") + values):
+            yield row
+            count += 1
+        if limit is not None and count >= limit:
+            return
+        past = (f"SELECT {', '.join(columns)} FROM decisions WHERE seq > ? AND "
+                + " AND ".join(f"{c} {op} ?" for c, op, _ in where) + " ORDER BY seq")
+        yield from self._stream(conn, past + ("" if limit is None else f" LIMIT {int(limit) - count}"),
+                                (reach, *values))
 
     def _stream(self, conn: Any, sql: str, args: tuple[Any, ...]) -> Iterator[Sequence[Any]]:
         """Rows as they come (`sql` orders them), their text decoded by SQLite's own strict UTF-8
@@ -1136,15 +1265,17 @@ class SQLiteStore(Store):
 
 
 def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float, stopped: threading.Event) -> None:
-    """Checkpoint the WAL every `every` seconds while commits come, until the store is closed or gone."""
+    """Fill the lookup (a new log's) and checkpoint the WAL every `every` seconds while commits
+    come, until the store is closed or gone."""
     conn: sqlite3.Connection | None = None
+    lock: IO[bytes] | None = None
     done = -1
     try:
         while not stopped.wait(every):
             live = store()
             if live is None:
                 return
-            committed, live = live.batches, None
+            committed, lookup, piece, live = live.batches, live._lookup, live.LOOKUP_PIECE, None
             if committed == done:
                 continue
             try:
@@ -1152,15 +1283,21 @@ def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float, s
                     # (mode=rw: a log removed meanwhile is not made again, empty)
                     conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30, isolation_level=None,
                                            check_same_thread=False)
+                if lookup:
+                    if lock is None:  # (its own open file: a flock is shared by whoever holds the same one)
+                        lock = open(path.with_name(path.name + ".lock"), "a+b")  # noqa: SIM115
+                    _fill_lookup(conn, lock, piece, pause=0.002)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 done = committed
-            except sqlite3.Error:  # (the next try, or SQLite's own checkpoint past the backstop)
+            except (sqlite3.Error, OSError):  # (the next try, or SQLite's own checkpoint past the backstop)
                 if conn is not None:
                     conn.close()
                 conn = None
     finally:
         if conn is not None:
             conn.close()
+        if lock is not None:
+            lock.close()
 
 
 def _lenient_text(data: bytes) -> str:
