@@ -428,6 +428,12 @@ class ChainVerifier:
         return None
 
 
+def _held_lock() -> Any:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class _Pending:
     """One caller's records: committed together, or not at all."""
@@ -437,7 +443,18 @@ class _Pending:
     leads: bool = False  # its caller commits the next group (guarded by the store's lock)
     results: list[LogRecord] | None = None
     error: BaseException | None = None
-    wake: threading.Event = field(default_factory=threading.Event)  # done, or its turn to lead
+    # Held from the start; released when the caller is done or its turn to lead comes. A bare
+    # lock: a threading.Event (a Condition, a new lock for each wait, a list of waiters, all in
+    # Python) cost each call about a twentieth of the store's own CPU in the profile.
+    wake: Any = field(default_factory=_held_lock)
+
+    def woken(self) -> None:
+        """Wake its caller (once: a caller found leading after its wait timed out is woken again
+        with its group)."""
+        try:
+            self.wake.release()
+        except RuntimeError:  # (released already, not taken back since)
+            return
 
 
 class Store:
@@ -535,7 +552,7 @@ class Store:
             if not self._leading:  # (the queue was empty: this caller is its first)
                 self._leading = pending.leads = True
         while not pending.leads and not pending.done:
-            if not pending.wake.wait(max(0.0, deadline - time.monotonic())):
+            if not pending.wake.acquire(True, max(0.0, deadline - time.monotonic())):
                 with self._ready:
                     if pending.leads or pending.done:
                         break
@@ -592,12 +609,12 @@ class Store:
                         pending.done, pending.error = True, pending.error or LogError("the group commit failed")
                 if self._queue:
                     self._queue[0].leads = True
-                    self._queue[0].wake.set()
+                    self._queue[0].woken()
                 else:
                     self._leading = False
                     self._ready.notify_all()  # (a close waiting for the commit to end)
             for pending in group:
-                pending.wake.set()
+                pending.woken()
 
     def _take(self, queue: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """Whole callers, up to max_batch records (at least one caller)."""
