@@ -343,6 +343,9 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--show", nargs="+", metavar="VERSION ACTION [ROLE]", required=True,
                           help="the version, the action and (for bind and unbind) the role")
     compile_.add_argument("--policies", default=DEFAULT_POLICIES, help="policy folder (default: policies)")
+    compile_.add_argument("--joint", metavar="OLD", help="print instead the one function `impact OLD VERSION` "
+                          "judges the path with where the two versions write it differently: both verdicts, "
+                          "the rules they write alike judged once")
     compile_.set_defaults(handler=_compile)
 
     from engine.prover.commands import add_parsers as add_prove_parsers
@@ -982,7 +985,34 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"{name} has no decision path for action {action!r}, role {role!r}; known: {', '.join(known)}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(path.source, end="")
+    if args.joint is None:
+        print(path.source, end="")
+        return 0
+    return _show_joint(engine, args.joint, name, path)
+
+
+def _show_joint(engine: Engine, old_name: str, name: str, path: Any) -> int:
+    """`compile --show VERSION ACTION [ROLE] --joint OLD`: the function impact judges the path with."""
+    from engine.codegen import joint_verdict
+    from engine.impact import QuickJudge
+
+    old = engine.policies.get(old_name)
+    if old is None:
+        print(f"no policy version '{old_name}'; known: {', '.join(v.name for v in engine.policies)}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    other = old.path(path.action, path.role)
+    judge = QuickJudge.of((engine, old_name), (engine, name), datetime.now(UTC))
+    found = judge._paths(path.action, path.role) if judge is not None and other is not None else ()
+    where = f"action {path.action!r}, role {path.role!r}"
+    if found and found[1] is None:
+        print(f"# {old_name} and {name} write the same path for {where}: impact judges it once, with its verdict")
+        return 0
+    joint = joint_verdict(other.inputs, path.inputs) if found and other.inputs and path.inputs else None
+    if joint is None:
+        print(f"# no joint verdict of {old_name} and {name} for {where}: impact judges each version's verdict")
+        return 0
+    print(joint.source, end="")
     return 0
 
 

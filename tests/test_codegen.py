@@ -217,6 +217,22 @@ def test_compile_show_prints_the_source(capsys: pytest.CaptureFixture[str]) -> N
     assert "no decision path for action 'bind', role 'nobody'" in capsys.readouterr().err
 
 
+def test_compile_show_joint_prints_what_impact_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """--joint OLD: the one function `impact OLD VERSION` judges a path with where the two write it
+    differently (the rules in common once, v2's two changed rules beside v1's), or says it is the
+    same path, judged once."""
+    policies = ["--policies", str(POLICIES_DIR)]
+    assert main(["compile", "--show", "v2", "bind", "channel", "--joint", "v1", *policies]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# v1 and v2: action 'bind', role 'channel': 14 rules, 3 outputs, 13 of them judged once.")
+    assert "def both_bind_channel(request, at):" in out
+    assert out.count("# rule personal.kyc (deny)") == 2 and "v2 only" in out and "v1 only" in out
+    assert main(["compile", "--show", "v2", "login", "--joint", "v1", *policies]) == 0
+    assert "write the same path" in capsys.readouterr().out
+    assert main(["compile", "--show", "v2", "login", "--joint", "v9", *policies]) == 2
+    assert "no policy version 'v9'" in capsys.readouterr().err
+
+
 
 # --- how fast the paths are generated must not change what they decide (issue 10 item 3) ---
 
