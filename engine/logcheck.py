@@ -605,6 +605,7 @@ class LogWatch:
             return
         if not force and self.verified_seq == self._head_written:
             return
+        self.store.settle()  # (nothing signed that a crash of the database could take back)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         write_checkpoint(self.checkpoint_dir, make_checkpoint(self.frontier, self.verified_hash, self.signing_key,
                                                               origin=self.origin), HEAD)
@@ -631,6 +632,7 @@ class LogWatch:
                     int(newest[0].name[11:23]) >= self.verified_seq - 1:
                 self._last_checkpoint_at = time.monotonic()  # another worker just wrote one
                 return
+            self.store.settle()
             checkpoint = make_checkpoint(self.frontier, self.verified_hash, self.signing_key, origin=self.origin)
             write_checkpoint(self.checkpoint_dir, checkpoint)
         self.last_checkpoint, self._last_checkpoint_at = checkpoint, time.monotonic()
