@@ -1,18 +1,20 @@
 """What one commit of the decision log costs PostgreSQL itself, by part.
 
 A fresh PostgreSQL server with fsync ON (as bench/bench_service.py starts it) and one
-connection, no other writer: each part is sent --commits times as the store sends it
-(`PostgresStore`: BEGIN, the chain's advisory lock and the read of its head in one message; the
-rows as literals and COMMIT in another), and the server's CPU (every process of it, from /proc:
+connection, no other writer: each part is sent --commits times (the store's own commits by
+`PostgresStore.write_many`: BEGIN, the chain's advisory lock, the read of its head and a COPY in
+one message, the rows in another, committed without a flush under the lock and flushed after
+it; the store's commits before it by hand: the lock and the head, then the rows as an INSERT of
+literals and COMMIT, flushed under the lock), and the server's CPU (every process of it, from /proc:
 the backend, the WAL writer, the checkpointer) is divided by the count. The parts take turns,
 round after round; each figure is the median of its rounds. The server's CPU is what the
 service's figures leave out (bench_service counts it apart): on one machine it shares the
 cores with the service and the load generator.
 
-Parts: a commit of one record (the service's single decision, alone in its group); the same
-with `synchronous_commit` off for that transaction (no flush: the difference is the flush's
-cost); BEGIN, the lock and the head, then COMMIT (no row); a round trip (`SELECT 1`); a commit
-of --group records.
+Parts: a commit of one record (the service's single decision, alone in its group), as the store
+sends it and as it sent it before; the latter with `synchronous_commit` off for that transaction
+(no flush: the difference is the flush's cost); BEGIN, the lock and the head, then COMMIT (no
+row); a round trip (`SELECT 1`); a commit of --group records, both ways.
 
 Run: .venv/bin/python bench/bench_pgcommit.py [--commits 1000] [--rounds 3] [--group 8]
 """
@@ -57,12 +59,16 @@ def parts(store: PostgresStore, conn: Any, group: int) -> dict[str, Callable[[],
         return send
 
     return {
-        "a commit of one record": commit(1, b"; COMMIT"),
+        "a commit of one record as the store sends it (COPY, flushed after the lock)":
+            lambda: store.write_many([record()]),
+        "a commit of one record as an INSERT of literal rows (the store before)": commit(1, b"; COMMIT"),
         "the same, not flushed (synchronous_commit off)": commit(1, b"; SET LOCAL synchronous_commit TO off; COMMIT"),
         "BEGIN, the lock and the head, then COMMIT (no row)": lambda: (store._run(conn, lock_and_head),
                                                                      store._run(conn, b"COMMIT")),
         "a round trip (SELECT 1)": lambda: store._run(conn, b"SELECT 1"),
-        f"a commit of {group} records": commit(group, b"; COMMIT"),
+        f"a commit of {group} records as the store sends it":
+            lambda: store.write_many([record() for _ in range(group)]),
+        f"a commit of {group} records as an INSERT of literal rows": commit(group, b"; COMMIT"),
     }
 
 
