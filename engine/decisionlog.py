@@ -15,7 +15,9 @@ no lock file) and says so if the log's table is missing.
 Durability: a record is committed before its decision is answered. SQLite runs in WAL mode
 with `synchronous=NORMAL` by default, which survives a killed process (the tests SIGKILL the
 server) but may lose the last commits on power loss; `synchronous=FULL`
-(BINDPOLICY_SQLITE_SYNCHRONOUS) fsyncs every group commit as well.
+(BINDPOLICY_SQLITE_SYNCHRONOUS) fsyncs every group commit as well. On PostgreSQL a write returns
+once the WAL holding its records is flushed, which is waited for after the chain's lock is
+given back (see PostgresStore._OPEN).
 """
 
 from __future__ import annotations
@@ -1431,7 +1433,7 @@ class PostgresStore(Store):
 
     def _hold(self, conn: Any) -> None:
         """The chain's lock and its head, in one round trip (which waits while another process
-        commits and flushes), for _append to find: sent before the leader takes its group, so
+        commits), for _append to find: sent before the leader takes its group, so
         that the callers who came while it waited commit with it. (Taken before the lock, the
         group was fixed when the wait began: under load the processes' commits alternate, each a
         flush of 2-4 ms, and the records that came during the wait went to the next commit, one
@@ -1652,7 +1654,6 @@ def _values(row: Sequence[Any], quote: Callable[[bytes], bytes], encoding: str) 
         else:
             raise TypeError(f"a stored cell cannot be {type(value).__name__}")
     return b"(" + b", ".join(cells) + b")"
-
 
 
 # The columns of a COPY row between `seq` and the hashes, as stored (request and response as their text).
