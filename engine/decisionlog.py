@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -739,7 +739,7 @@ class Store:
         return chained
 
     def _with_rows(self, conn: Any, chained: list[LogRecord]) -> None:
-        """Whatever else the transaction that adds these rows writes (SQLite: see LOOKUP_IN_COMMIT)."""
+        """Whatever else the transaction that adds these rows writes (SQLite: see LOOKUP_EVERY)."""
 
     def _chain(self, records: list[LogRecord], head: Sequence[Any] | None) -> list[LogRecord]:
         """The records chained on after the head (seq, hash) read under the write lock (the
@@ -989,7 +989,7 @@ def _tables(big_int: str) -> list[str]:
 
 
 # A new SQLite log looks records up by time, shop and account in a table of their own, filled
-# behind the commits (SQLiteStore.LOOKUP_PIECE): a single decision's commit then writes two
+# behind the commits (SQLiteStore.LOOKUP_EVERY): a single decision's commit then writes two
 # B-trees, the table's and its decision id's (UNIQUE: a second record under an id is refused),
 # where it wrote five, each changed page a WAL frame of its own. A query reads the lookup up to
 # its reach and the records past it from the table (SQLiteStore._rows). Logs made before keep
@@ -999,46 +999,28 @@ _LOOKUP = ["CREATE TABLE IF NOT EXISTS decision_lookup "
            f"(seq INTEGER PRIMARY KEY, {', '.join(f'{c} TEXT' for c in LOOKUP_COLUMNS)})",
            *(f"CREATE INDEX IF NOT EXISTS decision_lookup_{c} ON decision_lookup ({c})" for c in LOOKUP_COLUMNS)]
 _SQLITE_TABLES = [_decisions_table("INTEGER"), *_LOOKUP, _POLICY_TABLE, _PROBE_TABLE, _ORIGIN_TABLE]
-_LOOKUP_INSERT = f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) VALUES (?, ?, ?, ?)"
-_LOOKED_UP = operator.attrgetter("seq", *LOOKUP_COLUMNS)  # a record's lookup entry
 _LOOKUP_REACH = f"SELECT seq, {', '.join(LOOKUP_COLUMNS)} FROM decision_lookup ORDER BY seq DESC LIMIT 1"
 _LOOKED_UP_AS = "SELECT 1 FROM decisions WHERE seq = ? AND " + " AND ".join(f"{c} IS ?" for c in LOOKUP_COLUMNS)
+_LOOKUP_FILL = (f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) SELECT seq, "
+                f"{', '.join(LOOKUP_COLUMNS)} FROM decisions WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
+_LOOKUP_INSERT = f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) VALUES (?, ?, ?, ?)"
+_LOOKED_UP = operator.attrgetter("seq", *LOOKUP_COLUMNS)  # a record's lookup entry
 
 
-def _fill_lookup(conn: sqlite3.Connection, lock: IO[bytes], piece: int, pause: float = 0.0) -> int:
-    """Index the records past the lookup's reach, `piece` a transaction under the log's write
-    lock (the file lock, then SQLite's), until none is left; how many. `pause`: seconds between
-    two pieces, in which the writers take the lock (the kernel hands a file lock to whoever asks
-    first: a thread taking it again at once kept every writer waiting for the whole filling, 0.1
-    s behind a second's batches). A lookup whose last entry
-    is not what the table holds at its seq (records removed or rewritten by hand) is made again
-    from the first record: records are only ever added, so their entries never change."""
-    count = 0
-    conn.execute("PRAGMA synchronous=NORMAL")  # (SQLite's default, FULL, flushed every piece: an index needs no flush)
-    while True:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                reach = conn.execute(_LOOKUP_REACH).fetchone()
-                if reach is not None and conn.execute(_LOOKED_UP_AS, reach).fetchone() is None:
-                    conn.execute("DELETE FROM decision_lookup")
-                    reach = None
-                added = conn.execute(
-                    f"INSERT INTO decision_lookup (seq, {', '.join(LOOKUP_COLUMNS)}) SELECT seq, "
-                    f"{', '.join(LOOKUP_COLUMNS)} FROM decisions WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (reach[0] if reach else 0, piece)).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-        count += added
-        if added < piece:
-            return count
-        time.sleep(pause)
+def _extend_lookup(conn: Any, most: int, through: int = 2**63 - 1) -> tuple[int, int]:
+    """In a write transaction: the lookup's entries for up to `most` records past its reach (up to
+    record `through`), read from the table (rows this transaction added included); (its reach
+    now, entries added). A
+    lookup whose last entry is not what the table holds at its seq (records removed or rewritten
+    by hand) is made again from the first record: records are only ever added, so their entries
+    never change."""
+    reach = conn.execute(_LOOKUP_REACH).fetchone()
+    if reach is not None and conn.execute(_LOOKED_UP_AS, tuple(reach)).fetchone() is None:
+        conn.execute("DELETE FROM decision_lookup")
+        reach = None
+    first = int(reach[0]) if reach else 0
+    added = int(conn.execute(_LOOKUP_FILL, (first, through, most)).rowcount)
+    return first + added, added
 
 
 class SQLiteStore(Store):
@@ -1055,6 +1037,7 @@ class SQLiteStore(Store):
         self._held = False  # the leader holds the write lock, taken before its group (see _lead)
         self._read_uri = ""
         self._lookup = False  # the log looks records up in decision_lookup (a new log), else by its indexes
+        self._reach = 0  # the lookup's last entry, where this process last saw it
         if self.read_only:
             if not self.path.is_file():
                 raise MissingTableError(f"no decision log at {self.path}")
@@ -1130,8 +1113,9 @@ class SQLiteStore(Store):
             if self._checkpointer is not threading.current_thread():
                 self._checkpointer.join(timeout=30)
         super().close()
-        with contextlib.suppress(sqlite3.Error, OSError):  # (a log removed meanwhile: nothing to index)
-            self.fill_lookup()
+        if self.path.exists():  # (a log removed meanwhile: nothing to index, nothing to make again)
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self.fill_lookup()
 
     def _start_checkpointer(self) -> None:
         """The checkpoint thread of this process (threads do not survive a fork); it ends with the store."""
@@ -1165,33 +1149,45 @@ class SQLiteStore(Store):
         super().init()
         self.fill_lookup()  # what a killed writer had left to index
 
-    # Records a transaction of the lookup's filling (by each writing process's checkpoint thread,
-    # every CHECKPOINT_EVERY while commits come; at start and at close): the write lock is held
-    # for about a millisecond a hundred records, so a commit waits at most that long for it.
-    LOOKUP_PIECE = 128
-
-    # A group of this many records or more (a batch's) adds its lookup entries itself, in its own
-    # transaction, when the lookup has reached its first record: its rows at hand, four B-trees
-    # written once for a hundred records, where the filling would read them back (about 6 µs a
-    # record of CPU, the write lock held for it).
-    LOOKUP_IN_COMMIT = 32
+    # The lookup is filled in the commit that takes the log LOOKUP_EVERY records or more past
+    # where this process saw it reach (no SQL before that): one INSERT ... SELECT of those
+    # records' cells, their rows still in SQLite's cache, four B-trees written once for them all
+    # (about 6 µs of CPU a record, a millisecond for that commit), where each single record's
+    # commit wrote three indexes (about 35 µs a record). A group of LOOKUP_GROUP records or more
+    # (a batch's) adds its own entries from its records at hand, after the records before it.
+    LOOKUP_EVERY = 128
+    LOOKUP_GROUP = 32
+    LOOKUP_MOST = 4096  # entries a commit reads back at most (a lag left by a killed writer is filled at open)
 
     def _with_rows(self, conn: Any, chained: list[LogRecord]) -> None:
-        if not self._lookup or len(chained) < self.LOOKUP_IN_COMMIT:
+        if not self._lookup:
             return
-        if conn.execute("SELECT coalesce(max(seq), 0) FROM decision_lookup").fetchone()[0] == chained[0].seq - 1:
-            conn.executemany(_LOOKUP_INSERT, [_LOOKED_UP(r) for r in chained])
+        if len(chained) >= self.LOOKUP_GROUP:
+            if _extend_lookup(conn, self.LOOKUP_MOST, chained[0].seq - 1)[0] == chained[0].seq - 1:
+                conn.executemany(_LOOKUP_INSERT, [_LOOKED_UP(r) for r in chained])
+                self._reach = chained[-1].seq
+        elif chained[-1].seq - self._reach >= self.LOOKUP_EVERY:
+            self._reach = _extend_lookup(conn, self.LOOKUP_MOST)[0]
 
     def fill_lookup(self) -> int:
-        """Index every record past the lookup's reach (a new log's: see LOOKUP_COLUMNS); how many."""
+        """Fill the lookup (a new log's: see LOOKUP_COLUMNS) up to the last record; how many
+        entries it took. In transactions of LOOKUP_EVERY records, the write lock given back
+        between them (a millisecond's pause: the kernel hands a file lock to whoever asks first,
+        and a thread taking it again at once would keep the other process's writers waiting)."""
         if self.read_only or not self._lookup:
             return 0
-        conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30, isolation_level=None)
+        count = 0
+        conn = self._connect()
         try:
-            with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:  # (see _checkpoint_wal)
-                return _fill_lookup(conn, lock, self.LOOKUP_PIECE)
+            while True:
+                with self._exclusive(conn):
+                    self._reach, added = _extend_lookup(conn, self.LOOKUP_EVERY)
+                count += added
+                if added < self.LOOKUP_EVERY:
+                    return count
+                time.sleep(0.001)
         finally:
-            conn.close()
+            self._close_quietly(conn)
 
     def _hold(self, conn: Any) -> None:
         """The file lock and SQLite's (BEGIN IMMEDIATE), for _begin_exclusive to find taken."""
@@ -1288,17 +1284,15 @@ class SQLiteStore(Store):
 
 
 def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float, stopped: threading.Event) -> None:
-    """Fill the lookup (a new log's) and checkpoint the WAL every `every` seconds while commits
-    come, until the store is closed or gone."""
+    """Checkpoint the WAL every `every` seconds while commits come, until the store is closed or gone."""
     conn: sqlite3.Connection | None = None
-    lock: IO[bytes] | None = None
     done = -1
     try:
         while not stopped.wait(every):
             live = store()
             if live is None:
                 return
-            committed, lookup, piece, live = live.batches, live._lookup, live.LOOKUP_PIECE, None
+            committed, live = live.batches, None
             if committed == done:
                 continue
             try:
@@ -1306,21 +1300,15 @@ def _checkpoint_wal(store: weakref.ref[SQLiteStore], path: Path, every: float, s
                     # (mode=rw: a log removed meanwhile is not made again, empty)
                     conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30, isolation_level=None,
                                            check_same_thread=False)
-                if lookup:
-                    if lock is None:  # (its own open file: a flock is shared by whoever holds the same one)
-                        lock = open(path.with_name(path.name + ".lock"), "a+b")  # noqa: SIM115
-                    _fill_lookup(conn, lock, piece, pause=0.002)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 done = committed
-            except (sqlite3.Error, OSError):  # (the next try, or SQLite's own checkpoint past the backstop)
+            except sqlite3.Error:  # (the next try, or SQLite's own checkpoint past the backstop)
                 if conn is not None:
                     conn.close()
                 conn = None
     finally:
         if conn is not None:
             conn.close()
-        if lock is not None:
-            lock.close()
 
 
 def _lenient_text(data: bytes) -> str:

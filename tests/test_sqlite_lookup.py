@@ -4,7 +4,6 @@ right while it lags; logs made before keep their indexes."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,15 @@ def reach(path: Path) -> int:
 
 @pytest.fixture
 def no_filling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No checkpoint thread: the lookup is filled only at open, at close and when told."""
-    monkeypatch.setattr(SQLiteStore, "CHECKPOINT_EVERY", 0)
+    """No filling by the commits: the lookup is filled only at open, at close and when told."""
+    monkeypatch.setattr(SQLiteStore, "LOOKUP_EVERY", 10_000)
+    monkeypatch.setattr(SQLiteStore, "LOOKUP_GROUP", 10_000)
 
 
 def test_queries_are_right_while_the_lookup_lags_and_once_it_caught_up(tmp_path: Path, no_filling: None) -> None:
     path = tmp_path / "decisions.db"
     store = SQLiteStore(path)
-    store.write_many([record(n) for n in range(1, 21)])
-    store.write_many([record(n) for n in range(21, 41)])  # (groups too small to add their own entries)
+    store.write_many([record(n) for n in range(1, 41)])
     assert reach(path) == 0 and store.fill_lookup() == 40
     for n in range(41, 71):  # past the lookup's reach
         store.write(record(n))
@@ -105,18 +104,32 @@ def test_a_commit_writes_the_table_and_the_id_index_only_and_lookups_use_the_loo
     store.close()
 
 
-def test_the_checkpoint_thread_fills_the_lookup_behind_the_commits(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SQLiteStore, "CHECKPOINT_EVERY", 0.05)
-    monkeypatch.setattr(SQLiteStore, "LOOKUP_PIECE", 8)  # (several pieces a step)
+def test_the_commits_fill_the_lookup_every_so_many_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SQLiteStore, "LOOKUP_EVERY", 16)
     path = tmp_path / "decisions.db"
     store = SQLiteStore(path)
-    for n in range(1, 31):
+    for n in range(1, 16):
         store.write(record(n))
-    deadline = time.monotonic() + 10
-    while reach(path) < 30 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert reach(path) == 30
+    assert reach(path) == 0  # (a single record's commit writes no lookup entry)
+    store.write(record(16))
+    assert reach(path) == 16  # the commit that took the log 16 past the lookup's reach filled it
+    store.write(record(17))
+    store.write_many([record(n) for n in range(18, 58)])  # a batch: its own entries, after the one before it
+    assert reach(path) == 57
+    store.write_many([record(n) for n in range(58, 60)])
+    store.write_many([record(n) for n in range(60, 100)])
+    assert reach(path) == 99
+    other = SQLiteStore(path)  # another worker's store: its commits fill it too
+    for n in range(100, 116):
+        (store if n % 2 else other).write(record(n))
+    assert reach(path) == 115
+    with sqlite3.connect(path) as conn:  # every entry as the table holds its cells
+        assert conn.execute("SELECT seq, logged_at, shop_id, account_id FROM decision_lookup ORDER BY seq").fetchall() \
+            == conn.execute("SELECT seq, logged_at, shop_id, account_id FROM decisions ORDER BY seq").fetchall()
+    every = list(store.query())
+    for filters in QUERIES:
+        assert [r.seq for r in store.scan(**filters)] == expected(every, filters), filters
+    other.close()
     store.close()
 
 
@@ -163,26 +176,3 @@ def test_a_log_made_before_keeps_its_indexes_and_answers_the_same(tmp_path: Path
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "decision_lookup" not in tables and {"decisions_shop_id", "decisions_logged_at"} <= tables
     assert open_store(f"sqlite:///{path}", read_only=True).verify() is None
-
-
-def test_a_batch_adds_its_own_entries_once_the_lookup_has_reached_it(tmp_path: Path, no_filling: None) -> None:
-    path = tmp_path / "decisions.db"
-    store = SQLiteStore(path)
-    store.write_many([record(n) for n in range(1, 41)])  # a batch: its entries in its own commit
-    assert reach(path) == 40
-    store.write(record(41))  # a single one: left to the filling
-    store.write_many([record(n) for n in range(42, 82)])  # the lookup lags: left to the filling too
-    assert reach(path) == 40
-    every = list(store.query())
-    for filters in QUERIES:
-        assert [r.seq for r in store.scan(**filters)] == expected(every, filters), filters
-    assert store.fill_lookup() == 41
-    store.write_many([record(n) for n in range(82, 122)])
-    assert reach(path) == 121
-    every = list(store.query())
-    with sqlite3.connect(path) as conn:  # every entry as the filling would have made it
-        assert conn.execute("SELECT seq, logged_at, shop_id, account_id FROM decision_lookup ORDER BY seq").fetchall() \
-            == conn.execute("SELECT seq, logged_at, shop_id, account_id FROM decisions ORDER BY seq").fetchall()
-    for filters in QUERIES:
-        assert [r.seq for r in store.scan(**filters)] == expected(every, filters), filters
-    store.close()
