@@ -1160,7 +1160,7 @@ class SQLiteStore(Store):
     LOOKUP_MOST = 4096  # entries a commit reads back at most (a lag left by a killed writer is filled at open)
 
     def _with_rows(self, conn: Any, chained: list[LogRecord]) -> None:
-        if not self._lookup:
+        if not self._lookup or not chained:  # (an empty batch commits no record)
             return
         if len(chained) >= self.LOOKUP_GROUP:
             if _extend_lookup(conn, self.LOOKUP_MOST, chained[0].seq - 1)[0] == chained[0].seq - 1:

@@ -113,6 +113,7 @@ def test_the_commits_fill_the_lookup_every_so_many_records(tmp_path: Path, monke
     assert reach(path) == 0  # (a single record's commit writes no lookup entry)
     store.write(record(16))
     assert reach(path) == 16  # the commit that took the log 16 past the lookup's reach filled it
+    assert store.write_many([]) == []  # (an empty batch: nothing to look up, and it commits)
     store.write(record(17))
     store.write_many([record(n) for n in range(18, 58)])  # a batch: its own entries, after the one before it
     assert reach(path) == 57
