@@ -26,62 +26,16 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-# One writer process: run with the variant's checkout first on the path.
-CHILD = r"""
-import json, resource, sys, threading, time
-from engine.decider import new_decision_id
-from engine.decisionlog import new_record, open_store
-from tests.conftest import bind_request
-
-url, threads, seconds, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-store = open_store(url)
-request = bind_request()
-response = {"decision": "allow", "rule": None, "violations": [], "warnings": [], "outputs": {"fee": 12},
-            "policy": {"version": "2025-07-01", "digest": "d" * 64, "runtime": "native"}, "at": "x" * 27}
-
-def record():
-    return new_record(decision_id=new_decision_id(), outcome="decided", status=200, request=request,
-                      response=response, duration_us=40)
-
-for _ in range(20):
-    store.write_many([record() for _ in range(size)])
-store.batches = store.records = 0
-latencies = []
-start_gate = threading.Barrier(threads + 1)
-
-def work():
-    mine = []
-    start_gate.wait()
-    while time.monotonic() < deadline:
-        records = [record() for _ in range(size)]
-        began = time.perf_counter()
-        store.write_many(records)
-        mine.append(time.perf_counter() - began)
-    latencies.extend(mine)
-
-workers = [threading.Thread(target=work) for _ in range(threads)]
-for w in workers:
-    w.start()
-before = resource.getrusage(resource.RUSAGE_SELF)
-deadline = time.monotonic() + seconds
-start_gate.wait()
-for w in workers:
-    w.join()
-commits = store.batches
-store.close()
-after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"calls": len(latencies), "records": len(latencies) * size, "commits": commits,
-                  "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-                  "latencies": latencies}))
-"""
+from bench.bench_pglog import CHILD  # noqa: E402  (one writer process, as bench_pglog runs it)
 
 
 def run_variant(path: Path, checkout: Path, args: argparse.Namespace) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     url = f"sqlite:///{path}"
     children = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(args.threads), str(args.seconds),
-                                  str(args.size)], cwd=checkout, env=env, stdout=subprocess.PIPE)
+                                  str(args.size), ""], cwd=checkout, env=env, stdout=subprocess.PIPE)
                 for _ in range(args.processes)]
     outputs = [json.loads(child.communicate()[0]) for child in children]
     if any(child.returncode for child in children):
