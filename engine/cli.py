@@ -1003,7 +1003,7 @@ def _show_joint(engine: Engine, old_name: str, name: str, path: Any) -> int:
         return EXIT_BAD_INPUT
     other = old.path(path.action, path.role)
     judge = QuickJudge.of((engine, old_name), (engine, name), datetime.now(UTC))
-    found = judge._paths(path.action, path.role) if judge is not None and other is not None else ()
+    found = judge.paths_of(path.action, path.role) if judge is not None and other is not None else ()
     where = f"action {path.action!r}, role {path.role!r}"
     if found and found[1] is None:
         print(f"# {old_name} and {name} write the same path for {where}: impact judges it once, with its verdict")

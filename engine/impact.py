@@ -298,7 +298,7 @@ class QuickJudge:
                 key = (request["action"], request.get("role"))
                 found = paths.get(key)
                 if found is None:
-                    found = self._paths(*key)
+                    found = self.paths_of(*key)
                 if found:
                     old_path, new_path, reads_pin, both = found
                     twins = new_path is None
@@ -376,7 +376,7 @@ class QuickJudge:
         check = self.check
         return not check.fast.is_valid(pinned) and not check.fast.is_valid(check.drop_nulls(pinned))
 
-    def _paths(self, action: str, role: str | None) -> tuple[Any, Any, bool, Any] | tuple[()]:
+    def paths_of(self, action: str, role: str | None) -> tuple[Any, Any, bool, Any] | tuple[()]:
         """(old path, new path or None if it is the old one's twin, whether a rule reads the pin,
         both versions' joint verdict or None), or () if a side has no generated path for them;
         remembered. Each path's verdict is written on first use; the joint verdict (codegen's

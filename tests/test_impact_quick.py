@@ -119,7 +119,7 @@ def test_twin_paths_are_found_and_only_those(policies: PolicySet) -> None:
     assert not twins("bind", "official") and not twins("bind", "channel")
     judge = QuickJudge.of((Engine(policies), "v1"), (Engine(policies), "v2"), NOW)
     assert judge is not None
-    login, bind = judge._paths("login", None), judge._paths("bind", "official")
+    login, bind = judge.paths_of("login", None), judge.paths_of("bind", "official")
     assert login and bind and login[1] is None and bind[1] is not None
 
 
