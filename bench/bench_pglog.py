@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -121,10 +122,7 @@ def run_variant(url: str, checkout: Path, writer: bool, args: argparse.Namespace
         process = subprocess.Popen([sys.executable, "-m", "engine.logwriter", "--fd", str(listener.fileno()),
                                     "--database-url", url], cwd=checkout, pass_fds=(listener.fileno(),),
                                    env={**env, "BINDPOLICY_LOG_WRITER_STATS": str(stats)})
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(args.threads), str(args.seconds),
-                                  str(args.size), path], cwd=checkout, env=env, stdout=subprocess.PIPE)
-                for _ in range(args.processes)]
-    outputs = [json.loads(child.communicate()[0]) for child in children]
+    outputs = run_writers(url, checkout, args, path)
     writer_cpu = 0.0
     commits = sum(o["commits"] for o in outputs)
     if process is not None:
@@ -135,28 +133,52 @@ def run_variant(url: str, checkout: Path, writer: bool, args: argparse.Namespace
         done = json.loads(stats.read_text())
         print(f"  the writer: {done}", file=sys.stderr)
         commits = round(done["commits"] * sum(o["records"] for o in outputs) / done["records"])
-    if any(child.returncode for child in children):
-        raise RuntimeError("a writer failed")
     pg_cpu = server_cpu(data) - pg_before
     records = sum(o["records"] for o in outputs)
+    return {**writers_figures(outputs, args.seconds, commits, writer_cpu),
+            "postgres_cpu_us": pg_cpu / records * 1e6}  # (its warm-up's share included)
+
+
+def run_writers(url: str, checkout: Path, args: argparse.Namespace, socket: str = "") -> list[dict[str, Any]]:
+    """--processes writer processes (CHILD) of `checkout`'s code on the log at `url` (through the
+    log writer at `socket`, if given), run to their end: what each reported."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(args.threads), str(args.seconds),
+                                  str(args.size), socket], cwd=checkout, env=env, stdout=subprocess.PIPE)
+                for _ in range(args.processes)]
+    outputs = [json.loads(child.communicate()[0]) for child in children]
+    if any(child.returncode for child in children):
+        raise RuntimeError("a writer failed")
+    return outputs
+
+
+def writers_figures(outputs: list[dict[str, Any]], seconds: float, commits: int,
+                    more_cpu: float = 0.0) -> dict[str, float]:
+    """Records a second, the writers' CPU a record (with `more_cpu` seconds of another process),
+    records a commit and the calls' latency, from what the writer processes reported."""
+    records = sum(o["records"] for o in outputs)
     latencies = sorted(x for o in outputs for x in o["latencies"])
-    return {"records_per_s": records / args.seconds,
-            "writer_cpu_us": (sum(o["cpu"] for o in outputs) + writer_cpu) / records * 1e6,
-            "postgres_cpu_us": pg_cpu / records * 1e6,  # (its warm-up's share included)
+    return {"records_per_s": records / seconds,
+            "writer_cpu_us": (sum(o["cpu"] for o in outputs) + more_cpu) / records * 1e6,
             "per_commit": records / commits if commits else float("nan"),
             "p50_ms": latencies[len(latencies) // 2] * 1e3,
             "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3}
+
+
+def writer_options(parser: argparse.ArgumentParser) -> None:
+    """How the writers write (shared with bench_sqlitelog)."""
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--size", type=int, default=1, help="records a call (1: single decisions; 100: batches)")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", metavar="LABEL:CHECKOUT",
                         help="a checkout to run (empty CHECKOUT: this one); repeatable, in turns")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--size", type=int, default=1, help="records a call (1: single decisions; 100: batches)")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    writer_options(parser)
     args = parser.parse_args()
     variants = []
     for text in args.variant or ["this:"]:

@@ -17,10 +17,8 @@ Run: .venv/bin/python bench/bench_sqlitelog.py --variant old:/tmp/old --variant 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,27 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pglog import CHILD  # noqa: E402  (one writer process, as bench_pglog runs it)
+from bench.bench_pglog import run_writers, writer_options, writers_figures  # noqa: E402  (as bench_pglog runs them)
 
 
 def run_variant(path: Path, checkout: Path, args: argparse.Namespace) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    url = f"sqlite:///{path}"
-    children = [subprocess.Popen([sys.executable, "-c", CHILD, url, str(args.threads), str(args.seconds),
-                                  str(args.size), ""], cwd=checkout, env=env, stdout=subprocess.PIPE)
-                for _ in range(args.processes)]
-    outputs = [json.loads(child.communicate()[0]) for child in children]
-    if any(child.returncode for child in children):
-        raise RuntimeError("a writer failed")
+    outputs = run_writers(f"sqlite:///{path}", checkout, args)
     records = sum(o["records"] for o in outputs)
-    commits = sum(o["commits"] for o in outputs)
-    latencies = sorted(x for o in outputs for x in o["latencies"])
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.suffix != ".lock")
-    return {"records_per_s": records / args.seconds,
-            "writer_cpu_us": sum(o["cpu"] for o in outputs) / records * 1e6,
-            "per_commit": records / commits if commits else float("nan"),
-            "p50_ms": latencies[len(latencies) // 2] * 1e3,
-            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+    return {**writers_figures(outputs, args.seconds, sum(o["commits"] for o in outputs)),
             "bytes_per_record": size / records}
 
 
@@ -56,11 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", metavar="LABEL:CHECKOUT",
                         help="a checkout's code (repeatable); default: this checkout")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--size", type=int, default=1, help="records a call (1: single decisions; 100: batches)")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    writer_options(parser)
     args = parser.parse_args()
     variants = []
     for text in args.variant or ["this:"]:
